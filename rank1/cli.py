@@ -1,14 +1,22 @@
-"""The ``rank1`` command line: one entry point, subcommands built from typed functions."""
+"""The ``rank1`` command line: one entry point, subcommands built from typed functions.
+
+``rank1 train``  trains the arms side by side (options generated from TrainConfig)
+``rank1 sweep``  the same over depths x seeds, as a mean ± std table
+``rank1 bench``  dense vs decomposed inference of layer shapes or a whole network
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
-from collections.abc import Sequence
+import typing
 from pathlib import Path
+from typing import Any, Sequence
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 # (in_channels, out_channels, kernel, size): a few layer shapes from small to wide.
 _SMOKE_SHAPES = [(32, 32, 3, 16), (64, 64, 3, 16), (128, 128, 3, 8)]
@@ -16,10 +24,262 @@ _LAYER_SHAPES = [
     (32, 32, 3, 32), (64, 64, 3, 32), (128, 128, 3, 16), (256, 256, 3, 16),
     (256, 256, 3, 8), (512, 512, 3, 8), (128, 128, 5, 16),
 ]
+# Choices shown by argparse; TrainConfig checks them again for YAML input.
+_CHOICES = {
+    "dataset": lambda: sorted(__import__("rank1.data", fromlist=["DATASETS"]).DATASETS),
+    "model": lambda: sorted(__import__("rank1.models", fromlist=["MODELS"]).MODELS),
+    "init": lambda: sorted(__import__("rank1.init", fromlist=["INIT_SCHEMES"]).INIT_SCHEMES),
+    "arm": lambda: ["pair", "all", "rank1", "flat1d", "dense"],
+    "projection_norm": lambda: ["keep", "rescale"],
+    "optimizer": lambda: ["sgd", "adamw"],
+    "schedule": lambda: ["constant", "step", "cosine"],
+    "device": lambda: ["auto", "cpu", "cuda"],
+}
+# --smoke: seconds instead of minutes, for trying a command out.
+_SMOKE_TRAIN = {"depth": 2, "width": 8, "epochs": 1, "measure_latency": False}
 
 
 class CliError(Exception):
     """A bad option: printed as one clear line, exit status 2."""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, typed, with the field's help text."""
+    from rank1.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training options (override --config)")
+    for f in dataclasses.fields(TrainConfig):
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        base = next((a for a in args if a is not type(None)), tp) if args else tp
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.name in _CHOICES:
+            kw["choices"] = _CHOICES[f.name]()
+        group.add_argument(flag, type=base, metavar=f.name.upper() if "choices" not in kw else None, **kw)
+    parser.add_argument("--config", help="YAML file of training options (read with safe_load)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds) to try things out")
+
+
+def train_config_from_args(args: argparse.Namespace, **overrides: Any):
+    """Defaults < --config YAML < --smoke < explicit options < ``overrides``."""
+    from rank1.config import from_dict, load_yaml
+    from rank1.train import TrainConfig
+
+    data: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    if getattr(args, "smoke", False):
+        data.update(_SMOKE_TRAIN)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    data.update(overrides)
+    config = from_dict(TrainConfig, data)
+    config.check_environment()
+    return config
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+class _Progress:
+    """A progress bar per arm and the latest validation accuracy, as training goes."""
+
+    def __init__(self, config, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from rank1.train import TrainCallback
+
+        self.progress = Progress(
+            TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console, transient=False,
+        )
+        self.tasks = {arm: self.progress.add_task(arm, total=config.epochs, status="") for arm in config.arms}
+        outer = self
+
+        class Callback(TrainCallback):
+            def on_epoch_end(self, epoch, metrics, trainer):
+                for arm, m in metrics.items():
+                    outer.progress.update(
+                        outer.tasks[arm], completed=m["epoch"],
+                        status=f"val_acc {m['val_acc']:.3f}  grad first/last {m.get('grad.out.ratio', float('nan')):.2g}",
+                    )
+
+            def on_arm_end(self, arm, result):
+                outer.progress.update(outer.tasks[arm], status=f"[bold]{result.status}[/] " + (
+                    f"decomposed val_acc {result.final['decomposed_val_acc']:.3f}"
+                    if "decomposed_val_acc" in result.final else (result.reason or "")))
+
+        self.callback = Callback()
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def summary_table(result) -> Any:
+    """Both arms side by side: accuracy, gradient flow, size, speed."""
+    from rich.table import Table
+
+    arms = result.arms
+    table = Table(title="rank1 train: " + ", ".join(f"{a} {r.status}" for a, r in arms.items()))
+    table.add_column("")
+    for arm in arms:
+        table.add_column(arm, justify="right")
+
+    def last(r, key):
+        return r.history[-1].get(key) if r.history else None
+
+    rows = [
+        ("epochs run", lambda r: r.epochs_run),
+        ("val acc (last epoch)", lambda r: _fmt(last(r, "val_acc"))),
+        ("val acc (decomposed)", lambda r: _fmt(r.final.get("decomposed_val_acc", r.final.get("val_acc")))),
+        ("test acc (shipped)", lambda r: _fmt(r.final.get("test_acc"))),
+        ("grad out first/last", lambda r: _fmt(last(r, "grad.out.ratio"), ".3g")),
+        ("grad out min layer", lambda r: _fmt(last(r, "grad.out.min"), ".3g")),
+        ("projections", lambda r: r.n_projections if r.arm == "rank1" else "—"),
+        ("params dense / 1-D", lambda r: f"{r.inference.get('dense_params', '—')} / {r.inference.get('decomposed_params', '—')}"),
+        ("FLOP ratio", lambda r: _fmt(r.inference.get("flop_ratio"), ".2f")),
+    ]
+    batches = sorted({int(k.rsplit("_b", 1)[1]) for r in arms.values() for k in r.inference if k.startswith("speedup_b")})
+    for b in batches:
+        rows.append((f"latency b{b} dense / 1-D ms", lambda r, b=b: (
+            f"{_fmt(r.inference.get(f'dense_latency_ms_b{b}'), '.2f')} / "
+            f"{_fmt(r.inference.get(f'decomposed_latency_ms_b{b}'), '.2f')}")))
+    rows.append(("status", lambda r: r.status + (f": {r.reason}" if r.reason else "")))
+    for label, fn in rows:
+        table.add_row(label, *[str(fn(r)) for r in arms.values()])
+    if "val_acc_diff" in result.paired:
+        table.caption = f"rank1 − flat1d decomposed val acc: {result.paired['val_acc_diff']:+.3f} (one seed)"
+    return table
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the rank1 and flat1d arms (and dense) side by side; print both, save JSON."""
+    from rank1.train import train_pair
+
+    config = train_config_from_args(args)
+    console = _console()
+    console.print(f"[bold]rank1 train[/]: {config.model} depth {config.depth} on {config.dataset}, "
+                  f"arms {', '.join(config.arms)}, projection {config.projection}, init {config.init}")
+    progress = _Progress(config, console)
+    with progress.progress:
+        result = train_pair(config, [progress.callback])
+    console.print(summary_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        console.print(f"full result written to {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- sweep
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _geo(values: list[float]) -> str:
+    import math
+
+    vals = [v for v in values if v > 0 and math.isfinite(v)]
+    if not vals:
+        return "—"
+    return f"{math.exp(statistics.mean(math.log(v) for v in vals)):.3g}"
+
+
+def sweep_markdown(rows: list[dict[str, Any]], arms: Sequence[str], depths: Sequence[int]) -> str:
+    """Mean ± std over seeds of decomposed val accuracy, and the gradient ratio, per depth."""
+    head = "| depth | " + " | ".join(f"{a} val acc" for a in arms) + " | " + \
+        " | ".join(f"{a} grad first/last" for a in arms) + " | rank1 − flat1d |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(arms))]
+    for d in depths:
+        at = [r for r in rows if r["depth"] == d]
+        accs = {a: [r["arms"][a]["acc"] for r in at if r["arms"][a]["acc"] is not None] for a in arms}
+        ratios = {a: [r["arms"][a]["grad_ratio"] for r in at if r["arms"][a]["grad_ratio"] is not None] for a in arms}
+        diffs = [r["diff"] for r in at if r["diff"] is not None]
+        lines.append(f"| {d} | " + " | ".join(_mean_std(accs[a]) for a in arms) + " | "
+                     + " | ".join(_geo(ratios[a]) for a in arms) + f" | {_mean_std(diffs)} |")
+    return "\n".join(lines)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Train the arms over depths x seeds; print mean ± std per depth (markdown + JSON)."""
+    import time
+
+    from rich.progress import Progress
+
+    from rank1.data import load_dataset
+    from rank1.train import train_pair
+
+    if args.seeds < 1:
+        raise CliError(f"--seeds must be >= 1, got {args.seeds}")
+    configs = [train_config_from_args(args, depth=d, seed=s, measure_latency=False)
+               for d in args.depths for s in range(args.seeds)]
+    c0 = configs[0]
+    data = load_dataset(c0.dataset, c0.root, c0.image_size, c0.download, c0.val_fraction, c0.split_seed)
+    console = _console()
+    rows = []
+    t0 = time.perf_counter()
+    with Progress(console=console) as progress:
+        task = progress.add_task("sweep", total=len(configs))
+        for cfg in configs:
+            progress.update(task, description=f"depth {cfg.depth} seed {cfg.seed}")
+            res = train_pair(cfg, data=data)
+            arms = {}
+            for a, r in res.arms.items():
+                acc = r.final.get("decomposed_val_acc", r.final.get("val_acc")) if r.status == "finished" else None
+                if r.status == "diverged":
+                    acc = None
+                ratio = r.history[-1].get("grad.out.ratio") if r.history else None
+                arms[a] = {"acc": acc, "grad_ratio": ratio, "status": r.status}
+            diff = res.paired.get("val_acc_diff")
+            rows.append({"depth": cfg.depth, "seed": cfg.seed, "arms": arms, "diff": diff})
+            progress.advance(task)
+    elapsed = time.perf_counter() - t0
+    from rank1.bench import machine_info
+
+    md = sweep_markdown(rows, c0.arms, args.depths)
+    console.print(md)
+    info = machine_info(c0.device if c0.device != "auto" else "cpu")
+    note = (f"{c0.dataset}, {c0.model}, batchnorm={c0.batchnorm}, {c0.epochs} epochs, {c0.optimizer} lr {c0.lr}, "
+            f"projection {c0.projection} ({c0.projection_norm}), init {c0.init}; {args.seeds} seeds; "
+            f"{elapsed / 60:.1f} min on {info.get('cpu', info['processor'])} ({info['threads']} threads)")
+    console.print(note)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.md").write_text(md + "\n\n" + note + "\n")
+        (out / "sweep.json").write_text(json.dumps(
+            {"config": c0.to_dict(), "depths": list(args.depths), "seeds": args.seeds, "rows": rows,
+             "elapsed_s": elapsed, "machine": info}, indent=2))
+        console.print(f"written to {out}/sweep.md and sweep.json")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- bench
 
 
 def _device(name: str) -> str:
@@ -32,10 +292,41 @@ def _device(name: str) -> str:
     return name
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Dense vs decomposed inference latency for layer shapes, with the FLOP ratio."""
+def _bench_model(args: argparse.Namespace, device: str, console) -> dict[str, Any]:
+    """Dense vs decomposed inference of one network (trained weights don't matter for speed)."""
     import torch
-    from rich.console import Console
+    from rich.table import Table
+
+    from rank1.bench import count_flops, count_params, time_forward
+    from rank1.convert import decompose_model, dense_model
+    from rank1.models import build_model
+
+    in_ch = 3
+    model = build_model(args.model, arm="rank1", depth=args.depth, width=args.width, in_channels=in_ch,
+                        batchnorm=args.batchnorm).to(device)
+    dense, fast = dense_model(model).to(device), decompose_model(model).to(device)
+    rows = []
+    table = Table(title=f"{args.model} depth {args.depth} width {args.width}, {args.size}x{args.size}, {device}")
+    for col in ("batch", "dense ms", "1-D ms", "speedup", "FLOPs/", "params dense", "params 1-D"):
+        table.add_column(col, justify="right")
+    for batch in ([args.batch] if args.batch else [1, 32]):
+        x = torch.randn(batch, in_ch, args.size, args.size, device=device)
+        td = time_forward(dense, x, repeats=args.repeats, min_time_s=0.5)
+        tf = time_forward(fast, x, repeats=args.repeats, min_time_s=0.5)
+        r = {"batch": batch, "dense": td.to_dict(), "decomposed": tf.to_dict(),
+             "speedup": td.median_ms / tf.median_ms,
+             "flop_ratio": count_flops(dense, x) / count_flops(fast, x),
+             "dense_params": count_params(dense), "decomposed_params": count_params(fast)}
+        rows.append(r)
+        table.add_row(str(batch), f"{td.median_ms:.2f}", f"{tf.median_ms:.2f}", f"{r['speedup']:.2f}x",
+                      f"{r['flop_ratio']:.2f}x", str(r["dense_params"]), str(r["decomposed_params"]))
+    console.print(table)
+    return {"model": args.model, "depth": args.depth, "width": args.width, "size": args.size, "rows": rows}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Dense vs decomposed inference latency (layer shapes, or a network with --model)."""
+    import torch
     from rich.table import Table
 
     from rank1.bench import bench_layer, keep_freed_memory, machine_info
@@ -44,35 +335,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = _SMOKE_SHAPES if args.smoke else _LAYER_SHAPES
-    batches = [args.batch] if args.batch else ([8] if args.smoke else [1, 32])
-    console = Console()
+    console = _console()
     info = machine_info(device)
-    table = Table(title=f"rank-1 3-D conv: dense vs decomposed 1-D chain ({info.get('cpu', info['device'])}, "
-                        f"{info['threads']} threads, torch {info['torch']})")
-    for col in ("C->O", "k", "HxW", "batch", "dense ms", "1-D ms", "speedup", "FLOPs/", "of FLOPs/"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.caption = "speedup = dense / 1-D chain latency (median); FLOPs/ = dense / decomposed MACs"
-    rows = []
-    with console.status("measuring...") as status:
-        for batch in batches:
-            for c_in, c_out, k, size in shapes:
-                status.update(f"measuring {c_in}->{c_out} k={k} {size}x{size} batch {batch}")
-                r = bench_layer(c_in, c_out, k, size, batch, device=device, repeats=args.repeats)
-                rows.append(r)
-                table.add_row(
-                    f"{c_in}->{c_out}", str(k), f"{size}x{size}", str(batch),
-                    f"{r['dense']['median_ms']:.3f}", f"{r['decomposed']['median_ms']:.3f}",
-                    f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x", f"{r['fraction_of_flop_ratio']:.0%}",
-                )
-    console.print(table)
+    result: dict[str, Any] = {"machine": info}
+    if args.model:
+        result["network"] = _bench_model(args, device, console)
+    else:
+        shapes = _SMOKE_SHAPES if args.smoke else _LAYER_SHAPES
+        batches = [args.batch] if args.batch else ([8] if args.smoke else [1, 32])
+        table = Table(title=f"rank-1 3-D conv: dense vs decomposed 1-D chain ({info.get('cpu', info['device'])}, "
+                            f"{info['threads']} threads, torch {info['torch']})")
+        for col in ("C->O", "k", "HxW", "batch", "dense ms", "1-D ms", "speedup", "FLOPs/", "of FLOPs/"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.caption = "speedup = dense / 1-D chain latency (median); FLOPs/ = dense / decomposed MACs"
+        rows = []
+        with console.status("measuring...") as status:
+            for batch in batches:
+                for c_in, c_out, k, size in shapes:
+                    status.update(f"measuring {c_in}->{c_out} k={k} {size}x{size} batch {batch}")
+                    r = bench_layer(c_in, c_out, k, size, batch, device=device, repeats=args.repeats)
+                    rows.append(r)
+                    table.add_row(
+                        f"{c_in}->{c_out}", str(k), f"{size}x{size}", str(batch),
+                        f"{r['dense']['median_ms']:.3f}", f"{r['decomposed']['median_ms']:.3f}",
+                        f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x", f"{r['fraction_of_flop_ratio']:.0%}",
+                    )
+        console.print(table)
+        result["layers"] = rows
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "layers.json"
-        path.write_text(json.dumps({"machine": info, "layers": rows}, indent=2))
+        path = out / ("network.json" if args.model else "layers.json")
+        path.write_text(json.dumps(result, indent=2))
         console.print(f"results written to {path}")
     return 0
+
+
+# ---------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,25 +381,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    add_train_options(train)
+    train.add_argument("--json", help="write the full result (every epoch, every arm) here")
+    train.set_defaults(func=cmd_train)
+
+    sweep = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
+    add_train_options(sweep)
+    sweep.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12, 16], help="depths to train")
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds per depth (0, 1, ...)")
+    sweep.add_argument("--out", help="folder for sweep.md and sweep.json")
+    sweep.set_defaults(func=cmd_sweep)
+
     bench = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
     bench.add_argument("--smoke", action="store_true", help="a few small shapes, seconds")
+    bench.add_argument("--model", default=None, help="bench a whole network of this family instead of layers")
+    bench.add_argument("--depth", type=int, default=8, help="with --model: depth")
+    bench.add_argument("--width", type=int, default=64, help="with --model: width of the first stage")
+    bench.add_argument("--size", type=int, default=32, help="with --model: input image side")
+    bench.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False)
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--batch", type=int, default=None, help="one batch size (default: 1 and 32)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up (>= 2)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    bench.add_argument("--out", default=None, help="folder for layers.json")
+    bench.add_argument("--out", default=None, help="folder for layers.json / network.json")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
+def _check_bench(args: argparse.Namespace) -> None:
+    from rank1.models import MODELS
+
+    if args.repeats < 2:
+        raise CliError(f"--repeats must be >= 2, got {args.repeats}")
+    if args.model is not None and args.model not in MODELS:
+        raise CliError(f"--model: {args.model!r} is not allowed (allowed: {', '.join(sorted(MODELS))})")
+    for name in ("depth", "width", "size", "batch", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise CliError(f"--{name} must be >= 1, got {v}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from rank1.config import ConfigError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "repeats", 2) < 2:
-            raise CliError(f"--repeats must be >= 2, got {args.repeats}")
+        if args.command == "bench":
+            _check_bench(args)
         return int(args.func(args) or 0)
-    except CliError as e:
+    except (CliError, ConfigError) as e:
         print(f"rank1 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -46,7 +46,9 @@ def empty_conv(*args: Any, device: Any = None, dtype: Any = None, **kwargs: Any)
     Building on the meta device skips ``reset_parameters``, so converting or
     decomposing a model mid-training never shifts the random stream of the run.
     """
-    return nn.Conv2d(*args, device="meta", **kwargs).to_empty(device=device or "cpu").to(dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        conv = nn.Conv2d(*args, device="meta", **kwargs)
+    return conv.to_empty(device=device or "cpu").to(dtype=dtype)
 
 
 class _Rank1ConvBase(nn.Module):
@@ -438,11 +440,14 @@ class Flat1dConv2d(_Rank1ConvBase):
         when ``layer`` is rank-1 (after initialisation or ``project_()``)."""
         if not isinstance(layer, Rank1Conv2d):
             raise ValueError(f"from_rank1 needs a Rank1Conv2d, got {type(layer).__name__}")
-        twin = cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, 1, layer.bias is not None, layer.padding_mode,
-            device=layer.weight.device, dtype=layer.weight.dtype, init=layer.init, gain=layer.gain,
-        )
+        # The twin's own initial draw is overwritten: keep it off the global RNG so a
+        # flat1d network draws exactly the factors its rank1 twin drew, layer by layer.
+        with torch.random.fork_rng(devices=[]):
+            twin = cls(
+                layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                layer.dilation, 1, layer.bias is not None, layer.padding_mode,
+                device=layer.weight.device, dtype=layer.weight.dtype, init=layer.init, gain=layer.gain,
+            )
         with torch.no_grad():
             for dst, src in zip(twin.factors, layer.factors):
                 dst.copy_(src)
