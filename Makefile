@@ -14,11 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m ruff check rank1 tests
+	$(BIN)/python -m ruff check rank1 study tests
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/python -m ruff check rank1 tests
+	$(BIN)/python -m ruff check rank1 study tests
 
 demo: setup
 	$(BIN)/rank1 bench --smoke

@@ -13,8 +13,9 @@ import json
 import statistics
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -422,18 +423,23 @@ def _check_bench(args: argparse.Namespace) -> None:
             raise CliError(f"--{name} must be >= 1, got {v}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse, run, and turn a bad option or config into one clear line and exit status 2."""
     from rank1.config import ConfigError
 
-    parser = build_parser()
     args = parser.parse_args(argv)
+    name = " ".join(filter(None, [args.command, getattr(args, "study_command", None)]))
     try:
         if args.command == "bench":
             _check_bench(args)
         return int(args.func(args) or 0)
     except (CliError, ConfigError) as e:
-        print(f"rank1 {args.command}: error: {e}", file=sys.stderr)
+        print(f"rank1 {name}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ function (the dense arm holds the composed weight, free to leave rank-1).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -476,23 +476,29 @@ class PairTrainer:
         """Epochs completed by the arms still running (or the most any arm ran)."""
         return max(t.result.epochs_run for t in self.trainers.values())
 
-    def run(self, callbacks: list[TrainCallback] | None = None) -> PairResult:
+    def done(self) -> bool:
+        """No arm has an epoch left to train."""
+        return not any(t.running and t.result.epochs_run < self.config.epochs for t in self.trainers.values())
+
+    def train_epoch(self, callbacks: list[TrainCallback] | None = None) -> dict[str, dict[str, float]]:
+        """One more epoch of every running arm; an arm that diverges ends here, the others go on."""
         callbacks = list(callbacks or [])
         t0 = time.perf_counter()
-        stopped = False
-        while not stopped and any(t.running and t.result.epochs_run < self.config.epochs for t in self.trainers.values()):
-            metrics: dict[str, dict[str, float]] = {}
-            for arm, t in self.trainers.items():
-                if t.running and t.result.epochs_run < self.config.epochs:
-                    m = t.train_epoch(callbacks)
-                    if m is None:  # diverged: this arm ends here, the others go on
-                        self._end(t, callbacks)
-                    else:
-                        metrics[arm] = m
-            if metrics:
-                self.time_s += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                stopped = any(bool(cb.on_epoch_end(self.epoch, metrics, self)) for cb in callbacks)
+        metrics: dict[str, dict[str, float]] = {}
+        for arm, t in self.trainers.items():
+            if t.running and t.result.epochs_run < self.config.epochs:
+                m = t.train_epoch(callbacks)
+                if m is None:
+                    self._end(t, callbacks)
+                else:
+                    metrics[arm] = m
+        self.time_s += time.perf_counter() - t0
+        return metrics
+
+    def finish(self, callbacks: list[TrainCallback] | None = None, stopped: bool = False) -> PairResult:
+        """End every arm still running: project, decompose, measure (or mark it stopped)."""
+        callbacks = list(callbacks or [])
+        t0 = time.perf_counter()
         for t in self.trainers.values():
             if t.running:
                 if stopped:
@@ -505,6 +511,16 @@ class PairTrainer:
                 self._end(t, callbacks)
         self.time_s += time.perf_counter() - t0
         return self.result()
+
+    def run(self, callbacks: list[TrainCallback] | None = None) -> PairResult:
+        """Train to the end, one epoch of every arm at a time; callbacks may stop early."""
+        callbacks = list(callbacks or [])
+        stopped = False
+        while not stopped and not self.done():
+            metrics = self.train_epoch(callbacks)
+            if metrics:
+                stopped = any(bool(cb.on_epoch_end(self.epoch, metrics, self)) for cb in callbacks)
+        return self.finish(callbacks, stopped)
 
     def _end(self, t: ArmTrainer, callbacks: list[TrainCallback]) -> None:
         t.monitor.close()

@@ -1,0 +1,193 @@
+"""The full ``rank1`` command: rank1's own subcommands plus the study service.
+
+``rank1 study run STUDY.yaml``     run a study (local Ray + embedded MLflow by default)
+``rank1 study resume HOME``        continue a stopped or killed study
+``rank1 study status HOME``        trials done / running / failed, best so far
+``rank1 pull NAME[@alias|/ver]``   download a registered model, check it in a fresh process
+``rank1 ui``                       the MLflow UI over a study home
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rank1.cli import CliError
+from rank1.cli import build_parser as build_rank1_parser
+
+__all__ = ["build_parser", "main"]
+
+
+def _home_tracking(args: argparse.Namespace):
+    """A context manager yielding a tracking URI: --tracking-uri, $MLFLOW_TRACKING_URI, or a
+    server started over --home."""
+    import contextlib
+
+    from study.services import MlflowServer
+
+    uri = getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
+
+    @contextlib.contextmanager
+    def ctx():
+        if uri:
+            yield uri
+            return
+        if not args.home:
+            raise CliError("give --home STUDY_HOME, --tracking-uri URL, or set MLFLOW_TRACKING_URI")
+        home = Path(args.home).expanduser().resolve()
+        if not (home / "mlflow.db").exists():
+            raise CliError(f"--home: {str(home)!r} has no embedded MLflow store (mlflow.db)")
+        server = MlflowServer(home).start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+    return ctx()
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    """Run a study: Optuna search through Ray Tune, both arms per trial, all in MLflow."""
+    from study.driver import run_study
+
+    if not Path(args.study).is_file():
+        raise CliError(f"STUDY: {args.study!r} does not exist")
+    overrides = {"home": args.home} if args.home else None
+    run_study(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides)
+    return 0
+
+
+def cmd_study_resume(args: argparse.Namespace) -> int:
+    """Continue a stopped or killed study from its home."""
+    from study.driver import resume_study
+
+    resume_study(args.home, address=args.address, keep_ui=args.keep_ui)
+    return 0
+
+
+def cmd_study_status(args: argparse.Namespace) -> int:
+    """Trials done / running / failed and the best so far (from the Optuna storage)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from study.driver import study_status
+
+    s = study_status(args.home)
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return 0
+    t = Table(title=f"study {s['name']}: " + ", ".join(f"{v} {k}" for k, v in sorted(s["states"].items()))
+                    + f" of {s['n_trials']} trials")
+    for col in ("#", "trial", "status", "params", "value"):
+        t.add_column(col)
+    for tr in s["trials"]:
+        t.add_row(str(tr["number"]), str(tr["trial_id"]), tr["status"],
+                  " ".join(f"{k}={v}" for k, v in sorted(tr["params"].items())),
+                  ", ".join(f"{v:.4f}" for v in tr["values"]) if tr["values"] else "")
+    Console().print(t)
+    if s["best"]:
+        print(f"best so far: trial #{s['best']['number']} {s['best']['params']} value {s['best']['values']}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download a registered model, load it in a fresh process, run one batch, print its card."""
+    from study.registry import parse_model_ref, pull
+
+    parse_model_ref(args.model)  # a bad reference fails before any server starts
+    with _home_tracking(args) as uri:
+        card = pull(args.model, args.out, uri)
+    check = subprocess.run([sys.executable, "-m", "study.registry", str(args.out)], capture_output=True, text=True)
+    if check.returncode != 0:
+        print(check.stderr, file=sys.stderr)
+        raise CliError(f"the pulled model failed to load and run in a fresh process (exit {check.returncode})")
+    result = json.loads(check.stdout.strip().splitlines()[-1])
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{card['name']} version {card['version']} {card.get('aliases') or ''}")
+    t.add_column("")
+    t.add_column("")
+    for k in ("study", "trial_id", "dataset", "val_acc", "seed", "arch", "model_uri"):
+        t.add_row(k, str(card.get(k)))
+    t.add_row("params", " ".join(f"{k}={v}" for k, v in sorted(card["params"].items())))
+    t.add_row("input", f"{card['input']['channels']} x {card['input']['size'][0]} x {card['input']['size'][1]}, "
+                       f"{card['input']['classes']} classes")
+    t.add_row("fresh-process check", f"{result['correct']}/{result['batch']} of an example batch correct")
+    Console().print(t)
+    print(f"model in {Path(args.out) / 'model'} (load with mlflow.pytorch.load_model); card in "
+          f"{Path(args.out) / 'model_card.json'}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI over a study home (127.0.0.1 unless --host says otherwise)."""
+    from study.services import MlflowServer
+
+    home = Path(args.home).expanduser().resolve()
+    if not (home / "mlflow.db").exists():
+        raise CliError(f"--home: {str(home)!r} has no embedded MLflow store (mlflow.db); run a study there first")
+    server = MlflowServer(home, host=args.host, port=args.port).start()
+    print(f"MLflow UI: {server.url}  (Ctrl-C to stop)", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = build_rank1_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    study = sub.add_parser("study", help="the hyperparameter-study service", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ssub = study.add_subparsers(dest="study_command", required=True, metavar="STUDY_COMMAND")
+    run = ssub.add_parser("run", help=cmd_study_run.__doc__, description=cmd_study_run.__doc__)
+    run.add_argument("study", metavar="STUDY.yaml")
+    run.add_argument("--home", help="study home (default: the file's home, or runs/NAME)")
+    run.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    run.add_argument("--keep-ui", action="store_true", help="keep the embedded MLflow server up at the end")
+    run.set_defaults(func=cmd_study_run)
+    resume = ssub.add_parser("resume", help=cmd_study_resume.__doc__, description=cmd_study_resume.__doc__)
+    resume.add_argument("home", metavar="STUDY_HOME")
+    resume.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    resume.add_argument("--keep-ui", action="store_true")
+    resume.set_defaults(func=cmd_study_resume)
+    status = ssub.add_parser("status", help=cmd_study_status.__doc__, description=cmd_study_status.__doc__)
+    status.add_argument("home", metavar="STUDY_HOME")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(func=cmd_study_status)
+
+    p = sub.add_parser("pull", help=cmd_pull.__doc__, description=cmd_pull.__doc__)
+    p.add_argument("model", metavar="NAME[@ALIAS|/VERSION]", help="registered model (default alias: champion)")
+    p.add_argument("--out", required=True, help="folder to download into")
+    p.add_argument("--home", help="study home whose embedded MLflow store to read")
+    p.add_argument("--tracking-uri", help="MLflow tracking server URL (or set MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_pull)
+
+    ui = sub.add_parser("ui", help=cmd_ui.__doc__, description=cmd_ui.__doc__)
+    ui.add_argument("--home", required=True, help="study home")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from rank1.cli import run_command
+    from study.services import quiet
+
+    quiet()
+    return run_command(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

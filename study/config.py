@@ -1,0 +1,220 @@
+"""The study file: YAML validated into typed config before anything starts.
+
+A study searches over any :class:`rank1.train.TrainConfig` field: a list is a
+categorical choice, a mapping ``{low, high, log?, step?}`` a numeric range. The
+fields not searched are fixed by ``train``. Every choice value is checked by
+building the TrainConfig it would produce, so an unknown init scheme or a depth
+of 0 fails here, naming the field, not in a trial an hour later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rank1.config import ConfigError, check_choice, check_range, from_dict, load_yaml, to_dict
+from rank1.train import TrainConfig
+
+__all__ = [
+    "Range",
+    "Resources",
+    "StudyConfig",
+    "load_study",
+]
+
+SAMPLERS = ("tpe", "gp", "nsga2", "random")
+SCHEDULERS = ("none", "asha")
+OBJECTIVES = ("single", "multi")
+# Searching these would change what a trial *is*, not how it trains.
+_NOT_SEARCHABLE = {"seed", "dataset", "root", "download", "device", "arm", "threads", "split_seed"}
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default) if dataclasses.is_dataclass(default)
+                     else type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Range:
+    """A numeric search range: ``{low: 1, high: 8}`` (ints when both ends are ints)."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ConfigError(f"low {self.low!r} must be <= high {self.high!r}")
+        if self.log and self.low <= 0:
+            raise ConfigError(f"a log range needs low > 0, got {self.low!r}")
+
+    @property
+    def is_int(self) -> bool:
+        return float(self.low).is_integer() and float(self.high).is_integer() and (
+            self.step is None or float(self.step).is_integer())
+
+
+@dataclass
+class Resources:
+    """What one trial asks Ray for."""
+
+    cpu: float = _f(1.0, "CPU cores per trial")
+    gpu: float = _f(0.0, "GPU (fraction) per trial; 0 on machines without one")
+
+    def __post_init__(self) -> None:
+        check_range("resources.cpu", self.cpu, 0, lo_open=True)
+        check_range("resources.gpu", self.gpu, 0)
+
+
+@dataclass
+class StudyConfig:
+    """One hyperparameter study of rank-1 training (see studies/*.yaml)."""
+
+    name: str = _f("", "study name = MLflow experiment name = Optuna study name")
+    train: dict = _f({}, "fixed training settings: any rank1 train option")
+    search: dict = _f({}, "searched options: FIELD: [choices] or FIELD: {low, high, log, step}")
+    objective: str = _f("single", "single: max rank1 decomposed val acc; multi: also min decomposed latency")
+    pareto_tolerance: float = _f(0.01, "multi: the champion is the fastest Pareto trial within this accuracy of the best")
+    latency_batch: int = _f(1, "multi: batch size of the latency objective (1 or train.latency_batch)")
+    sampler: str = _f("tpe", "Optuna sampler: tpe, gp, nsga2 or random")
+    seed: int = _f(0, "sampler seed")
+    n_trials: int = _f(8, "trials in the study")
+    max_concurrent: int = _f(2, "trials running at once")
+    scheduler: str = _f("none", "none or asha (stops weak trials early on rank1 val acc)")
+    grace_period: int = _f(1, "asha: epochs before a trial can be stopped")
+    reduction_factor: float = _f(2.0, "asha: keep 1/reduction_factor of trials at each rung")
+    seeds_per_trial: int = _f(1, "seeds per trial; the trial's value is the mean over them")
+    max_failures: int = _f(2, "retries of a trial whose worker died (from its last checkpoint)")
+    resources: Resources = _f(Resources(), "per-trial resources")
+    home: str = _f("", "study home: state, logs, embedded stores (default runs/NAME)")
+    tracking_uri: str | None = _f(None, "MLflow tracking server URL; unset: one is started on 127.0.0.1")
+    storage: str | None = _f(None, "Optuna RDB storage URL; unset: SQLite in the study home")
+    storage_path: str | None = _f(None, "Ray Tune trial storage (shared on a cluster); unset: the study home")
+    registered_model: str | None = _f(None, "registry name (default NAME-decomposed)")
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name or ""):
+            raise ConfigError(
+                f"name: {self.name!r} is not allowed (allowed: 1-64 letters, digits, '_', '.', '-')"
+            )
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        for name in ("n_trials", "max_concurrent", "seeds_per_trial", "grace_period", "latency_batch"):
+            check_range(name, getattr(self, name), 1)
+        check_range("max_failures", self.max_failures, 0)
+        check_range("pareto_tolerance", self.pareto_tolerance, 0)
+        check_range("reduction_factor", self.reduction_factor, 1, lo_open=True)
+        self.base = self._base_train()
+        self.space = self._space()
+        if self.objective == "multi" and self.latency_batch not in (1, self.base.latency_batch):
+            raise ConfigError(
+                f"latency_batch: {self.latency_batch!r} is not measured (allowed: 1, {self.base.latency_batch})"
+            )
+        if self.objective == "multi" and not self.base.measure_latency:
+            raise ConfigError("train.measure_latency: must be true for objective 'multi' (latency is an objective)")
+        if self.scheduler == "asha" and self.grace_period > self.base.epochs:
+            raise ConfigError(f"grace_period: {self.grace_period} must be <= train.epochs ({self.base.epochs})")
+
+    # -- the training config and the space -------------------------------------------------------
+
+    def _base_train(self) -> TrainConfig:
+        if "arm" in self.train and self.train["arm"] not in ("pair", "all"):
+            raise ConfigError(f"train.arm: {self.train['arm']!r} is not allowed in a study (allowed: 'pair', 'all')")
+        return from_dict(TrainConfig, self.train, prefix="train.")
+
+    def _space(self) -> dict[str, list[Any] | Range]:
+        if not isinstance(self.search, dict):
+            raise ConfigError(f"search: expected a mapping of option -> choices or range, got {self.search!r}")
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        hints = typing.get_type_hints(TrainConfig)
+        space: dict[str, list[Any] | Range] = {}
+        for key, spec in self.search.items():
+            name = f"search.{key}"
+            if key not in fields:
+                raise ConfigError(f"{name}: unknown option (allowed: {', '.join(sorted(fields - _NOT_SEARCHABLE))})")
+            if key in _NOT_SEARCHABLE:
+                raise ConfigError(f"{name}: cannot be searched (set it under train instead)")
+            if isinstance(spec, list):
+                if not spec:
+                    raise ConfigError(f"{name}: empty choice list (give at least one value)")
+                if len(set(map(repr, spec))) != len(spec):
+                    raise ConfigError(f"{name}: choices repeat a value: {spec!r}")
+                values = [self._check_value(key, v) for v in spec]
+                space[key] = values
+            elif isinstance(spec, dict):
+                r = from_dict(Range, spec, prefix=f"{name}.")
+                tp = hints[key]
+                base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+                if base not in (int, float):
+                    raise ConfigError(f"{name}: a range needs a numeric option; {key} takes {base.__name__}")
+                if base is int and not r.is_int:
+                    raise ConfigError(f"{name}: {key} takes integers; low, high and step must be integers")
+                for v in (r.low, r.high):
+                    self._check_value(key, int(v) if base is int else float(v))
+                space[key] = r
+            else:
+                raise ConfigError(f"{name}: expected a list of choices or a mapping {{low, high}}, got {spec!r}")
+        return space
+
+    def _check_value(self, key: str, value: Any) -> Any:
+        """``value`` if a TrainConfig with it is valid; otherwise a ConfigError naming search.KEY."""
+        try:
+            cfg = from_dict(TrainConfig, {**self.train, key: value})
+        except ConfigError as e:
+            raise ConfigError(f"search.{key}: {str(e).split(': ', 1)[-1]}") from None
+        return getattr(cfg, key)
+
+    def trial_config(self, params: dict[str, Any], seed: int | None = None) -> TrainConfig:
+        """The TrainConfig of a trial: fixed settings, then the sampled parameters."""
+        data = {**self.train, **params}
+        if seed is not None:
+            data["seed"] = seed
+        return from_dict(TrainConfig, data)
+
+    # -- places ------------------------------------------------------------------------------------
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home or f"runs/{self.name}").expanduser().resolve()
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model or f"{self.name}-decomposed"
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.home_path / 'optuna.db'}"
+
+    @property
+    def tune_path(self) -> Path | str:
+        return self.storage_path or str(self.home_path / "ray_results")
+
+    @property
+    def metric(self) -> str:
+        """What the registry compares champions on."""
+        return "rank1.decomposed_val_acc"
+
+    def fingerprint(self) -> str:
+        """Identifies the search (not its locations): a resumed study must match it."""
+        keep = {k: v for k, v in to_dict(self).items() if k not in ("home", "tracking_uri", "storage", "storage_path")}
+        return hashlib.sha256(repr(sorted(keep.items())).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read and validate a study file (``yaml.safe_load``; nothing in it is executed)."""
+    data = load_yaml(path)
+    if overrides:
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(StudyConfig, data)

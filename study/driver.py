@@ -1,0 +1,485 @@
+"""The study driver: services, the Tuner, exactly-once bookkeeping, the champion.
+
+``run_study`` and ``resume_study`` set up MLflow (the embedded server unless the
+study names one), Ray (local unless ``--address``), the study's MLflow experiment
+and parent run, and a Tuner over :func:`study.trial.run_trial` searched by
+:class:`study.searcher.OptunaRDBSearcher`. When the trials are done it reconciles
+the MLflow runs and the Optuna storage with what Tune saw, takes the best trial
+from its checkpoint, checks the decomposed model, logs and registers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rank1.config import ConfigError
+from study.config import StudyConfig, load_study
+from study.services import MlflowServer, check_tracking_uri, start_ray
+from study.trial import TAG_STATUS, TAG_TRIAL, load_checkpoint
+
+__all__ = ["StudyOutcome", "preflight", "resume_study", "run_study", "study_status"]
+
+STATE_FILE = "state.json"
+STUDY_FILE = "study.yaml"
+
+
+@dataclass
+class StudyOutcome:
+    """What a finished study produced (also printed as its summary)."""
+
+    name: str
+    home: str
+    tracking_uri: str
+    parent_run_id: str
+    trials: dict[str, int] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)
+    model_uri: str | None = None
+    model_version: str | None = None
+    alias: str | None = None
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def preflight(cfg: StudyConfig, address: str | None = None) -> None:
+    """Everything that can be wrong before anything starts; raises ConfigError."""
+    try:
+        cfg.base.check_environment()
+    except ConfigError as e:
+        raise ConfigError(f"train.{e}") from None
+    if cfg.resources.gpu > 0 and not address and not torch.cuda.is_available():
+        raise ConfigError(
+            f"resources.gpu: {cfg.resources.gpu} GPU per trial was asked for, but this machine has no GPU "
+            "(allowed here: 0); trials would wait forever"
+        )
+    if cfg.tracking_uri:
+        check_tracking_uri(cfg.tracking_uri)
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(cfg.storage_url)
+    except Exception as e:  # sqlalchemy's own error types vary by version
+        raise ConfigError(f"storage: {cfg.storage!r} is not a database URL ({e})") from None
+
+
+def check_cluster_resources(cfg: StudyConfig) -> None:
+    """On a cluster: a per-trial request that no node can satisfy is an error now."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= cfg.resources.cpu
+            and n["Resources"].get("GPU", 0) >= cfg.resources.gpu]
+    if not fits:
+        total = ray.cluster_resources()
+        raise ConfigError(
+            f"resources: no node of this Ray cluster has {cfg.resources.cpu} CPU and {cfg.resources.gpu} GPU for a "
+            f"trial (cluster: {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU); trials would wait forever"
+        )
+
+
+# ------------------------------------------------------------------------------------ services
+
+
+@contextlib.contextmanager
+def tracking(cfg: StudyConfig, keep_ui: bool = False) -> Iterator[str]:
+    """The tracking URI: the study's server, or an embedded one over the study home."""
+    if cfg.tracking_uri:
+        yield cfg.tracking_uri
+        return
+    server = MlflowServer(cfg.home_path).start()
+    try:
+        yield server.url
+    finally:
+        if keep_ui:
+            print(f"MLflow UI stays up at {server.url} (pid {server.proc.pid}); stop it with Ctrl-C")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
+        server.stop()
+
+
+def _parent_run(client, cfg: StudyConfig, study_text: str) -> tuple[str, str]:
+    """The study's experiment and its one parent run (found again on resume)."""
+    import rank1
+
+    home = cfg.home_path
+    exp = client.get_experiment_by_name(cfg.name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.name)
+    if exp and exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp_id)
+    state_path = home / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    run_id = state.get("parent_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except Exception:
+            run_id = None
+    if run_id is None:
+        run = client.create_run(exp_id, run_name=f"{cfg.name} (study)", tags={
+            "rank1.role": "parent", "rank1.study": cfg.name, "rank1.home": str(home),
+            "rank1.version": rank1.__version__, "rank1.fingerprint": cfg.fingerprint(),
+            "mlflow.note.content": f"Study {cfg.name}: {cfg.n_trials} trials of rank1 vs flat1d training. "
+                                   "Child runs are the trials; the champion is in the model registry.",
+        })
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        flat = {"n_trials": cfg.n_trials, "sampler": cfg.sampler, "objective": cfg.objective,
+                "scheduler": cfg.scheduler, "seeds_per_trial": cfg.seeds_per_trial,
+                "search": ",".join(sorted(cfg.space)), **{f"train.{k}": v for k, v in cfg.train.items()}}
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()])
+        client.log_text(run_id, study_text, STUDY_FILE)
+        import yaml
+
+        client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "resolved.yaml")
+        client.log_text(run_id, yaml.safe_dump(cfg.base.to_dict(), sort_keys=False), "resolved_train.yaml")
+    state_path.write_text(json.dumps({"parent_run_id": run_id, "experiment_id": exp_id,
+                                      "fingerprint": cfg.fingerprint()}, indent=2))
+    client.set_terminated(run_id, "RUNNING")
+    return exp_id, run_id
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+class ProgressTable:
+    """A live table of trials (a Tune callback). Holds nothing that cannot be pickled:
+    Tune saves its callbacks with the experiment state."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._live = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"rows": self.rows, "_live": None}
+
+    def _render(self):
+        from rich.table import Table
+
+        t = Table(title=f"trials ({sum(r['status'] in ('done', 'pruned', 'error') for r in self.rows.values())}"
+                        f"/{len(self.rows)} ended)")
+        for col in ("trial", "status", "params", "epoch", "rank1 acc", "flat1d acc", "value"):
+            t.add_column(col, overflow="fold")
+        for tid, r in sorted(self.rows.items()):
+            t.add_row(tid, r["status"], r["params"], str(r.get("epoch", "")), _f3(r.get("rank1.val_acc")),
+                      _f3(r.get("flat1d.val_acc")), _f3(r.get("value")))
+        return t
+
+
+def _f3(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else ""
+
+
+def _progress_callback():
+    from ray import tune
+
+    class _Callback(ProgressTable, tune.Callback):
+        def setup(self, **info):
+            import sys
+
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console()
+            if sys.stdout.isatty():
+                self._live = Live(self._render(), console=console, refresh_per_second=2)
+                self._live.start()
+
+        def _update(self, trial, status, result=None):
+            row = self.rows.setdefault(trial.trial_id, {"status": status, "params": ""})
+            row["status"] = status
+            row["params"] = " ".join(f"{k}={v}" for k, v in sorted(trial.config.items()))
+            if result:
+                row.update({k: result.get(k) for k in ("rank1.val_acc", "flat1d.val_acc", "epoch")
+                            if result.get(k) is not None})
+                if result.get("final"):
+                    row["value"] = result.get("objective")
+                    row["status"] = result.get("trial_status", status)
+            if self._live is not None:
+                self._live.update(self._render())
+            elif status != "running":
+                print(f"trial {trial.trial_id} {row['status']}: {row['params']} "
+                      f"rank1 {_f3(row.get('rank1.val_acc'))} flat1d {_f3(row.get('flat1d.val_acc'))}", flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._update(trial, "running")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._update(trial, "running", result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            self._update(trial, "done" if last.get("final") else "pruned", last)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._update(trial, "error")
+
+        def on_experiment_end(self, trials, **info):
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+
+    return _Callback()
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def _tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from study.searcher import OptunaRDBSearcher
+    from study.trial import run_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    )
+    path = str(Path(str(cfg.tune_path)) / "tune")
+    if restore and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    objectives = [("objective", "maximize")]
+    if cfg.objective == "multi":
+        objectives.append(("latency_ms", "minimize"))
+    searcher = OptunaRDBSearcher(cfg.storage_url, cfg.name, cfg.space, cfg.sampler, cfg.seed, objectives)
+    scheduler = None
+    if cfg.scheduler == "asha":
+        # max_t one past the last epoch: the trial's final report (decomposition, speed)
+        # comes after it, and must not be cut off.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.base.epochs + 1,
+                                  grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials, metric="objective", mode="max",
+            max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(cfg.tune_path), verbose=0, callbacks=[_progress_callback()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+
+
+def _write_home(cfg: StudyConfig, study_text: str) -> None:
+    home = cfg.home_path
+    home.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    (home / STUDY_FILE).write_text(study_text)
+    (home / "resolved.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool = False,
+              overrides: dict[str, Any] | None = None, resume: bool = False) -> StudyOutcome:
+    """Run (or with ``resume``, continue) the study described by ``study_file``."""
+    study_text = Path(study_file).read_text()
+    cfg = load_study(study_file, overrides)
+    preflight(cfg, address)
+    home = cfg.home_path
+    state_path = home / STATE_FILE
+    if state_path.exists():
+        old = json.loads(state_path.read_text())
+        if old.get("fingerprint") != cfg.fingerprint():
+            raise ConfigError(
+                f"home: {str(home)!r} holds a different study (its search or settings differ); "
+                "use another home, or `rank1 study resume` with the original file"
+            )
+        if not resume:
+            raise ConfigError(f"home: {str(home)!r} already holds this study; continue it with "
+                              f"`rank1 study resume {home}`")
+    _write_home(cfg, study_text)
+
+    from mlflow import MlflowClient
+
+    t0 = time.perf_counter()
+    with tracking(cfg, keep_ui) as uri:
+        client = MlflowClient(uri)
+        exp_id, parent_id = _parent_run(client, cfg, study_text)
+        ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
+               "study_config": cfg.to_dict()}
+        with start_ray(home, address):
+            if address:
+                check_cluster_resources(cfg)
+            tuner = _tuner(cfg, ctx, restore=resume)
+            results = tuner.fit()
+            outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
+        client.log_metric(parent_id, "study_time_s", time.perf_counter() - t0)
+        client.set_terminated(parent_id, "FINISHED")
+        print_summary(outcome, keep_ui)
+    return outcome
+
+
+def resume_study(home: str | Path, address: str | None = None, keep_ui: bool = False) -> StudyOutcome:
+    """Continue a stopped or killed study from its home."""
+    home = Path(home).expanduser().resolve()
+    if not (home / STUDY_FILE).exists():
+        raise ConfigError(f"home: {str(home)!r} is not a study home (no {STUDY_FILE} in it)")
+    return run_study(home / STUDY_FILE, address, keep_ui, overrides={"home": str(home)}, resume=True)
+
+
+# ------------------------------------------------------------------------------------ the end
+
+
+def _trial_runs(client, exp_id: str) -> dict[str, Any]:
+    runs = client.search_runs([exp_id], filter_string="tags.`rank1.role` = 'trial'", max_results=5000)
+    out: dict[str, Any] = {}
+    for r in runs:
+        out.setdefault(r.data.tags.get(TAG_TRIAL), []).append(r)
+    return out
+
+
+def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str, results) -> StudyOutcome:
+    """Reconcile MLflow and Optuna with Tune's view; register the best decomposed model."""
+    import optuna
+
+    runs = _trial_runs(client, exp_id)
+    by_trial: dict[str, Any] = {}
+    for res in results:
+        last = res.metrics or {}
+        tid = last.get("trial_id")  # Tune adds it to every result
+        by_trial[tid or res.path] = res
+        mine = runs.get(tid, [])
+        for run in mine:
+            status = run.data.tags.get(TAG_STATUS)
+            if res.error is not None and status != "failed":
+                client.set_tag(run.info.run_id, TAG_STATUS, "failed")
+                client.set_tag(run.info.run_id, "rank1.reason", str(res.error)[:5000])
+                client.set_terminated(run.info.run_id, "FAILED")
+            elif res.error is None and not last.get("final") and status != "pruned":
+                client.set_tag(run.info.run_id, TAG_STATUS, "pruned")
+                client.set_tag(run.info.run_id, "rank1.reason", f"stopped early by ASHA after epoch {last.get('epoch')}")
+                client.set_terminated(run.info.run_id, "KILLED")
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    orphans = _fail_orphans(study, {t for t in by_trial if t})
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("status") or t.state.name.lower()
+        counts[key] = counts.get(key, 0) + 1
+    outcome = StudyOutcome(cfg.name, str(cfg.home_path), uri, parent_id, trials=counts)
+    for k, v in counts.items():
+        client.log_metric(parent_id, f"trials.{k}", float(v))
+    if orphans:
+        client.set_tag(parent_id, "rank1.orphaned_optuna_trials", str(orphans))
+    best = pick_best(cfg, study)
+    if best is None:
+        client.set_tag(parent_id, "rank1.champion", "none: no trial finished")
+        return outcome
+    tid = best.user_attrs.get("ray_trial_id")
+    res = by_trial.get(tid)
+    if res is None or res.checkpoint is None:
+        client.set_tag(parent_id, "rank1.champion", f"none: no checkpoint for trial {tid}")
+        return outcome
+    with res.checkpoint.as_directory() as d:
+        state = load_checkpoint(d)
+    from study.registry import register_champion
+
+    outcome.best = {"trial_id": tid, "optuna_number": best.number, "params": dict(best.params),
+                    "value": best.values[0], "run_id": state["run_id"], "metrics": dict(res.metrics)}
+    reg = register_champion(cfg, client, uri, state, outcome.best)
+    outcome.model_uri, outcome.model_version, outcome.alias = reg["model_uri"], reg["version"], reg["alias"]
+    client.set_tag(parent_id, "rank1.champion", f"{cfg.model_name} v{reg['version']} ({reg['alias']}) from {tid}")
+    (cfg.home_path / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
+    return outcome
+
+
+def _fail_orphans(study, known: set[str]) -> int:
+    import optuna
+
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("ray_trial_id") not in known:
+            optuna.trial.Trial(study, t._trial_id).set_user_attr("status", "orphaned")
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            n += 1
+    return n
+
+
+def pick_best(cfg: StudyConfig, study):
+    """Single objective: the highest value. Multi: on the Pareto front of (accuracy,
+    latency), the fastest trial whose accuracy is within ``pareto_tolerance`` of the
+    most accurate Pareto trial."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if not done:
+        return None
+    if cfg.objective == "single":
+        return max(done, key=lambda t: (t.values[0], -t.number))
+    front = study.best_trials
+    top = max(t.values[0] for t in front)
+    near = [t for t in front if t.values[0] >= top - cfg.pareto_tolerance]
+    return min(near, key=lambda t: (t.values[1], -t.values[0], t.number))
+
+
+def print_summary(outcome: StudyOutcome, keep_ui: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"study {outcome.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcome.trials.items())))
+    t.add_column("")
+    t.add_column("")
+    b = outcome.best
+    if b:
+        m = b.get("metrics", {})
+        t.add_row("best trial", f"{b['trial_id']} (Optuna #{b['optuna_number']})")
+        t.add_row("best config", " ".join(f"{k}={v}" for k, v in sorted(b["params"].items())))
+        t.add_row("rank1 decomposed val acc", _f3(m.get("rank1.decomposed_val_acc")))
+        t.add_row("flat1d decomposed val acc", _f3(m.get("flat1d.decomposed_val_acc")))
+        for key, label in (("rank1.speedup_b1", "speedup vs dense, batch 1"),):
+            if key in m:
+                t.add_row(label, f"{m[key]:.2f}x")
+        speedups = sorted(k for k in m if k.startswith("rank1.speedup_b") and k != "rank1.speedup_b1")
+        for key in speedups:
+            t.add_row(f"speedup vs dense, batch {key.rsplit('_b', 1)[1]}", f"{m[key]:.2f}x")
+        t.add_row("model", f"{outcome.model_uri} (version {outcome.model_version}, alias {outcome.alias})")
+    else:
+        t.add_row("best trial", "none finished")
+    t.add_row("study home", outcome.home)
+    ui = outcome.tracking_uri if keep_ui else f"rank1 ui --home {outcome.home}"
+    t.add_row("MLflow UI", ui)
+    console.print(t)
+    if not keep_ui:
+        console.print(f"Open the MLflow UI with: [bold]rank1 ui --home {outcome.home}[/] (then http://127.0.0.1:5000)")
+
+
+# ------------------------------------------------------------------------------------ status
+
+
+def study_status(home: str | Path) -> dict[str, Any]:
+    """Trials by state and the best so far, read from the study's Optuna storage."""
+    import optuna
+
+    home = Path(home).expanduser().resolve()
+    if not (home / STUDY_FILE).exists():
+        raise ConfigError(f"home: {str(home)!r} is not a study home (no {STUDY_FILE} in it)")
+    cfg = load_study(home / STUDY_FILE, {"home": str(home)})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    except KeyError:
+        return {"name": cfg.name, "n_trials": cfg.n_trials, "states": {}, "trials": [], "best": None}
+    trials = []
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        s = t.user_attrs.get("status") or ("running" if t.state.name == "RUNNING" else t.state.name.lower())
+        states[s] = states.get(s, 0) + 1
+        trials.append({"number": t.number, "trial_id": t.user_attrs.get("ray_trial_id"), "status": s,
+                       "params": t.params, "values": t.values})
+    best = pick_best(cfg, study)
+    return {"name": cfg.name, "n_trials": cfg.n_trials, "states": states, "trials": trials,
+            "best": None if best is None else {"number": best.number, "params": best.params, "values": best.values}}
+

@@ -1,0 +1,171 @@
+"""A Ray Tune searcher whose whole state is an Optuna study in an RDB storage.
+
+Why not ``ray.tune.search.optuna.OptunaSearch``: after ``Tuner.restore`` it keeps
+its trial map in a pickle and may drop the results of resumed trials, and it
+records trials stopped early by ASHA as COMPLETE. Here the storage is the only
+truth: every Optuna trial carries the Ray trial id as a user attribute, so a
+restored driver finds it again; trials stopped before their final report are told
+as PRUNED; trials that diverged or failed as FAIL with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from study.config import Range
+
+__all__ = ["RAY_TRIAL_ID", "OptunaRDBSearcher", "make_sampler"]
+
+log = logging.getLogger(__name__)
+
+RAY_TRIAL_ID = "ray_trial_id"
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler must be one of tpe, gp, nsga2, random; got {name!r}")
+
+
+class OptunaRDBSearcher(Searcher):
+    """Define-by-run Optuna search over ``space``; results go straight to ``storage_url``.
+
+    ``objectives``: the result keys Optuna optimises, with their directions, e.g.
+    ``[("objective", "maximize"), ("latency_ms", "minimize")]``. The first one is
+    also what Tune's scheduler sees.
+    """
+
+    def __init__(
+        self,
+        storage_url: str,
+        study_name: str,
+        space: dict[str, list[Any] | Range],
+        sampler: str = "tpe",
+        seed: int = 0,
+        objectives: list[tuple[str, str]] | None = None,
+    ) -> None:
+        objectives = objectives or [("objective", "maximize")]
+        super().__init__(metric=objectives[0][0], mode="max" if objectives[0][1] == "maximize" else "min")
+        self.storage_url = storage_url
+        self.study_name = study_name
+        self.space = space
+        self.sampler_name = sampler
+        self.seed = seed
+        self.objectives = objectives
+        self._study = None
+        self._numbers: dict[str, int] = {}
+
+    # The Optuna study (an open database connection) is not pickled with the
+    # experiment state; a restored searcher reconnects on first use.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_study"] = None
+        state["_numbers"] = {}
+        return state
+
+    @property
+    def study(self):
+        if self._study is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            self._study = optuna.create_study(
+                storage=self.storage_url,
+                study_name=self.study_name,
+                directions=[d for _, d in self.objectives],
+                sampler=make_sampler(self.sampler_name, self.seed),
+                load_if_exists=True,
+            )
+        return self._study
+
+    def _number(self, trial_id: str) -> int | None:
+        if trial_id not in self._numbers:
+            for t in self.study.get_trials(deepcopy=False):
+                rid = t.user_attrs.get(RAY_TRIAL_ID)
+                if rid is not None:
+                    self._numbers[rid] = t.number
+        return self._numbers.get(trial_id)
+
+    def _trial(self, number: int):
+        import optuna
+
+        frozen = self.study.get_trials(deepcopy=False)[number]
+        return optuna.trial.Trial(self.study, frozen._trial_id), frozen
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        # The space is ours (define-by-run); Tune's metric must be our first objective.
+        return metric in (None, self.metric) and mode in (None, self.mode) and not config
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        number = self._number(trial_id)
+        if number is not None:  # asked before a restart: the same parameters again
+            return dict(self._trial(number)[1].params)
+        trial = self.study.ask()
+        params: dict[str, Any] = {}
+        for name, spec in self.space.items():
+            if isinstance(spec, Range):
+                if spec.is_int:
+                    params[name] = trial.suggest_int(name, int(spec.low), int(spec.high),
+                                                     step=int(spec.step or 1), log=spec.log)
+                else:
+                    params[name] = trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+            else:
+                params[name] = trial.suggest_categorical(name, spec)
+        trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+        self._numbers[trial_id] = trial.number
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        # Intermediate values feed Optuna's history (single objective only).
+        number = self._number(trial_id)
+        if number is None or len(self.objectives) > 1 or self.metric not in result:
+            return
+        trial, frozen = self._trial(number)
+        step = int(result.get("training_iteration", 0))
+        if frozen.state.name == "RUNNING" and step not in frozen.intermediate_values:
+            trial.report(float(result[self.metric]), step)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        import optuna
+
+        number = self._number(trial_id)
+        if number is None:
+            log.warning("trial %s is not in the Optuna study %s", trial_id, self.study_name)
+            return
+        trial, frozen = self._trial(number)
+        if frozen.state != optuna.trial.TrialState.RUNNING:
+            return  # already told (a restored driver may see the completion twice)
+        State = optuna.trial.TrialState
+        if error or result is None:
+            trial.set_user_attr("status", "failed")
+            self.study.tell(number, state=State.FAIL)
+        elif not result.get("final"):
+            trial.set_user_attr("status", "pruned")
+            self.study.tell(number, state=State.PRUNED)
+        elif result.get("trial_status") != "finished":
+            trial.set_user_attr("status", result.get("trial_status", "failed"))
+            trial.set_user_attr("reason", str(result.get("trial_reason", ""))[:1000])
+            self.study.tell(number, state=State.FAIL)
+        else:
+            trial.set_user_attr("status", "finished")
+            self.study.tell(number, [float(result[k]) for k, _ in self.objectives])
+
+    # Tune checkpoints searchers with these; the storage already holds everything.
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            f.write(f"optuna study {self.study_name} in {self.storage_url.split('@')[-1]}\n")
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._study = None
+        self._numbers = {}

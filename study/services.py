@@ -1,0 +1,195 @@
+"""The services a study runs on: an MLflow tracking server and a Ray instance.
+
+On one machine both are embedded: an MLflow server on 127.0.0.1 over SQLite in the
+study home (trials always log through a server, never into the SQLite file: many
+writers lock it up, and on a cluster the workers cannot see it), and a local Ray
+instance whose temp dir lives under the study home. On a cluster the study file
+names a tracking URL and the CLI an ``--address``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rank1.config import ConfigError
+
+__all__ = [
+    "QUIET_ENV",
+    "MlflowServer",
+    "check_tracking_uri",
+    "free_port",
+    "ray_temp_dir",
+    "start_ray",
+]
+
+
+# Progress bars and links that MLflow and Tune print for every call drown the study's
+# own table; trial output still lands in Ray's logs under the study home.
+QUIET_ENV = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+def quiet() -> None:
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the server goes when the driver goes, even on SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setsid()
+
+
+def _auth_header() -> dict[str, str]:
+    """Basic auth from the environment (MLflow's own variables); never from files or config."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        import base64
+
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when a tracking server cannot be reached or refuses our credentials."""
+    if not uri.startswith(("http://", "https://")):
+        raise ConfigError(f"tracking_uri: {uri!r} is not allowed (allowed: an http(s):// MLflow server URL, or unset)")
+    try:
+        with urllib.request.urlopen(urllib.request.Request(uri.rstrip("/") + "/health"), timeout=timeout) as r:
+            if r.status != 200:
+                raise ConfigError(f"tracking_uri: {uri} answered /health with HTTP {r.status}")
+    except urllib.error.URLError as e:
+        raise ConfigError(f"tracking_uri: cannot reach the MLflow server at {uri} ({getattr(e, 'reason', e)})") from None
+    except OSError as e:
+        raise ConfigError(f"tracking_uri: cannot reach the MLflow server at {uri} ({e})") from None
+    # /health is open even on an authenticated server: check an API call too.
+    req = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", headers=_auth_header()
+    )
+    try:
+        urllib.request.urlopen(req, timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise ConfigError(
+                f"tracking_uri: the MLflow server at {uri} refused the credentials (HTTP {e.code}); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        raise ConfigError(f"tracking_uri: the MLflow server at {uri} answered HTTP {e.code}") from None
+    except OSError as e:
+        raise ConfigError(f"tracking_uri: cannot reach the MLflow server at {uri} ({e})") from None
+
+
+@dataclass
+class MlflowServer:
+    """An MLflow tracking server over SQLite and a local artifact folder."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> MlflowServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port(self.host)
+        log = open(self.home / "mlflow-server.log", "ab")
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
+            "--artifacts-destination", str(self.home / "mlartifacts"),
+            "--host", self.host, "--port", str(self.port), "--workers", "1",
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                     cwd=self.home)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the MLflow server exited with code {self.proc.returncode}; see {self.home / 'mlflow-server.log'}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        (self.home / "mlflow-server.json").write_text(
+                            json.dumps({"url": self.url, "pid": self.proc.pid}))
+                        return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the MLflow server did not start within {timeout:.0f} s; see {self.home / 'mlflow-server.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / "mlflow-server.json").unlink()
+
+    def wait(self) -> None:
+        if self.proc is not None:
+            self.proc.wait()
+
+
+def ray_temp_dir(home: Path) -> Path:
+    """Ray's temp dir: under the study home when the path is short enough for Ray's
+    Unix sockets (their paths are limited to ~107 bytes), else a short one in /tmp."""
+    candidate = home / ".ray"
+    if len(str(candidate)) <= 40:
+        return candidate
+    return Path("/tmp") / f"rank1-ray-{hashlib.sha1(str(home).encode()).hexdigest()[:10]}"
+
+
+@contextlib.contextmanager
+def start_ray(home: Path, address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+    """A local Ray instance (temp dir under the study home) or a connection to ``address``."""
+    import ray
+
+    runtime_env = {"env_vars": {k: v for k, v in QUIET_ENV.items()}}
+    if address:
+        ray.init(address=address, configure_logging=False, log_to_driver=False, runtime_env=runtime_env)
+    else:
+        tmp = ray_temp_dir(home)
+        tmp.mkdir(parents=True, exist_ok=True)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(tmp),
+                 configure_logging=False, log_to_driver=False, runtime_env=runtime_env)
+    try:
+        yield
+    finally:
+        ray.shutdown()

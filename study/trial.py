@@ -1,0 +1,227 @@
+"""One study trial, run by Ray Tune in a worker: train the arms, log, checkpoint.
+
+A trial trains every seed of its configuration in lockstep (rank1 and flat1d arms,
+and dense if asked), one epoch at a time. After each epoch it logs the epoch to its
+MLflow run, then reports to Tune with a checkpoint holding both arms of every seed,
+their optimiser states and the MLflow run id. A restarted trial — a killed worker,
+a resumed driver — continues from that checkpoint and finds its MLflow run again
+by the ``rank1.trial_id`` tag, so every trial has exactly one run and no epoch is
+logged twice.
+
+Kept apart from the Tuner setup (study/driver.py): this file is the objective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rank1.data import load_dataset
+from rank1.train import PairTrainer, TrainConfig
+
+__all__ = ["CHECKPOINT_FILE", "TAG_TRIAL", "aggregate_epoch", "final_metrics", "run_trial", "trial_value"]
+
+CHECKPOINT_FILE = "state.pt"
+TAG_TRIAL = "rank1.trial_id"
+TAG_STATUS = "rank1.status"
+_MAX_BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.mean(values) if values else float("nan")
+
+
+def aggregate_epoch(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """One epoch's metrics over seeds: the mean of each ``arm.key``, plus the objective."""
+    out: dict[str, list[float]] = {}
+    for metrics in per_seed:
+        for arm, m in metrics.items():
+            for k, v in m.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    out.setdefault(f"{arm}.{k}", []).append(float(v))
+    agg = {k: _mean(v) for k, v in out.items()}
+    if "rank1.val_acc" in agg and "flat1d.val_acc" in agg:
+        agg["paired.val_acc_diff"] = agg["rank1.val_acc"] - agg["flat1d.val_acc"]
+    return agg
+
+
+def final_metrics(results: list[dict[str, Any]], latency_batch: int) -> dict[str, float]:
+    """End-of-trial figures over seeds: accuracy, size, speed, paired difference."""
+    out: dict[str, list[float]] = {}
+    for res in results:
+        for arm, r in res["arms"].items():
+            for k, v in {**r["final"], **r["inference"]}.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.setdefault(f"{arm}.{k}", []).append(float(v))
+            out.setdefault(f"{arm}.epochs_run", []).append(float(r["epochs_run"]))
+        for k, v in res["paired"].items():
+            out.setdefault(f"paired.{k}", []).append(float(v))
+    agg = {k: _mean(v) for k, v in out.items()}
+    agg["latency_ms"] = agg.get(f"rank1.decomposed_latency_ms_b{latency_batch}", float("nan"))
+    return agg
+
+
+def trial_value(results: list[dict[str, Any]]) -> tuple[str, str | None, float]:
+    """``(status, reason, value)``: the mean rank1 decomposed val acc over seeds."""
+    statuses = [r["arms"]["rank1"]["status"] for r in results]
+    for bad in ("failed", "diverged"):
+        if bad in statuses:
+            reasons = [r["arms"]["rank1"]["reason"] for r in results if r["arms"]["rank1"]["status"] == bad]
+            return bad, reasons[0], float("nan")
+    return "finished", None, _mean([r["arms"]["rank1"]["final"]["decomposed_val_acc"] for r in results])
+
+
+class _RunLogger:
+    """The trial's one MLflow run, found by tag or created under the study's parent run."""
+
+    def __init__(self, ctx: dict[str, Any], trial_id: str, run_id: str | None, params: dict[str, Any],
+                 config: TrainConfig) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(ctx["tracking_uri"])
+        self.ctx = ctx
+        if run_id is None:
+            found = self.client.search_runs(
+                [ctx["experiment_id"]], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}'", max_results=2
+            )
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            run = self.client.create_run(
+                ctx["experiment_id"], run_name=trial_id,
+                tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, "rank1.role": "trial",
+                      "rank1.study": ctx["study"], TAG_STATUS: "running"},
+            )
+            run_id = run.info.run_id
+        self.run_id = run_id
+        self.client.set_terminated(run_id, "RUNNING")
+        self.client.set_tag(run_id, TAG_STATUS, "running")
+        self.client.set_tag(run_id, "rank1.pid", str(os.getpid()))
+        self.client.set_tag(run_id, "rank1.node_id", _node_id())
+        # Re-logging a param with the same value is allowed, so a restarted trial can do this again.
+        from mlflow.entities import Param
+
+        logged = {**config.to_dict(), **{f"search.{k}": v for k, v in params.items()}}
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(logged.items())])
+        history = self.client.get_metric_history(run_id, "objective")
+        self.last_logged = max((m.step for m in history), default=0)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch <= self.last_logged:  # already there from before a restart
+            return
+        self.log(metrics, step=epoch)
+        self.last_logged = epoch
+
+    def log(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        for i in range(0, len(items), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_BATCH])
+
+    def finish(self, status: str, reason: str | None, results: list[dict[str, Any]]) -> None:
+        self.client.set_tag(self.run_id, TAG_STATUS, status)
+        if reason:
+            self.client.set_tag(self.run_id, "rank1.reason", reason[:5000])
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "trial_result.json"
+            path.write_text(json.dumps(results, indent=1, default=str))
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (tests of the objective alone)
+        return "local"
+
+
+def _save_checkpoint(state: dict[str, Any]):
+    from ray import tune
+
+    d = tempfile.mkdtemp(prefix="rank1-ckpt-")
+    torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+    return tune.Checkpoint.from_directory(d)
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """A trial checkpoint, loaded safely (tensors and plain data only)."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune function trainable: ``params`` from the searcher, ``ctx`` from the driver."""
+    from ray import tune
+
+    from rank1.config import from_dict
+    from study.config import StudyConfig
+
+    study = from_dict(StudyConfig, ctx["study_config"])
+    trial_id = tune.get_context().get_trial_id()
+    torch.set_num_threads(max(1, int(study.resources.cpu)))
+    seeds = [study.base.seed + i for i in range(study.seeds_per_trial)]
+    configs = [study.trial_config(params, seed=s) for s in seeds]
+    data = load_dataset(configs[0].dataset, configs[0].root, configs[0].image_size, configs[0].download,
+                        configs[0].val_fraction, configs[0].split_seed)
+    pairs = [PairTrainer(c, data=data) for c in configs]
+
+    state = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(d)
+        for p, s in zip(pairs, state["seeds"]):
+            p.load_state_dict(s)
+    logger = _RunLogger(ctx, trial_id, state["run_id"] if state else None, params, configs[0])
+    started_at = state["epoch"] if state else 0
+    if started_at:
+        logger.client.set_tag(logger.run_id, "rank1.resumed_from_epoch", str(started_at))
+
+    epoch = started_at
+    while not all(p.done() for p in pairs):
+        per_seed = [p.train_epoch([]) for p in pairs]
+        epoch = max(p.epoch for p in pairs)
+        metrics = aggregate_epoch([m for m in per_seed if m])
+        metrics["objective"] = metrics.get("rank1.val_acc", float("nan"))
+        logger.log_epoch(epoch, metrics)
+        checkpoint = _save_checkpoint({
+            "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id,
+            "seeds": [p.state_dict() for p in pairs],
+        })
+        report = {k: v for k, v in metrics.items() if not k.startswith(("rank1.grad", "flat1d.grad", "dense.grad",
+                                                                         "rank1.weight", "flat1d.weight",
+                                                                         "dense.weight", "rank1.residual."))}
+        report.update({"epoch": epoch, "run_id": logger.run_id, "final": False, "resumed_from": started_at})
+        tune.report(report, checkpoint=checkpoint)
+
+    results = [p.finish([]).to_dict() for p in pairs]
+    status, reason, value = trial_value(results)
+    final = final_metrics(results, study.latency_batch)
+    final["objective"] = value
+    logger.log({**final, "epochs_trained_here": float(epoch - started_at)}, step=epoch)
+    # The shipped (projected) rank1 weights of every seed: the driver registers the best.
+    models = [p.trainers["rank1"].model.state_dict() for p in pairs] if status == "finished" else []
+    checkpoint = _save_checkpoint({
+        "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
+        "seeds": [p.state_dict() for p in pairs], "rank1_models": models,
+        "rank1_val_acc": [r["arms"]["rank1"]["final"].get("decomposed_val_acc") for r in results],
+        "params": params,
+    })
+    logger.finish(status, reason, results)
+    tune.report({**{k: v for k, v in final.items() if math.isfinite(v)}, "objective": value if math.isfinite(value) else 0.0,
+                 "latency_ms": final["latency_ms"] if math.isfinite(final["latency_ms"]) else 1e9,
+                 "final": True, "trial_status": status, "trial_reason": reason or "", "epoch": epoch,
+                 "run_id": logger.run_id, "resumed_from": started_at}, checkpoint=checkpoint)

@@ -1,0 +1,81 @@
+"""The rank1 command line end to end, as a user runs it (in-process and as a real process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rank1.cli import main
+
+
+def test_train_smoke_prints_both_arms_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["train", "--smoke", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rank1" in text and "flat1d" in text and "val acc (decomposed)" in text
+    data = json.loads(out.read_text())
+    assert data["config"]["depth"] == 2 and data["config"]["epochs"] == 1  # --smoke
+    assert set(data["arms"]) == {"rank1", "flat1d"}
+    assert data["arms"]["rank1"]["status"] == "finished"
+
+
+def test_config_file_then_cli_options_override(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("depth: 3\nwidth: 4\nepochs: 1\nmeasure_latency: false\narm: rank1\n")
+    out = tmp_path / "r.json"
+    assert main(["train", "--config", str(cfg), "--depth", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert (data["config"]["depth"], data["config"]["width"], data["config"]["arm"]) == (1, 4, "rank1")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--depth", "0"], "depth: 0 must be >= 1"),
+        (["train", "--projection", "sometimes"], "projection: 'sometimes' is not allowed"),
+        (["train", "--dataset", "mnist", "--root", "/nonexistent/data"], "/nonexistent/data"),
+        (["train", "--lr", "-1"], "lr: -1.0 must be > 0"),
+        (["bench", "--model", "alexnet"], "--model: 'alexnet' is not allowed (allowed: resnet, vgg)"),
+        (["bench", "--repeats", "1"], "--repeats must be >= 2"),
+    ],
+)
+def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_file(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("depht: 3\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "depht: unknown key (allowed:" in capsys.readouterr().err
+    cfg.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+
+
+def test_argparse_errors_exit_2_from_a_real_process():
+    p = subprocess.run([sys.executable, "-m", "rank1.cli", "train", "--init", "he"], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "argument --init: invalid choice: 'he'" in p.stderr
+
+
+def test_sweep_writes_a_markdown_table(tmp_path, capsys):
+    assert main(["sweep", "--smoke", "--depths", "1", "2", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| depth | rank1 val acc | flat1d val acc |" in md
+    assert md.count("±") >= 4
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(data["rows"]) == 4 and {r["depth"] for r in data["rows"]} == {1, 2}
+
+
+def test_bench_a_network(tmp_path, capsys):
+    assert main(["bench", "--model", "vgg", "--depth", "2", "--width", "8", "--size", "16", "--batch", "2",
+                 "--repeats", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "network.json").read_text())
+    row = data["network"]["rows"][0]
+    assert row["flop_ratio"] > 1 and row["decomposed_params"] < row["dense_params"]
+    assert data["machine"]["threads"] >= 1
