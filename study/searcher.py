@@ -129,10 +129,10 @@ class OptunaRDBSearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         # Intermediate values feed Optuna's history (single objective only).
         number = self._number(trial_id)
-        if number is None or len(self.objectives) > 1 or self.metric not in result:
+        if number is None or len(self.objectives) > 1 or self.metric not in result or result.get("final"):
             return
         trial, frozen = self._trial(number)
-        step = int(result.get("training_iteration", 0))
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
         if frozen.state.name == "RUNNING" and step not in frozen.intermediate_values:
             trial.report(float(result[self.metric]), step)
 

@@ -130,8 +130,10 @@ class MlflowServer:
             "--artifacts-destination", str(self.home / "mlartifacts"),
             "--host", self.host, "--port", str(self.port), "--workers", "1",
         ]
+        # No background job runner: it forks half a dozen workers that a study never uses.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                     cwd=self.home)
+                                     cwd=self.home, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -32,7 +32,8 @@ __all__ = ["CHECKPOINT_FILE", "TAG_TRIAL", "aggregate_epoch", "final_metrics", "
 CHECKPOINT_FILE = "state.pt"
 TAG_TRIAL = "rank1.trial_id"
 TAG_STATUS = "rank1.status"
-_MAX_BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
+_MAX_BATCH = 900
+_FINAL_RENAME = {"val_acc": "shipped_val_acc", "val_loss": "shipped_val_loss"}  # MLflow takes at most 1000 metrics per log_batch
 
 
 def _mean(values: list[float]) -> float:
@@ -61,7 +62,8 @@ def final_metrics(results: list[dict[str, Any]], latency_batch: int) -> dict[str
         for arm, r in res["arms"].items():
             for k, v in {**r["final"], **r["inference"]}.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out.setdefault(f"{arm}.{k}", []).append(float(v))
+                    # val_acc / val_loss are also per-epoch keys: the shipped model's get their own name.
+                    out.setdefault(f"{arm}.{_FINAL_RENAME.get(k, k)}", []).append(float(v))
             out.setdefault(f"{arm}.epochs_run", []).append(float(r["epochs_run"]))
         for k, v in res["paired"].items():
             out.setdefault(f"paired.{k}", []).append(float(v))

@@ -1,0 +1,84 @@
+"""Study files: every shipped one validates; bad input fails before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rank1.config import ConfigError
+from study.config import Range, load_study
+from tests.study.conftest import REPO, cli, write_study
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_study_file_validates(path):
+    cfg = load_study(path)
+    assert cfg.space and cfg.n_trials >= 1
+    for key, spec in cfg.space.items():
+        assert isinstance(spec, (list, Range)), key
+    cfg.trial_config({k: (v[0] if isinstance(v, list) else (int(v.low) if v.is_int else v.low))
+                      for k, v in cfg.space.items()})
+
+
+def test_space_is_typed():
+    cfg = load_study(REPO / "studies" / "demo.yaml")
+    assert cfg.space["depth"] == Range(2, 8) and cfg.space["depth"].is_int
+    assert cfg.space["init"] == ["kaiming", "hosvd", "orthogonal", "dirac"]
+    assert cfg.model_name == "demo-decomposed"
+    assert cfg.storage_url.startswith("sqlite:///") and cfg.storage_url.endswith("runs/demo/optuna.db")
+
+
+BAD = [
+    ("unknown key", {"n_trails": 3}, "n_trails: unknown key (allowed:"),
+    ("wrong type", {"n_trials": "many"}, "n_trials: expected int, got 'many' (str)"),
+    ("empty choice list", {"search": {"init": []}}, "search.init: empty choice list"),
+    ("depth < 1", {"search": {"depth": {"low": 0, "high": 4}}}, "search.depth: 0 must be >= 1"),
+    ("unknown init scheme", {"search": {"init": ["kaiming", "xavier"]}},
+     "search.init: 'xavier' is not allowed (allowed: 'dirac', 'hosvd', 'kaiming', 'orthogonal', 'uniform')"),
+    ("unknown dataset", {"train": {"dataset": "imagenet"}}, "train.dataset: 'imagenet' is not allowed"),
+    ("dataset root missing", {"train": {"dataset": "cifar10", "root": "/nonexistent/cifar"}},
+     "/nonexistent/cifar/cifar-10-batches-py/data_batch_1' does not exist"),
+    ("GPU on a machine without one", {"resources": {"cpu": 1, "gpu": 0.5}},
+     "resources.gpu: 0.5 GPU per trial was asked for, but this machine has no GPU"),
+    ("tracking URI unreachable", {"tracking_uri": "http://127.0.0.1:9"}, "tracking_uri: cannot reach the MLflow server"),
+    ("n_trials < 1", {"n_trials": 0}, "n_trials: 0 must be >= 1"),
+    ("unknown search option", {"search": {"learning_rate": [0.1]}}, "search.learning_rate: unknown option"),
+    ("unsearchable option", {"search": {"seed": [1, 2]}}, "search.seed: cannot be searched"),
+    ("range of a string option", {"search": {"init": {"low": 1, "high": 2}}}, "search.init: a range needs a numeric"),
+    ("bad sampler", {"sampler": "grid"}, "sampler: 'grid' is not allowed (allowed: 'tpe', 'gp', 'nsga2', 'random')"),
+    ("bad name", {"name": "my study!"}, "name: 'my study!' is not allowed"),
+]
+
+
+@pytest.mark.parametrize("what, overrides, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_study_files_exit_2_before_anything_starts(tmp_path, what, overrides, message):
+    import torch
+
+    if what.startswith("GPU") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    overrides = dict(overrides)
+    name = overrides.pop("name", "bad")
+    path = write_study(tmp_path, name="placeholder", **overrides)
+    data = yaml.safe_load(path.read_text())
+    data["name"] = name
+    path.write_text(yaml.safe_dump(data))
+    p = cli("study", "run", str(path), timeout=120)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert message in p.stderr, p.stderr
+    assert p.stderr.startswith("rank1 study run: error: ")
+    assert not (tmp_path / "home").exists()  # nothing started: no home, no server, no Ray
+
+
+def test_resuming_a_home_that_is_not_a_study(tmp_path):
+    p = cli("study", "resume", str(tmp_path), timeout=60)
+    assert p.returncode == 2 and "is not a study home" in p.stderr
+
+
+def test_yaml_is_never_executed(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['touch " + str(tmp_path / "pwned") + "']\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_study(path)
+    assert not Path(tmp_path / "pwned").exists()

@@ -1,0 +1,132 @@
+"""Exactly once: a killed driver or a killed trial worker loses nothing and duplicates nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.study.conftest import REPO, cli, mlflow_client, optuna_trials, trial_runs, write_study
+
+pytestmark = pytest.mark.slow
+
+LONG = dict(train={"epochs": 6, "width": 16}, search={"depth": {"low": 2, "high": 3}, "init": ["kaiming", "dirac"]})
+
+
+def _start(path: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "study.cli", "study", "run", str(path)], cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for(pred, proc: subprocess.Popen, log: Path, timeout: float = 300):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        found = pred()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"the study ended before the test could interrupt it:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
+
+
+def _checkpoints(home: Path, index: int) -> list[Path]:
+    return sorted((home / "ray_results" / "tune").glob(f"*/checkpoint_{index:06d}"))
+
+
+def _assert_exactly_once(home: Path, name: str, n_trials: int) -> dict[str, object]:
+    """Every trial: one MLflow run, every epoch logged once; every finished trial valued in Optuna."""
+    with mlflow_client(home) as (client, _):
+        runs = trial_runs(client, name)
+        ids = [r.data.tags["rank1.trial_id"] for r in runs]
+        assert len(ids) == n_trials and len(set(ids)) == n_trials, ids
+        by_id = {}
+        for r in runs:
+            assert r.data.tags["rank1.status"] == "finished", r.data.tags
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "rank1.val_acc")]
+            assert sorted(steps) == list(range(1, 7)), steps  # each epoch exactly once
+            by_id[r.data.tags["rank1.trial_id"]] = r
+    trials = optuna_trials(home, name)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == n_trials
+    for t in complete:
+        run = by_id[t.user_attrs["ray_trial_id"]]
+        assert t.values[0] == pytest.approx(run.data.metrics["objective"])
+    # Optuna may hold one more trial that was asked just before the kill and never ran.
+    assert all(t.user_attrs.get("status") == "orphaned" for t in trials if t.state.name != "COMPLETE")
+    return by_id
+
+
+def test_sigkill_the_driver_then_resume(tmp_path):
+    path = write_study(tmp_path, name="killdriver", **LONG)
+    home = tmp_path / "home"
+    log = tmp_path / "run.log"
+    proc = _start(path, log)
+    _wait_for(lambda: _checkpoints(home, 1), proc, log)  # some trial has two epochs checkpointed
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (home / "outcome.json").exists()
+
+    status = cli("study", "status", str(home), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["states"].get("finished", 0) < 4
+
+    p = cli("study", "resume", str(home))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    by_id = _assert_exactly_once(home, "killdriver", 4)
+    resumed = {tid: int(r.data.tags["rank1.resumed_from_epoch"]) for tid, r in by_id.items()
+               if "rank1.resumed_from_epoch" in r.data.tags}
+    assert resumed and all(e >= 1 for e in resumed.values()), resumed  # continued, not restarted
+    for tid, epoch in resumed.items():
+        assert by_id[tid].data.metrics["epochs_trained_here"] == 6 - epoch
+    assert json.loads((home / "outcome.json").read_text())["alias"] == "champion"
+
+
+def test_sigkill_a_trial_worker(tmp_path):
+    path = write_study(tmp_path, name="killworker", **LONG)
+    home = tmp_path / "home"
+    log = tmp_path / "run.log"
+    proc = _start(path, log)
+    _wait_for(lambda: _checkpoints(home, 1), proc, log)
+    url = json.loads((home / "mlflow-server.json").read_text())["url"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+
+    def running_trial():
+        for r in trial_runs(client, "killworker"):
+            if r.data.tags.get("rank1.status") == "running" and r.data.metrics.get("objective") is not None:
+                return r
+        return None
+
+    victim = _wait_for(running_trial, proc, log)
+    os.kill(int(victim.data.tags["rank1.pid"]), signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    by_id = _assert_exactly_once(home, "killworker", 4)
+    tid = victim.data.tags["rank1.trial_id"]
+    assert int(by_id[tid].data.tags["rank1.resumed_from_epoch"]) >= 1  # Tune retried it from its checkpoint
+
+
+def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
+    # Random sampler, seed 0: lr 1e6, 0.05, 1e6 for the three trials.
+    path = write_study(tmp_path, name="diverge", search={"lr": [0.05, 1000000.0]}, n_trials=3, seed=0,
+                       train={"momentum": 0.0, "weight_decay": 0.0})
+    p = cli("study", "run", str(path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    home = tmp_path / "home"
+    with mlflow_client(home) as (client, _):
+        runs = {float(r.data.params["lr"]): r for r in trial_runs(client, "diverge")}
+        statuses = sorted(r.data.tags["rank1.status"] for r in trial_runs(client, "diverge"))
+    assert statuses == ["diverged", "diverged", "finished"]
+    bad = runs[1000000.0]
+    assert bad.info.status == "FAILED" and "loss became" in bad.data.tags["rank1.reason"]
+    states = sorted((t.state.name, t.user_attrs.get("status")) for t in optuna_trials(home, "diverge"))
+    assert states == [("COMPLETE", "finished"), ("FAIL", "diverged"), ("FAIL", "diverged")]
+    outcome = json.loads((home / "outcome.json").read_text())
+    assert outcome["best"]["params"] == {"lr": 0.05}

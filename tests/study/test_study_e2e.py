@@ -1,0 +1,125 @@
+"""The smoke study end to end on a real local Ray, a real MLflow server, real SQLite stores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rank1.data import TensorLoader, load_dataset
+from rank1.models import build_model
+from study.config import load_study
+from study.trial import load_checkpoint
+from tests.study.conftest import cli, mlflow_client, optuna_trials, trial_runs, write_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    path = write_study(tmp)
+    p = cli("study", "run", str(path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return tmp, path, p
+
+
+def test_summary_and_home(smoke):
+    tmp, path, p = smoke
+    home = tmp / "home"
+    assert "study smoke: 4 finished" in p.stdout
+    assert "models:/smoke-decomposed@champion" in p.stdout
+    assert "rank1 ui --home" in p.stdout  # how to open the UI
+    for f in ("study.yaml", "resolved.yaml", "state.json", "optuna.db", "mlflow.db", "outcome.json"):
+        assert (home / f).exists(), f
+    assert not (home / "mlflow-server.json").exists()  # the embedded server was stopped
+
+
+def test_one_parent_and_exactly_one_child_run_per_trial(smoke):
+    tmp, _, _ = smoke
+    with mlflow_client(tmp / "home") as (client, _):
+        exp = client.get_experiment_by_name("smoke")
+        parents = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")
+        assert len(parents) == 1
+        parent = parents[0]
+        assert parent.info.status == "FINISHED"
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"study.yaml", "resolved.yaml", "resolved_train.yaml"} <= artifacts
+        assert parent.data.tags["rank1.version"]
+        runs = trial_runs(client, "smoke")
+        ids = [r.data.tags["rank1.trial_id"] for r in runs]
+        assert len(ids) == 4 and len(set(ids)) == 4
+        for r in runs:
+            assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert r.data.tags["rank1.status"] == "finished" and r.info.status == "FINISHED"
+            m = r.data.metrics
+            for key in ("rank1.val_acc", "flat1d.val_acc", "rank1.grad.out.L00", "flat1d.grad.out.L00",
+                        "rank1.decomposed_val_acc", "flat1d.decomposed_val_acc", "paired.val_acc_diff",
+                        "rank1.flop_ratio", "rank1.decomposed_latency_ms_b1", "rank1.speedup_b8", "objective"):
+                assert key in m, key
+            hist = client.get_metric_history(r.info.run_id, "rank1.val_acc")
+            assert sorted(h.step for h in hist) == [1, 2]  # per epoch, each once
+            assert {"depth", "init", "projection", "search.depth"} <= set(r.data.params)
+            assert "trial_result.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
+
+
+def test_optuna_storage_holds_every_value(smoke):
+    tmp, _, _ = smoke
+    trials = optuna_trials(tmp / "home", "smoke")
+    assert len(trials) == 4
+    with mlflow_client(tmp / "home") as (client, _):
+        by_id = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "smoke")}
+    for t in trials:
+        assert t.state.name == "COMPLETE"
+        run = by_id[t.user_attrs["ray_trial_id"]]
+        assert t.values[0] == pytest.approx(run.data.metrics["objective"])
+        assert t.values[0] == pytest.approx(run.data.metrics["rank1.decomposed_val_acc"])
+        assert sorted(t.intermediate_values) == [1, 2]
+
+
+def test_champion_is_registered_and_pull_predicts_like_the_trial(smoke, tmp_path):
+    tmp, path, _ = smoke
+    home = tmp / "home"
+    outcome = json.loads((home / "outcome.json").read_text())
+    assert outcome["alias"] == "champion" and outcome["model_version"] == "1"
+    out = tmp_path / "pulled"
+    p = cli("pull", "smoke-decomposed@champion", "--home", str(home), "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "fresh-process check" in p.stdout
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["trial_id"] == outcome["best"]["trial_id"] and card["aliases"] == ["champion"]
+
+    # The trial's own model, rebuilt from its final checkpoint (weights only) ...
+    cfg = load_study(path)
+    ckpts = sorted((home / "ray_results" / "tune").glob(f"*{card['trial_id']}*/checkpoint_*"))
+    state = load_checkpoint(ckpts[-1])
+    assert state["final"]
+    tc = cfg.trial_config(state["params"], seed=card["seed"])
+    data = load_dataset(tc.dataset, image_size=tc.image_size)
+    model = build_model(tc.model, arm="rank1", depth=tc.depth, width=tc.width, stages=tc.stages,
+                        init=tc.init, in_channels=1, num_classes=10).eval()
+    model.load_state_dict(state["rank1_models"][0])
+    # ... and the pulled model (torch.export format, no pickle) predict the same classes.
+    import mlflow
+
+    pulled = mlflow.pytorch.load_model(str(out / "model"))
+    x, _ = next(iter(TensorLoader(data.val, len(data.val), data.mean, data.std)))
+    with torch.no_grad():
+        assert torch.equal(pulled(x).argmax(1), model(x).argmax(1))
+        acc = float((pulled(x).argmax(1) == data.val.y).float().mean())
+    assert acc == pytest.approx(card["val_acc"], abs=1e-9)
+
+
+def test_status_reads_the_storage(smoke):
+    tmp, _, _ = smoke
+    p = cli("study", "status", str(tmp / "home"), "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["states"] == {"finished": 4} and s["best"] is not None
+
+
+def test_a_second_study_in_the_same_home_is_refused(smoke):
+    _, path, _ = smoke
+    p = cli("study", "run", str(path), timeout=120)
+    assert p.returncode == 2 and "already holds this study" in p.stderr
