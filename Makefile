@@ -20,8 +20,13 @@ test: setup
 lint: setup
 	$(BIN)/python -m ruff check rank1 study tests
 
+# A real small study end to end (a few minutes on 2 cores): local Ray, an MLflow
+# server on 127.0.0.1, Optuna in SQLite, the champion registered and pulled back.
 demo: setup
-	$(BIN)/rank1 bench --smoke
+	rm -rf runs/demo
+	$(BIN)/rank1 study run studies/demo.yaml
+	$(BIN)/rank1 pull demo-decomposed@champion --home runs/demo --out runs/demo/pulled
+	@echo "Browse the study: $(BIN)/rank1 ui --home runs/demo   (then open http://127.0.0.1:5000)"
 
 bench: setup
 	$(BIN)/rank1 bench --out benchmarks/results

@@ -41,6 +41,7 @@ class StudyOutcome:
     tracking_uri: str
     parent_run_id: str
     trials: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=dict)
     model_uri: str | None = None
     model_version: str | None = None
@@ -203,13 +204,16 @@ def _progress_callback():
             if result:
                 row.update({k: result.get(k) for k in ("rank1.val_acc", "flat1d.val_acc", "epoch")
                             if result.get(k) is not None})
-                if result.get("final"):
+                if result.get("final"):  # the shipped (decomposed) models' accuracy, not the last epoch's
                     row["value"] = result.get("objective")
                     row["status"] = result.get("trial_status", status)
+                    for arm in ("rank1", "flat1d"):
+                        if f"{arm}.decomposed_val_acc" in result:
+                            row[f"{arm}.val_acc"] = result[f"{arm}.decomposed_val_acc"]
             if self._live is not None:
                 self._live.update(self._render())
             elif status != "running":
-                print(f"trial {trial.trial_id} {row['status']}: {row['params']} "
+                print(f"trial {trial.trial_id} {row['status']}: {row['params']}  val acc "
                       f"rank1 {_f3(row.get('rank1.val_acc'))} flat1d {_f3(row.get('flat1d.val_acc'))}", flush=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -314,9 +318,15 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
             if address:
                 check_cluster_resources(cfg)
             tuner = _tuner(cfg, ctx, restore=resume)
+            t_fit = time.perf_counter()
             results = tuner.fit()
+            t_end = time.perf_counter()
             outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
-        client.log_metric(parent_id, "study_time_s", time.perf_counter() - t0)
+        outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
+                           "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
+        (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
+        for k, v in outcome.timings.items():
+            client.log_metric(parent_id, f"study.{k}", v)
         client.set_terminated(parent_id, "FINISHED")
         print_summary(outcome, keep_ui)
     return outcome

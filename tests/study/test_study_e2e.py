@@ -123,3 +123,26 @@ def test_a_second_study_in_the_same_home_is_refused(smoke):
     _, path, _ = smoke
     p = cli("study", "run", str(path), timeout=120)
     assert p.returncode == 2 and "already holds this study" in p.stderr
+
+
+def test_asha_stopped_trials_are_pruned_in_optuna_and_mlflow(tmp_path):
+    """Upstream records ASHA-stopped trials as COMPLETE; here they are PRUNED everywhere."""
+    path = write_study(tmp_path, name="asha", scheduler="asha", grace_period=1, reduction_factor=2, n_trials=5,
+                       max_concurrent=1, train={"epochs": 4},
+                       search={"lr": {"low": 0.0001, "high": 0.3, "log": True}})
+    p = cli("study", "run", str(path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    home = tmp_path / "home"
+    optuna_state = {t.user_attrs["ray_trial_id"]: t.state.name for t in optuna_trials(home, "asha")}
+    with mlflow_client(home) as (client, _):
+        runs = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "asha")}
+    assert set(runs) == set(optuna_state) and len(runs) == 5
+    pruned = {tid for tid, r in runs.items() if r.data.tags["rank1.status"] == "pruned"}
+    assert pruned, "ASHA stopped no trial (max_concurrent=1 makes later trials meet earlier rungs)"
+    for tid, r in runs.items():
+        if tid in pruned:
+            assert optuna_state[tid] == "PRUNED" and r.info.status == "KILLED"
+            assert "stopped early by ASHA" in r.data.tags["rank1.reason"]
+            assert "rank1.decomposed_val_acc" not in r.data.metrics
+        else:
+            assert optuna_state[tid] == "COMPLETE" and r.data.tags["rank1.status"] == "finished"
