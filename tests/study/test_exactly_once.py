@@ -69,7 +69,7 @@ def test_sigkill_the_driver_then_resume(tmp_path):
     home = tmp_path / "home"
     log = tmp_path / "run.log"
     proc = _start(path, log)
-    _wait_for(lambda: _checkpoints(home, 1), proc, log)  # some trial has two epochs checkpointed
+    _wait_for(lambda: _checkpoints(home, 2), proc, log)  # some trial has three epochs checkpointed
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (home / "outcome.json").exists()
@@ -100,9 +100,12 @@ def test_sigkill_a_trial_worker(tmp_path):
     client = MlflowClient(url)
 
     def running_trial():
+        # Mid-way (epoch 1-3 of 6 logged), so it is still running when the kill lands.
         for r in trial_runs(client, "killworker"):
             if r.data.tags.get("rank1.status") == "running" and r.data.metrics.get("objective") is not None:
-                return r
+                steps = [m.step for m in client.get_metric_history(r.info.run_id, "objective")]
+                if steps and max(steps) <= 3:
+                    return r
         return None
 
     victim = _wait_for(running_trial, proc, log)
