@@ -95,6 +95,24 @@ def cmd_study_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_report(args: argparse.Namespace) -> int:
+    """Build the study report (HTML + PNGs) into HOME/report and log it to the parent run."""
+    from study.config import load_study
+    from study.driver import STUDY_FILE
+
+    home = Path(args.home).expanduser().resolve()
+    if not (home / STUDY_FILE).exists():
+        raise CliError(f"STUDY_HOME: {str(home)!r} is not a study home (no {STUDY_FILE} in it)")
+    cfg = load_study(home / STUDY_FILE, {"home": str(home)})
+    args.tracking_uri = getattr(args, "tracking_uri", None) or cfg.tracking_uri
+    from dashboards.report import report_study
+
+    with _home_tracking(args) as uri:
+        path = report_study(cfg, uri, log=not args.no_log)
+    print(f"report: {path}")
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     """Download a registered model, load it in a fresh process, run one batch, print its card."""
     from study.registry import parse_model_ref, pull
@@ -165,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("home", metavar="STUDY_HOME")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=cmd_study_status)
+
+    report = ssub.add_parser("report", help=cmd_study_report.__doc__, description=cmd_study_report.__doc__)
+    report.add_argument("home", metavar="STUDY_HOME")
+    report.add_argument("--tracking-uri", help="MLflow server of the study (default: the study's, or embedded)")
+    report.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
+    report.set_defaults(func=cmd_study_report)
 
     p = sub.add_parser("pull", help=cmd_pull.__doc__, description=cmd_pull.__doc__)
     p.add_argument("model", metavar="NAME[@ALIAS|/VERSION]", help="registered model (default alias: champion)")

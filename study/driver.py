@@ -322,6 +322,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
             results = tuner.fit()
             t_end = time.perf_counter()
             outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
+            _report(cfg, uri)
         outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
                            "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
         (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
@@ -330,6 +331,17 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
         client.set_terminated(parent_id, "FINISHED")
         print_summary(outcome, keep_ui)
     return outcome
+
+
+def _report(cfg: StudyConfig, uri: str) -> None:
+    """The study report, logged to the parent run; a report failure never fails the study."""
+    try:
+        from dashboards.report import report_study
+
+        path = report_study(cfg, uri)
+        print(f"report: {path} (also in the MLflow UI: the parent run's artifacts, report/report.html)")
+    except Exception as e:  # pragma: no cover - reported, not raised
+        print(f"report: could not be built ({type(e).__name__}: {e}); retry with `rank1 study report {cfg.home_path}`")
 
 
 def resume_study(home: str | Path, address: str | None = None, keep_ui: bool = False) -> StudyOutcome:

@@ -15,3 +15,16 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Max absolute difference relative to the reference's largest magnitude."""
     y, ref = y.detach(), ref.detach()
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """``studies/smoke.yaml`` run once for the session, end to end, as a user runs it:
+    ``(folder, study file, finished process)``; the home is ``folder / "home"``."""
+    from tests.study.conftest import cli, write_study
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    path = write_study(tmp)
+    p = cli("study", "run", str(path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return tmp, path, p

@@ -16,13 +16,9 @@ from tests.study.conftest import cli, mlflow_client, optuna_trials, trial_runs, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("smoke")
-    path = write_study(tmp)
-    p = cli("study", "run", str(path))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return tmp, path, p
+@pytest.fixture
+def smoke(smoke_study):
+    return smoke_study
 
 
 def test_summary_and_home(smoke):

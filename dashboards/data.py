@@ -1,0 +1,136 @@
+"""Everything a report shows, read from MLflow (runs, artifacts, registry) and Optuna.
+
+Read only: nothing here writes to either store.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["StudyData", "TrialRecord", "load_study_data"]
+
+
+@dataclass
+class TrialRecord:
+    """One trial: its MLflow run, its per-seed results (when it ended), its Optuna entry."""
+
+    trial_id: str
+    run_id: str
+    status: str
+    reason: str | None
+    params: dict[str, Any]  # the searched parameters
+    config: dict[str, str]  # every training option, as MLflow params
+    metrics: dict[str, float]  # the run's latest metrics (means over seeds)
+    results: list[dict[str, Any]] | None = None  # per seed: the full PairResult, from trial_result.json
+    optuna_state: str | None = None
+    values: list[float] | None = None
+    intermediate: dict[int, float] = field(default_factory=dict)
+
+    def cfg(self, key: str, default: Any = None) -> Any:
+        v = self.params.get(key, self.config.get(key, default))
+        if isinstance(v, str):
+            for cast in (int, float):
+                try:
+                    return cast(v)
+                except ValueError:
+                    continue
+            if v in ("True", "False"):
+                return v == "True"
+        return v
+
+
+@dataclass
+class StudyData:
+    name: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    trials: list[TrialRecord]
+    n_trials_planned: int
+    seeds_per_trial: int
+    model_name: str
+    champion: dict[str, Any] | None
+    optuna_order: list[tuple[int, str, list[float] | None]]  # (number, state, values) in ask order
+    importances: dict[str, float] | None
+    importance_note: str = ""
+
+    @property
+    def finished(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.status == "finished" and t.results]
+
+
+def _champion(client, model_name: str) -> dict[str, Any] | None:
+    for alias in ("champion", "challenger"):
+        try:
+            mv = client.get_model_version_by_alias(model_name, alias)
+        except Exception:
+            continue
+        card = None
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                p = client.download_artifacts(mv.run_id, "decomposed_model_card/model_card.json", d)
+                card = json.loads(Path(p).read_text())
+        except Exception:
+            pass
+        return {"name": model_name, "version": mv.version, "alias": alias, "run_id": mv.run_id,
+                "tags": dict(mv.tags), "card": card}
+    return None
+
+
+def load_study_data(tracking_uri: str, cfg) -> StudyData:
+    """The study ``cfg`` (a StudyConfig) as recorded in MLflow and its Optuna storage."""
+    import optuna
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment named {cfg.name!r} at {tracking_uri}")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")
+    if not parents:
+        raise ValueError(f"experiment {cfg.name!r} has no study parent run")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'trial'", max_results=10000)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+        otrials = study.get_trials(deepcopy=False)
+    except KeyError:
+        study, otrials = None, []
+    by_ray = {t.user_attrs.get("ray_trial_id"): t for t in otrials}
+    trials = []
+    for r in runs:
+        tid = r.data.tags.get("rank1.trial_id", r.info.run_id)
+        params = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
+        rec = TrialRecord(tid, r.info.run_id, r.data.tags.get("rank1.status", "unknown"),
+                          r.data.tags.get("rank1.reason"), params, dict(r.data.params), dict(r.data.metrics))
+        ot = by_ray.get(tid)
+        if ot is not None:
+            rec.params = dict(ot.params)  # typed
+            rec.optuna_state, rec.values = ot.state.name, ot.values
+            rec.intermediate = dict(ot.intermediate_values)
+        if rec.status in ("finished", "diverged", "failed"):
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    rec.results = json.loads(Path(client.download_artifacts(r.info.run_id, "trial_result.json", d)).read_text())
+            except Exception:
+                rec.results = None
+        trials.append(rec)
+    trials.sort(key=lambda t: (by_ray[t.trial_id].number if t.trial_id in by_ray else 1 << 30, t.trial_id))
+    importances, note = None, ""
+    complete = [t for t in otrials if t.state.name == "COMPLETE"]
+    if study is not None and len(complete) >= 3 and len(study.directions) == 1:
+        try:
+            importances = dict(optuna.importance.get_param_importances(study))
+        except Exception as e:  # e.g. a parameter that never varied
+            note = f"importances unavailable: {e}"
+    else:
+        note = f"importances need at least 3 completed trials of a single-objective study ({len(complete)} completed)"
+    return StudyData(
+        cfg.name, exp.experiment_id, parents[0].info.run_id, tracking_uri, trials, cfg.n_trials,
+        cfg.seeds_per_trial, cfg.model_name, _champion(client, cfg.model_name),
+        [(t.number, t.state.name, t.values) for t in otrials], importances, note,
+    )
