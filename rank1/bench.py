@@ -224,3 +224,119 @@ def bench_layer(
         "flop_ratio": f_dense / f_fast,
         "fraction_of_flop_ratio": speedup / (f_dense / f_fast),
     }
+
+
+GRID_CHANNELS = (32, 64, 128, 256, 512)
+GRID_SIZES = (8, 16, 32, 56)
+GRID_KERNELS = (3, 5)
+GRID_BATCHES = (1, 32)
+
+
+def _variants(layer: Rank1Conv2d, compile_: bool, peer: bool) -> dict[str, tuple[nn.Module, bool]]:
+    """``{name: (module, channels_last)}``: the implementations compared at one shape."""
+    dense = layer.dense_conv().eval()
+    out: dict[str, tuple[nn.Module, bool]] = {"dense": (dense, False), "dense-cl": (dense, True)}
+    for impl in ("chain", "dw2d"):
+        m = layer.decompose(impl=impl).eval()
+        out[impl] = (m, False)
+        out[f"{impl}-cl"] = (m, True)
+    if compile_:
+        out["chain-compiled"] = (torch.compile(layer.decompose(impl="chain").eval()), False)
+        out["dw2d-compiled"] = (torch.compile(layer.decompose(impl="dw2d").eval()), False)
+    if peer:
+        try:
+            import tltorch
+        except ImportError:
+            pass
+        else:
+            # Built directly (random CP factors): speed does not depend on the values, and
+            # from_conv would first run a CP decomposition at full rank, minutes per shape.
+            cp = tltorch.FactorizedConv(layer.in_channels, layer.out_channels, layer.kernel_size, order=2,
+                                        padding=layer.padding, bias=True, factorization="cp",
+                                        rank=layer.out_channels, implementation="factorized",
+                                        device=dense.weight.device).eval()
+            cp.weight.normal_(0.0, 0.02)
+            out["tltorch-cp"] = (cp, False)
+    return out
+
+
+def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch.device | str = "cpu",
+                     compile_: bool = False, peer: bool = True, repeats: int = 5) -> dict[str, Any]:
+    """Every implementation at one (C=O, k, size, batch), with roofline bounds."""
+    from rank1.roofline import bound_ms, impl_cost
+
+    device = torch.device(device)
+    layer = Rank1Conv2d(c, c, k, padding=k // 2, device=device)
+    x = torch.randn(batch, c, size, size, device=device)
+    times: dict[str, float] = {}
+    for name, (m, cl) in _variants(layer, compile_, peer).items():
+        m = m.to(device)
+        xi = x
+        if cl:
+            m = m.to(memory_format=torch.channels_last)
+            xi = x.contiguous(memory_format=torch.channels_last)
+        times[name] = time_forward(m, xi, warmup=3 if "compiled" not in name else 2, repeats=repeats,
+                                   min_time_s=0.3).median_ms
+    costs = {impl: impl_cost(impl, c, c, k, size, size, batch) for impl in ("dense", "chain", "dw2d", "cp")}
+    bounds = {impl: bound_ms(*costs[impl], peaks) for impl in costs}
+    dense_best = min(times["dense"], times["dense-cl"])
+    decomposed = {n: t for n, t in times.items() if n.startswith(("chain", "dw2d"))}
+    best_name = min(decomposed, key=decomposed.get)
+    best_impl = best_name.split("-")[0]
+    flop_ratio = costs["dense"][0] / costs["chain"][0]
+    speedup = dense_best / decomposed[best_name]
+    row = {
+        "channels": c, "kernel": k, "size": size, "batch": batch, "times_ms": times,
+        "bound_ms": bounds, "dense_ms": dense_best, "best": best_name, "best_ms": decomposed[best_name],
+        "speedup": speedup, "flop_ratio": flop_ratio, "fraction_of_flop_ratio": speedup / flop_ratio,
+        "fraction_of_bound": bounds[best_impl] / decomposed[best_name],
+        "dense_fraction_of_bound": bounds["dense"] / dense_best,
+    }
+    if "tltorch-cp" in times:
+        row["vs_tltorch"] = times["tltorch-cp"] / decomposed[best_name]
+    return row
+
+
+def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> str:
+    head = ("| C=O | k | HxW | batch | dense ms | best 1-D impl | 1-D ms | speedup | FLOP ratio | of FLOP ratio "
+            "| roofline ms | of roofline | tltorch CP ms |\n|" + "---|" * 13)
+    lines = [head]
+    for r in rows:
+        cp = r["times_ms"].get("tltorch-cp")
+        lines.append(
+            f"| {r['channels']} | {r['kernel']} | {r['size']}x{r['size']} | {r['batch']} | {r['dense_ms']:.3f} "
+            f"| {r['best']} | {r['best_ms']:.3f} | {r['speedup']:.2f}x | {r['flop_ratio']:.2f}x "
+            f"| {r['fraction_of_flop_ratio']:.0%} | {r['bound_ms'][r['best'].split('-')[0]]:.3f} "
+            f"| {r['fraction_of_bound']:.0%} | {'—' if cp is None else f'{cp:.3f}'} |")
+    lines.append("")
+    lines.append(f"{info.get('cpu', info.get('gpu', info['device']))}, {info['threads']} threads, torch {info['torch']}; "
+                 f"measured peak {peaks.gflops:.0f} GFLOP/s (fp32 GEMM), {peaks.gbytes_per_s:.1f} GB/s (copy). "
+                 "speedup: best dense (NCHW or channels-last) / best decomposed; "
+                 "of roofline: the decomposed implementation's lower bound / its measured time.")
+    return "\n".join(lines)
+
+
+def projection_cost(depth: int = 16, width: int = 128, repeats: int = 3) -> dict[str, float]:
+    """Time to project every layer of a ``vgg`` (warm start, as in training) vs one
+    training epoch of its rank1 arm on ``digits`` (the paper projects once per epoch)."""
+    from rank1.data import load_dataset
+    from rank1.train import ArmTrainer, TrainConfig
+
+    cfg = TrainConfig(depth=depth, width=width, epochs=1, projection="end", measure_latency=False)
+    data = load_dataset("digits")
+    trainer = ArmTrainer(cfg, "rank1", data, torch.device("cpu"))
+    t0 = time.perf_counter()
+    trainer.train_epoch([])
+    epoch_s = time.perf_counter() - t0
+    layers = trainer.rank1_layers
+    best = float("inf")
+    for _ in range(repeats):
+        with torch.no_grad():  # one SGD-sized step off rank-1 before each projection
+            for m in layers:
+                m.weight.add_(1e-3 * torch.randn_like(m.weight))
+        t0 = time.perf_counter()
+        for m in layers:
+            m.project_()
+        best = min(best, time.perf_counter() - t0)
+    return {"depth": depth, "width": width, "layers": len(layers), "projection_s": best, "epoch_s": epoch_s,
+            "fraction_of_epoch": best / epoch_s}

@@ -325,6 +325,84 @@ def _bench_model(args: argparse.Namespace, device: str, console) -> dict[str, An
     return {"model": args.model, "depth": args.depth, "width": args.width, "size": args.size, "rows": rows}
 
 
+def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any]:
+    """Every implementation over the layer grid, the roofline, whole networks, projection cost."""
+    import time
+    import warnings
+
+    import torch
+    from rich.progress import Progress
+
+    from rank1.bench import (
+        GRID_BATCHES,
+        GRID_CHANNELS,
+        GRID_KERNELS,
+        GRID_SIZES,
+        bench_grid_point,
+        count_flops,
+        grid_markdown,
+        machine_info,
+        projection_cost,
+        time_forward,
+    )
+    from rank1.convert import decompose_model, dense_model
+    from rank1.models import build_model
+    from rank1.roofline import measure_peaks
+
+    warnings.filterwarnings("ignore", module="tensorly")
+    t0 = time.perf_counter()
+    peaks = measure_peaks(device)
+    console.print(f"peak: {peaks.gflops:.0f} GFLOP/s fp32 GEMM, {peaks.gbytes_per_s:.1f} GB/s copy")
+    grid = [(c, k, s, b) for b in (args.batches or GRID_BATCHES) for k in GRID_KERNELS for c in GRID_CHANNELS
+            for s in GRID_SIZES if b * s * s * c * c * k * k <= args.max_gmac * 1e9]
+    if args.smoke:
+        grid = grid[:2]
+    rows = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("grid", total=len(grid))
+        for c, k, s, b in grid:
+            progress.update(task, description=f"C={c} k={k} {s}x{s} batch {b}")
+            rows.append(bench_grid_point(c, k, s, b, peaks, device, compile_=args.compile, peer=not args.no_peer,
+                                         repeats=args.repeats))
+            progress.advance(task)
+    networks = []
+    for name, depth, width in ([("vgg", 2, 16)] if args.smoke else [("vgg", 8, 64), ("vgg", 8, 128),
+                                                                     ("vgg", 16, 64), ("resnet", 4, 64)]):
+        model = build_model(name, arm="rank1", depth=depth, width=width, in_channels=3).to(device).eval()
+        x = torch.randn(32, 3, 32, 32, device=device)
+        forms = {"dense": dense_model(model), "chain": decompose_model(model, "chain"),
+                 "dw2d": decompose_model(model, "dw2d"), "auto": decompose_model(model, "auto", example=x)}
+        t = {}
+        for form, m in forms.items():
+            for cl in (False, True):
+                mm = m.to(memory_format=torch.channels_last) if cl else m
+                xx = x.contiguous(memory_format=torch.channels_last) if cl else x
+                t[form + ("-cl" if cl else "")] = time_forward(mm, xx, repeats=args.repeats, min_time_s=0.5).median_ms
+        dense_best = min(t["dense"], t["dense-cl"])
+        best = min((k for k in t if not k.startswith("dense")), key=t.get)
+        networks.append({"model": name, "depth": depth, "width": width, "batch": 32, "size": 32, "times_ms": t,
+                         "best": best, "speedup": dense_best / t[best],
+                         "flop_ratio": count_flops(forms["dense"], x) / count_flops(forms["chain"], x)})
+        console.print(f"{name} depth {depth} width {width}, batch 32, 32x32: dense {dense_best:.1f} ms, "
+                      f"best decomposed ({best}) {t[best]:.1f} ms: {dense_best / t[best]:.2f}x")
+    proj = projection_cost(depth=4 if args.smoke else 16, width=16 if args.smoke else 128)
+    console.print(f"projecting all {proj['layers']} layers of vgg depth {proj['depth']} width {proj['width']}: "
+                  f"{proj['projection_s'] * 1e3:.1f} ms = {proj['fraction_of_epoch']:.2%} of one digits epoch "
+                  f"({proj['epoch_s']:.1f} s)")
+    info = machine_info(device)
+    md = grid_markdown(rows, info, peaks)
+    md += "\n\n| network (batch 32, 32x32) | dense ms | best decomposed | ms | speedup | FLOP ratio |\n|---|---|---|---|---|---|\n"
+    for n in networks:
+        md += (f"| {n['model']} depth {n['depth']} width {n['width']} | {min(n['times_ms']['dense'], n['times_ms']['dense-cl']):.1f} "
+               f"| {n['best']} | {n['times_ms'][n['best']]:.1f} | {n['speedup']:.2f}x | {n['flop_ratio']:.2f}x |\n")
+    md += (f"\nProjection of all {proj['layers']} layers of vgg depth {proj['depth']} width {proj['width']} "
+           f"(warm start): {proj['projection_s'] * 1e3:.1f} ms, {proj['fraction_of_epoch']:.2%} of one training "
+           f"epoch on digits ({proj['epoch_s']:.2f} s).\n")
+    md += f"\nCommand: `rank1 bench --grid --out DIR`, {time.strftime('%Y-%m-%d')}, {(time.perf_counter() - t0) / 60:.1f} min.\n"
+    console.print(md)
+    return {"peaks": peaks.to_dict(), "layers": rows, "networks": networks, "projection": proj, "markdown": md}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Dense vs decomposed inference latency (layer shapes, or a network with --model)."""
     import torch
@@ -339,7 +417,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console = _console()
     info = machine_info(device)
     result: dict[str, Any] = {"machine": info}
-    if args.model:
+    if args.grid:
+        result.update(_bench_grid(args, device, console))
+    elif args.model:
         result["network"] = _bench_model(args, device, console)
     else:
         shapes = _SMOKE_SHAPES if args.smoke else _LAYER_SHAPES
@@ -366,8 +446,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / ("network.json" if args.model else "layers.json")
+        stem = "grid" if args.grid else ("network" if args.model else "layers")
+        path = out / f"{stem}.json"
         path.write_text(json.dumps(result, indent=2))
+        if args.grid:
+            (out / "grid.md").write_text(result["markdown"])
         console.print(f"results written to {path}")
     return 0
 
@@ -405,7 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=None, help="one batch size (default: 1 and 32)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up (>= 2)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    bench.add_argument("--out", default=None, help="folder for layers.json / network.json")
+    bench.add_argument("--grid", action="store_true",
+                       help="every implementation over the layer grid, with the roofline, networks and projection cost")
+    bench.add_argument("--batches", type=int, nargs="+", default=None, help="with --grid: batch sizes (default 1 32)")
+    bench.add_argument("--max-gmac", type=float, default=8.0,
+                       help="with --grid: skip shapes whose dense layer needs more giga-MACs (default 8)")
+    bench.add_argument("--compile", action="store_true", help="with --grid: add torch.compile'd variants (slow)")
+    bench.add_argument("--no-peer", action="store_true", help="with --grid: skip the tensorly-torch CP peer")
+    bench.add_argument("--out", default=None, help="folder for layers.json / network.json / grid.json + grid.md")
     bench.set_defaults(func=cmd_bench)
     return parser
 

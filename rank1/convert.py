@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from rank1.layers import Flat1dConv2d, Rank1Conv2d
+from rank1.layers import IMPLS, Flat1dConv2d, Rank1Conv2d
 
 __all__ = [
     "ARMS",
@@ -93,14 +94,38 @@ def project_model_(model: nn.Module) -> dict[str, float]:
     }
 
 
-def decompose_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every rank-1 layer replaced by its 1-D chain.
+def decompose_model(
+    model: nn.Module,
+    impl: str = "chain",
+    example: torch.Tensor | None = None,
+    cache: Path | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with every rank-1 layer replaced by its 1-D form.
 
     The result contains only standard torch modules (it traces, exports and
     converts to ONNX) and is in eval mode. A :class:`Rank1Conv2d` is decomposed
     from the rank-1 projection of its current weight, without changing ``model``.
+
+    ``impl``: ``"chain"`` (1x1, kx1, 1xk), ``"dw2d"`` (1x1, one depthwise kxk) or
+    ``"auto"``: the faster of the two per layer shape, measured once on ``example``
+    (on its device) and cached (:mod:`rank1.autotune`); without ``example``, "auto"
+    falls back to ``"chain"``. Every choice computes the same function.
     """
-    out = _replace(copy.deepcopy(model), lambda m: m.decompose() if isinstance(m, _Rank1Like) else None)
+    if impl not in (*IMPLS, "auto"):
+        raise ValueError(f"impl must be one of {(*IMPLS, 'auto')}, got {impl!r}")
+    choices: dict[str, str] = {}
+    if impl == "auto" and example is not None:
+        from rank1.autotune import pick_impls
+
+        choices = pick_impls(model, example, cache)
+    default = "chain" if impl == "auto" else impl
+    out = copy.deepcopy(model)
+    for name, layer in list(rank1_layers(out)):
+        new = layer.decompose(impl=choices.get(name, default))
+        if not name:  # the model is a single rank-1 layer
+            return new.eval()
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
     return out.eval()
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from rank1 import functional as R
 from rank1.init import INIT_SCHEMES, init_factors
 
-__all__ = ["Flat1dConv2d", "Rank1Conv2d", "decomposed_chain", "empty_conv"]
+__all__ = ["IMPLS", "Flat1dConv2d", "Rank1Conv2d", "decomposed_chain", "empty_conv"]
 
 _size_2 = int | tuple[int, int]
 
@@ -110,7 +110,7 @@ class _Rank1ConvBase(nn.Module):
             bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def decompose(self) -> nn.Sequential:  # pragma: no cover - overridden
+    def decompose(self, impl: str = "chain") -> nn.Sequential:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def dense_conv(self) -> nn.Conv2d:
@@ -147,6 +147,9 @@ class _Rank1ConvBase(nn.Module):
         return s
 
 
+IMPLS = ("chain", "dw2d")
+
+
 def decomposed_chain(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -156,20 +159,39 @@ def decomposed_chain(
     padding: str | tuple[int, int],
     dilation: tuple[int, int],
     padding_mode: str = "zeros",
+    impl: str = "chain",
 ) -> nn.Sequential:
     """Standard torch modules computing ``conv2d_chain`` with these factors.
 
-    ``Conv2d 1x1 (C->O) -> depthwise Conv2d (kh x 1) -> depthwise Conv2d (1 x kw)``;
-    only ``nn.Conv2d`` inside, so it traces, exports and converts to ONNX.
+    ``impl="chain"``: ``Conv2d 1x1 (C->O) -> depthwise Conv2d (kh x 1) -> depthwise
+    Conv2d (1 x kw)`` — the fewest FLOPs. ``impl="dw2d"``: ``Conv2d 1x1 -> one depthwise
+    Conv2d (kh x kw)`` carrying the rank-1 spatial kernel ``b (x) c`` — ``kh*kw`` instead
+    of ``kh+kw`` multiply-adds per output, but one pass over the activation instead of
+    two, which wins where the layer is memory-bound. Only ``nn.Conv2d`` inside either
+    way, so both trace, export and convert to ONNX, and both compute the same function.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     o, ch = a.shape
     kh, kw = b.shape[1], c.shape[1]
     kw_args = dict(device=a.device, dtype=a.dtype)
+    pointwise = empty_conv(ch, o, 1, bias=False, **kw_args)
+    if impl == "dw2d":
+        spatial = empty_conv(o, o, (kh, kw), stride=stride, padding=padding, dilation=dilation, groups=o,
+                             bias=bias is not None, padding_mode=padding_mode, **kw_args)
+        with torch.no_grad():
+            pointwise.weight.copy_(a.reshape(o, ch, 1, 1))
+            spatial.weight.copy_(torch.einsum("oh,ow->ohw", b, c).reshape(o, 1, kh, kw))
+            if bias is not None:
+                spatial.bias.copy_(bias)
+        seq = nn.Sequential()
+        seq.add_module("pointwise", pointwise)
+        seq.add_module("spatial", spatial)
+        return seq
     if isinstance(padding, str):
         ph = pw = padding
     else:
         ph, pw = (padding[0], 0), (0, padding[1])
-    pointwise = empty_conv(ch, o, 1, bias=False, **kw_args)
     vertical = empty_conv(
         o, o, (kh, 1), stride=(stride[0], 1), padding=ph, dilation=(dilation[0], 1), groups=o,
         bias=False, padding_mode=padding_mode, **kw_args,
@@ -315,15 +337,16 @@ class Rank1Conv2d(_Rank1ConvBase):
         return R.conv2d(x, self.weight, self.bias, **self._conv_kwargs())
 
     @torch.no_grad()
-    def decompose(self) -> nn.Sequential:
-        """The fast inference form: three 1-D convolutions of standard torch modules.
+    def decompose(self, impl: str = "chain") -> nn.Sequential:
+        """The fast inference form: 1-D convolutions of standard torch modules.
 
         Uses the rank-1 projection of the *current* weight (the layer is not
         modified): after ``project_()`` that is exactly this layer's function.
+        ``impl``: see :func:`decomposed_chain`.
         """
         a, b, c = self._current_factors()
         bias = None if self.bias is None else self.bias.detach()
-        return decomposed_chain(a, b, c, bias, self.stride, self.padding, self.dilation, self.padding_mode)
+        return decomposed_chain(a, b, c, bias, self.stride, self.padding, self.dilation, self.padding_mode, impl)
 
     @classmethod
     def from_conv(
@@ -427,11 +450,12 @@ class Flat1dConv2d(_Rank1ConvBase):
         return R.conv2d_chain(x, self.a, self.b, self.c, self.bias, **self._conv_kwargs())
 
     @torch.no_grad()
-    def decompose(self) -> nn.Sequential:
-        """The same chain as standard torch modules (for export)."""
+    def decompose(self, impl: str = "chain") -> nn.Sequential:
+        """The same function as standard torch modules (for export); ``impl``: see
+        :func:`decomposed_chain`."""
         bias = None if self.bias is None else self.bias.detach()
         return decomposed_chain(
-            *self._current_factors(), bias, self.stride, self.padding, self.dilation, self.padding_mode
+            *self._current_factors(), bias, self.stride, self.padding, self.dilation, self.padding_mode, impl
         )
 
     @classmethod

@@ -1,0 +1,89 @@
+"""A roofline for every layer shape: what each implementation could reach on this machine.
+
+The machine's peak is measured in the same run (a large GEMM for arithmetic, a large
+copy for memory bandwidth); each implementation's lower-bound time is
+``max(FLOPs / peak, bytes moved / bandwidth)``, counting every pass over the
+activations (a read and a write per convolution) and the weights once. The fraction
+of that bound a measurement reaches says how much is left to gain — and, for the
+memory-bound decomposed layers at large images, that fewer passes over memory, not
+fewer FLOPs, is the way forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["Peaks", "impl_cost", "measure_peaks"]
+
+
+@dataclass(frozen=True)
+class Peaks:
+    gflops: float  # fp32 multiply-add throughput, counted as 2 FLOPs per MAC
+    gbytes_per_s: float  # copy bandwidth, bytes read + written
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _best_time(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.inference_mode()
+def measure_peaks(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  gemm: int = 2048, copy_mb: int = 256, repeats: int = 5) -> Peaks:
+    """Best-of-``repeats`` GEMM throughput and copy bandwidth on ``device``."""
+    device = torch.device(device)
+    a = torch.randn(gemm, gemm, device=device, dtype=dtype)
+    b = torch.randn(gemm, gemm, device=device, dtype=dtype)
+    t = _best_time(lambda: torch.mm(a, b), repeats, device)
+    flops = 2 * gemm**3 / t
+    n = copy_mb * 1024 * 1024 // torch.finfo(dtype).bits * 8
+    src = torch.randn(n, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    t = _best_time(lambda: dst.copy_(src), repeats, device)
+    bw = 2 * src.numel() * src.element_size() / t
+    return Peaks(flops / 1e9, bw / 1e9)
+
+
+def impl_cost(impl: str, c_in: int, c_out: int, k: int, h: int, w: int, batch: int,
+              bytes_per: int = 4) -> tuple[float, float]:
+    """``(FLOPs, bytes moved)`` of one stride-1 "same" layer under ``impl``.
+
+    ``dense``: one pass. ``chain``: 1x1 then two depthwise 1-D passes (three reads,
+    three writes). ``dw2d``: 1x1 then one depthwise kxk pass. ``cp``: tensorly-torch's
+    factorized CP convolution at rank ``c_out``: 1x1 in, two depthwise 1-D passes, 1x1 out.
+    """
+    px = batch * h * w
+    x_in, x_out = px * c_in, px * c_out
+    if impl == "dense":
+        macs, acts, weights = px * c_in * c_out * k * k, x_in + x_out, c_in * c_out * k * k
+    elif impl == "chain":
+        macs, acts, weights = px * (c_in * c_out + 2 * k * c_out), x_in + 5 * x_out, c_out * (c_in + 2 * k)
+    elif impl == "dw2d":
+        macs, acts, weights = px * (c_in * c_out + k * k * c_out), x_in + 3 * x_out, c_out * (c_in + k * k)
+    elif impl == "cp":
+        r = c_out
+        macs = px * (c_in * r + 2 * k * r + r * c_out)
+        acts, weights = x_in + 6 * px * r + x_out, r * (c_in + 2 * k + c_out)
+    else:
+        raise ValueError(f"impl must be one of dense, chain, dw2d, cp; got {impl!r}")
+    return 2.0 * macs, float((acts + weights) * bytes_per)
+
+
+def bound_ms(flops: float, nbytes: float, peaks: Peaks) -> float:
+    """The roofline lower bound in milliseconds."""
+    return 1e3 * max(flops / (peaks.gflops * 1e9), nbytes / (peaks.gbytes_per_s * 1e9))
