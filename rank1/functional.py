@@ -94,13 +94,18 @@ def _hosvd_starts(w: torch.Tensor, k: int = _COLD_STARTS) -> tuple[torch.Tensor,
 def _power_iterations(
     w: torch.Tensor, b: torch.Tensor, c: torch.Tensor, n_iter: int, tol: float
 ) -> Projection:
-    sigma = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    o, ch, kh, kw = w.shape
+    wf = w.reshape(o, ch, kh * kw)
+    sigma = torch.zeros(o, dtype=w.dtype, device=w.device)
     a = torch.zeros_like(w[:, :, 0, 0])
     it = 0
+    # Batched matmuls rather than three-operand einsums: 4x faster on the CPU, and
+    # each sweep reads W twice (for a, then for a^T W) instead of three times.
     for it in range(1, n_iter + 1):  # noqa: B007 - the count is returned
-        a = _unit(torch.einsum("ochw,oh,ow->oc", w, b, c))
-        b = _unit(torch.einsum("ochw,oc,ow->oh", w, a, c))
-        c_raw = torch.einsum("ochw,oc,oh->ow", w, a, b)
+        a = _unit(torch.bmm(wf, (b[:, :, None] * c[:, None, :]).reshape(o, kh * kw, 1)).squeeze(-1))
+        m = torch.bmm(a[:, None, :], wf).view(o, kh, kw)  # a^T W[o]: O x kh x kw
+        b = _unit(torch.bmm(m, c[:, :, None]).squeeze(-1))
+        c_raw = torch.bmm(b[:, None, :], m).squeeze(1)
         new_sigma = c_raw.norm(dim=-1)  # = <W, a(x)b(x)c> once c is the LS update
         c = _unit(c_raw)
         done = (new_sigma - sigma).abs() <= tol * new_sigma.clamp_min(_EPS)
