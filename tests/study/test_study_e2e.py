@@ -142,3 +142,53 @@ def test_asha_stopped_trials_are_pruned_in_optuna_and_mlflow(tmp_path):
             assert "rank1.decomposed_val_acc" not in r.data.metrics
         else:
             assert optuna_state[tid] == "COMPLETE" and r.data.tags["rank1.status"] == "finished"
+
+
+def test_multi_objective_study_picks_from_the_pareto_front(tmp_path):
+    path = write_study(tmp_path, name="multi", objective="multi", sampler="nsga2", latency_batch=1,
+                       pareto_tolerance=0.05, n_trials=3)
+    p = cli("study", "run", str(path))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    home = tmp_path / "home"
+    trials = [t for t in optuna_trials(home, "multi") if t.state.name == "COMPLETE"]
+    assert len(trials) == 3 and all(len(t.values) == 2 for t in trials)
+    outcome = json.loads((home / "outcome.json").read_text())
+    best = next(t for t in trials if t.user_attrs["ray_trial_id"] == outcome["best"]["trial_id"])
+    top = max(t.values[0] for t in trials)
+    # On the front, within the tolerance of the best accuracy, and the fastest of those.
+    assert not any(t.values[0] >= best.values[0] and t.values[1] < best.values[1] for t in trials)
+    near = [t for t in trials if t.values[0] >= top - 0.05
+            and not any(u.values[0] >= t.values[0] and u.values[1] < t.values[1] for u in trials)]
+    assert best.values[1] == min(t.values[1] for t in near)
+
+
+def test_rank1_ui_serves_the_study_home_on_loopback(smoke_study):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.study.conftest import REPO
+
+    tmp, _, _ = smoke_study
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "ui", "--home", str(tmp / "home"), "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5") as r:
+                    names = [e["name"] for e in json.loads(r.read())["experiments"]]
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("rank1 ui did not come up")
+        assert "smoke" in names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
