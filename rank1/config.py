@@ -14,13 +14,25 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-__all__ = ["ConfigError", "check_choice", "check_range", "field_docs", "from_dict", "load_yaml", "to_dict"]
+__all__ = [
+    "ConfigError", "check_choice", "check_range", "doc_field", "field_docs", "from_dict", "load_yaml", "to_dict",
+]
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong: the message names the field and what is allowed."""
+
+
+def doc_field(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (shown by the CLI); mutable defaults are copied."""
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        def factory() -> Any:
+            return dataclasses.replace(default) if dataclasses.is_dataclass(default) else type(default)(default)
+
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def check_choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from rank1.bench import count_flops, count_params, time_forward
 from rank1.config import ConfigError, check_choice, check_range, to_dict
+from rank1.config import doc_field as _f
 from rank1.convert import decompose_model, dense_model
 from rank1.data import DATASETS, DataBundle, TensorLoader, check_dataset, load_dataset
 from rank1.functional import PROJECTION_NORMS
@@ -56,10 +57,6 @@ ARM_CHOICES = {
 }
 # A decomposed model may differ from its projected 3-D form only by rounding.
 LOGIT_TOLERANCE = 1e-4
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 def parse_projection(spec: str) -> tuple[str, int]:

@@ -13,11 +13,12 @@ import dataclasses
 import hashlib
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rank1.config import ConfigError, check_choice, check_range, from_dict, load_yaml, to_dict
+from rank1.config import doc_field as _f
 from rank1.train import TrainConfig
 
 __all__ = [
@@ -32,13 +33,6 @@ SCHEDULERS = ("none", "asha")
 OBJECTIVES = ("single", "multi")
 # Searching these would change what a trial *is*, not how it trains.
 _NOT_SEARCHABLE = {"seed", "dataset", "root", "download", "device", "arm", "threads", "split_seed"}
-
-
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default) if dataclasses.is_dataclass(default)
-                     else type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
