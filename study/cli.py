@@ -95,6 +95,47 @@ def cmd_study_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_submit(args: argparse.Namespace) -> int:
+    """Submit a study to a Ray cluster as a Ray Job (validated here first); --wait streams it."""
+    from study import jobs
+
+    if not Path(args.study).is_file():
+        raise CliError(f"STUDY: {args.study!r} does not exist")
+    job_id = jobs.submit(args.study, args.address)
+    print(f"submitted job {job_id}", flush=True)
+    if not args.wait:
+        print(f"follow it with: rank1 study logs {job_id} --address {args.address}")
+        return 0
+    status = jobs.wait(args.address, job_id, out=lambda s, end="": print(s, end=end, flush=True))
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_study_jobs(args: argparse.Namespace) -> int:
+    """The Ray Jobs of a cluster."""
+    from study import jobs
+
+    for j in jobs.list_jobs(args.address):
+        print(f"{j['job_id']}  {j['status']:<10} {j['study']:<20} {j['entrypoint']}")
+    return 0
+
+
+def cmd_study_logs(args: argparse.Namespace) -> int:
+    """A job's logs so far."""
+    from study import jobs
+
+    print(jobs.logs(args.address, args.job_id), end="")
+    return 0
+
+
+def cmd_study_stop(args: argparse.Namespace) -> int:
+    """Stop a job (the study can be resumed from its home later)."""
+    from study import jobs
+
+    print(f"job {args.job_id}: {'stop requested' if jobs.stop(args.address, args.job_id) else 'not running'}")
+    return 0
+
+
 def cmd_study_report(args: argparse.Namespace) -> int:
     """Build the study report (HTML + PNGs) into HOME/report and log it to the parent run."""
     from study.config import load_study
@@ -183,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("home", metavar="STUDY_HOME")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=cmd_study_status)
+
+    submit = ssub.add_parser("submit", help=cmd_study_submit.__doc__, description=cmd_study_submit.__doc__)
+    submit.add_argument("study", metavar="STUDY.yaml")
+    submit.add_argument("--address", required=True, help="the head's Ray dashboard URL, e.g. http://HEAD:8265")
+    submit.add_argument("--wait", action="store_true", help="stream the logs; exit with the job's status")
+    submit.set_defaults(func=cmd_study_submit)
+    for name, fn in (("jobs", cmd_study_jobs), ("logs", cmd_study_logs), ("stop", cmd_study_stop)):
+        sp = ssub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        if name != "jobs":
+            sp.add_argument("job_id", metavar="JOB")
+        sp.add_argument("--address", required=True, help="the head's Ray dashboard URL, e.g. http://HEAD:8265")
+        sp.set_defaults(func=fn)
 
     report = ssub.add_parser("report", help=cmd_study_report.__doc__, description=cmd_study_report.__doc__)
     report.add_argument("home", metavar="STUDY_HOME")

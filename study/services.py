@@ -184,6 +184,8 @@ def start_ray(home: Path, address: str | None = None, num_cpus: int | None = Non
     import ray
 
     runtime_env = {"env_vars": {k: v for k, v in QUIET_ENV.items()}}
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # inside a Ray Job: the cluster that runs it, not a guess
     if address:
         ray.init(address=address, configure_logging=False, log_to_driver=False, runtime_env=runtime_env)
     else:

@@ -1,0 +1,92 @@
+"""Studies as Ray Jobs against a real head started with `ray start --head` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.study.conftest import cli, write_study
+
+pytestmark = pytest.mark.slow
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A one-node Ray cluster with its dashboard (the Jobs API) on loopback."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    dash, gcs = _port(), _port()
+    tmp = f"/tmp/r1j-{uuid.uuid4().hex[:8]}"
+    subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host",
+                    "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", tmp,
+                    "--include-dashboard", "true"], check=True, env=env, capture_output=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        yield url, env
+    finally:
+        subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True)
+
+
+def test_submit_wait_jobs_logs(tmp_path, head):
+    url, env = head
+    path = write_study(tmp_path, name="jobsmoke")
+    p = cli("study", "submit", str(path), "--address", url, "--wait", env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    job_id = p.stdout.split("submitted job ", 1)[1].split()[0]
+    assert f"job {job_id}: SUCCEEDED" in p.stdout and "study jobsmoke: 4 finished" in p.stdout
+    assert (tmp_path / "home" / "outcome.json").exists()
+    jobs = cli("study", "jobs", "--address", url, env=env)
+    assert jobs.returncode == 0 and job_id in jobs.stdout and "SUCCEEDED" in jobs.stdout
+    logs = cli("study", "logs", job_id, "--address", url, env=env)
+    assert logs.returncode == 0 and "models:/jobsmoke-decomposed@champion" in logs.stdout
+
+
+def test_stop_a_running_job(tmp_path, head):
+    url, env = head
+    path = write_study(tmp_path, name="jobstop", train={"epochs": 20, "width": 16})
+    p = cli("study", "submit", str(path), "--address", url, env=env)
+    assert p.returncode == 0, p.stderr
+    job_id = p.stdout.split("submitted job ", 1)[1].split()[0]
+    time.sleep(5)
+    s = cli("study", "stop", job_id, "--address", url, env=env)
+    assert s.returncode == 0 and "stop requested" in s.stdout
+    from study.jobs import client
+
+    deadline = time.monotonic() + 120
+    while str(client(url).get_job_status(job_id).value) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert str(client(url).get_job_status(job_id).value) == "STOPPED"
+
+
+def test_a_wrong_address_fails_fast(tmp_path):
+    path = write_study(tmp_path, name="nowhere")
+    t0 = time.monotonic()
+    p = cli("study", "submit", str(path), "--address", f"http://127.0.0.1:{_port()}", timeout=120)
+    assert p.returncode == 2 and "cannot reach the Ray Jobs API" in p.stderr
+    assert time.monotonic() - t0 < 60
+    bad = cli("study", "jobs", "--address", "127.0.0.1:8265", timeout=60)
+    assert bad.returncode == 2 and "the head's dashboard URL" in bad.stderr
+
+
+def test_a_bad_study_is_refused_before_submission(tmp_path):
+    path = write_study(tmp_path, name="badjob")
+    data = yaml.safe_load(path.read_text())
+    data["n_trials"] = 0
+    path.write_text(yaml.safe_dump(data))
+    p = cli("study", "submit", str(path), "--address", "http://127.0.0.1:9", timeout=60)
+    assert p.returncode == 2 and "n_trials: 0 must be >= 1" in p.stderr
