@@ -1,11 +1,12 @@
 """Pick the fastest decomposed implementation per layer shape, by measuring once.
 
 Which of ``chain`` (1x1, kx1, 1xk: fewest FLOPs) and ``dw2d`` (1x1, one depthwise kxk:
-fewest passes over memory) is faster depends on the shape, the batch and the device.
-:func:`pick_impls` times both for every rank-1 layer of a model on its real input
-shape, and caches the choice in a JSON file keyed by device and shape, so the next
-model with the same shapes decides instantly. Both implementations compute the same
-function, so the choice never changes the outputs.
+fewest passes over memory), and on CUDA with triton installed ``triton`` (1x1, then one
+fused kernel for both 1-D passes), is fastest depends on the shape, the batch and the
+device. :func:`pick_impls` times each candidate for every rank-1 layer of a model on
+its real input shape, and caches the choice in a JSON file keyed by device and shape,
+so the next model with the same shapes decides instantly. Every implementation
+computes the same function, so the choice never changes the outputs.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rank1.layers import IMPLS, Flat1dConv2d, Rank1Conv2d
+from rank1.layers import IMPLS, Flat1dConv2d, Rank1Conv2d, available_impls
 
-__all__ = ["cache_path", "device_key", "layer_key", "pick_impls"]
+__all__ = ["cache_path", "candidate_impls", "device_key", "layer_key", "pick_impls"]
 
 DEFAULT_IMPL = "chain"
 
@@ -54,14 +55,27 @@ def _load(path: Path) -> dict[str, dict[str, str]]:
         return {}
 
 
+def candidate_impls(device: torch.device) -> tuple[str, ...]:
+    """What :func:`pick_impls` measures on ``device``: the portable :data:`IMPLS`, plus
+    ``"triton"`` on CUDA where triton is installed (never on CPU, even under the
+    interpreter: it exists there for tests, not speed)."""
+    if device.type == "cuda" and "triton" in available_impls(device):
+        return (*IMPLS, "triton")
+    return IMPLS
+
+
 def _measure(layer, shape, device, dtype, repeats: int) -> str:
     from rank1.bench import time_forward
 
     x = torch.randn(*shape, device=device, dtype=dtype)
     times = {}
-    for impl in IMPLS:
-        m = layer.decompose(impl=impl).to(device=device, dtype=dtype).eval()
-        times[impl] = time_forward(m, x, warmup=2, repeats=repeats).median_ms
+    for impl in candidate_impls(device):
+        try:
+            m = layer.decompose(impl=impl).to(device=device, dtype=dtype).eval()
+            times[impl] = time_forward(m, x, warmup=2, repeats=repeats).median_ms
+        except Exception:  # an accelerator impl that fails to compile here is just not picked
+            if impl in IMPLS:
+                raise
     return min(times, key=times.get)
 
 
@@ -98,7 +112,7 @@ def pick_impls(model: nn.Module, example: torch.Tensor, path: Path | None = None
     modules = dict(model.named_modules())
     for name, shape in shapes.items():
         key = layer_key(modules[name], shape, example.dtype)
-        if entry.get(key) not in IMPLS:
+        if entry.get(key) not in candidate_impls(example.device):
             entry[key] = _measure(modules[name], shape, example.device, example.dtype, repeats)
             changed = True
         choices[name] = entry[key]

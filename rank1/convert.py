@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rank1.layers import IMPLS, Flat1dConv2d, Rank1Conv2d
+from rank1.layers import ALL_IMPLS, Flat1dConv2d, Rank1Conv2d
 
 __all__ = [
     "ARMS",
@@ -102,17 +102,20 @@ def decompose_model(
 ) -> nn.Module:
     """A copy of ``model`` with every rank-1 layer replaced by its 1-D form.
 
-    The result contains only standard torch modules (it traces, exports and
-    converts to ONNX) and is in eval mode. A :class:`Rank1Conv2d` is decomposed
-    from the rank-1 projection of its current weight, without changing ``model``.
+    With ``"chain"`` or ``"dw2d"`` the result contains only standard torch modules
+    (it traces, exports and converts to ONNX); it is in eval mode. A
+    :class:`Rank1Conv2d` is decomposed from the rank-1 projection of its current
+    weight, without changing ``model``.
 
-    ``impl``: ``"chain"`` (1x1, kx1, 1xk), ``"dw2d"`` (1x1, one depthwise kxk) or
-    ``"auto"``: the faster of the two per layer shape, measured once on ``example``
-    (on its device) and cached (:mod:`rank1.autotune`); without ``example``, "auto"
-    falls back to ``"chain"``. Every choice computes the same function.
+    ``impl``: ``"chain"`` (1x1, kx1, 1xk), ``"dw2d"`` (1x1, one depthwise kxk),
+    ``"triton"`` (1x1, then both depthwise passes in one fused Triton kernel: CUDA
+    inference benchmarks only, not exportable) or ``"auto"``: the fastest available one
+    per layer shape, measured once on ``example`` (on its device) and cached
+    (:mod:`rank1.autotune`; ``"triton"`` is a candidate only on CUDA); without
+    ``example``, "auto" falls back to ``"chain"``. Every choice computes the same function.
     """
-    if impl not in (*IMPLS, "auto"):
-        raise ValueError(f"impl must be one of {(*IMPLS, 'auto')}, got {impl!r}")
+    if impl not in (*ALL_IMPLS, "auto"):
+        raise ValueError(f"impl must be one of {(*ALL_IMPLS, 'auto')}, got {impl!r}")
     choices: dict[str, str] = {}
     if impl == "auto" and example is not None:
         from rank1.autotune import pick_impls

@@ -23,6 +23,7 @@ __all__ = [
     "compose",
     "conv2d",
     "conv2d_chain",
+    "depthwise_chain",
     "hopm_rank1",
     "normalize_factors",
     "pad_amounts",
@@ -288,11 +289,26 @@ def conv2d_chain(
     commutes with padding, and each 1-D pass pads only its own axis.
     """
     o, ch = a.shape
-    kh, kw = b.shape[1], c.shape[1]
-    (ph, pw) = pad_amounts((kh, kw), padding, dilation)
     y = F.conv2d(x, a.reshape(o, ch, 1, 1))
+    return depthwise_chain(y, b, c, bias, stride, padding, dilation, padding_mode)
+
+
+def depthwise_chain(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: str | tuple[int, int],
+    dilation: tuple[int, int],
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """The two depthwise 1-D passes of the chain: ``kh x 1`` with ``b`` (O x kh), then
+    ``1 x kw`` with ``c`` (O x kw) and the bias, on an ``N x O x H x W`` input."""
+    o, kh, kw = b.shape[0], b.shape[1], c.shape[1]
+    (ph, pw) = pad_amounts((kh, kw), padding, dilation)
     y = _padded_conv(
-        y, b.reshape(o, 1, kh, 1), None, (stride[0], 1), (ph, (0, 0)), (dilation[0], 1),
+        x, b.reshape(o, 1, kh, 1), None, (stride[0], 1), (ph, (0, 0)), (dilation[0], 1),
         padding_mode, groups=o,
     )
     return _padded_conv(

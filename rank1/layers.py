@@ -19,9 +19,13 @@ import torch
 from torch import nn
 
 from rank1 import functional as R
+from rank1 import triton_dw  # torch-only at import time: triton itself is imported on first launch
 from rank1.init import INIT_SCHEMES, init_factors
 
-__all__ = ["IMPLS", "Flat1dConv2d", "Rank1Conv2d", "decomposed_chain", "empty_conv"]
+__all__ = [
+    "ACCEL_IMPLS", "ALL_IMPLS", "IMPLS", "Flat1dConv2d", "Rank1Conv2d", "available_impls", "decomposed_chain",
+    "empty_conv",
+]
 
 _size_2 = int | tuple[int, int]
 
@@ -147,7 +151,18 @@ class _Rank1ConvBase(nn.Module):
         return s
 
 
-IMPLS = ("chain", "dw2d")
+IMPLS = ("chain", "dw2d")  # standard torch modules only: portable, traceable, exportable
+ACCEL_IMPLS = ("triton",)  # a fused Triton kernel for inference benchmarks (rank1.triton_dw)
+ALL_IMPLS = IMPLS + ACCEL_IMPLS
+
+
+def available_impls(device: torch.device | str | None = None) -> tuple[str, ...]:
+    """The implementations that can run here: :data:`IMPLS`, plus ``"triton"`` when
+    triton is installed and ``device`` is CUDA (or the Triton interpreter is on).
+
+    With ``device=None``: any device this process has. Never imports triton itself.
+    """
+    return IMPLS + (("triton",) if triton_dw.available(device) else ())
 
 
 def decomposed_chain(
@@ -169,13 +184,29 @@ def decomposed_chain(
     of ``kh+kw`` multiply-adds per output, but one pass over the activation instead of
     two, which wins where the layer is memory-bound. Only ``nn.Conv2d`` inside either
     way, so both trace, export and convert to ONNX, and both compute the same function.
+
+    ``impl="triton"``: ``Conv2d 1x1 ->`` :class:`rank1.triton_dw.TritonDepthwise1d`, both
+    depthwise 1-D passes fused into one Triton kernel (one pass over memory). For
+    inference benchmarks on CUDA only (no backward kernel, not exportable); asking for
+    it where triton or CUDA is missing raises a ``ValueError`` naming what is available.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in ALL_IMPLS:
+        raise ValueError(f"impl must be one of {ALL_IMPLS}, got {impl!r}")
     o, ch = a.shape
     kh, kw = b.shape[1], c.shape[1]
     kw_args = dict(device=a.device, dtype=a.dtype)
+    if impl == "triton":
+        reason = triton_dw.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"impl='triton' is unavailable here ({reason}); allowed: {available_impls()}")
     pointwise = empty_conv(ch, o, 1, bias=False, **kw_args)
+    if impl == "triton":
+        with torch.no_grad():
+            pointwise.weight.copy_(a.reshape(o, ch, 1, 1))
+        seq = nn.Sequential()
+        seq.add_module("pointwise", pointwise)
+        seq.add_module("spatial", triton_dw.TritonDepthwise1d(b, c, bias, stride, padding, dilation, padding_mode))
+        return seq
     if impl == "dw2d":
         spatial = empty_conv(o, o, (kh, kw), stride=stride, padding=padding, dilation=dilation, groups=o,
                              bias=bias is not None, padding_mode=padding_mode, **kw_args)

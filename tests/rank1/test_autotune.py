@@ -43,7 +43,7 @@ def test_auto_picks_per_layer_caches_and_never_changes_outputs(tmp_path):
     choices = pick_impls(model, x, cache)
     assert set(choices.values()) == {"dw2d"}
     assert decompose_model(model, "auto").features[0].pointwise is not None  # no example: the safe default
-    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'auto'\)"):
         decompose_model(model, "fastest")
 
 
