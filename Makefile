@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser test lint demo bench clean
+.PHONY: setup browser postgres test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,17 @@ browser:
 	      || echo "could not install chromium: the browser tests will skip"; \
 	  else echo "no apt-get or root here: install chromium yourself, or the browser tests will skip"; fi; }
 
-test: setup browser
+# Debian's PostgreSQL server binaries for the shared-store tests (the tests start their own
+# server on 127.0.0.1 as the `postgres` user; nothing runs as a system service).
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+	      || echo "could not install postgresql: the PostgreSQL tests will skip"; \
+	  else echo "no apt-get or root here: install postgresql yourself, or the PostgreSQL tests will skip"; fi; }
+
+test: setup browser postgres
 	$(BIN)/python -m ruff check rank1 study dashboards tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -5,6 +5,7 @@
 ``rank1 study status HOME``        trials done / running / failed, best so far
 ``rank1 pull NAME[@alias|/ver]``   download a registered model, check it in a fresh process
 ``rank1 ui``                       the MLflow UI over a study home
+``rank1 server``                   a tracking server for a cluster (PostgreSQL, shared artifacts, basic auth)
 """
 
 from __future__ import annotations
@@ -202,6 +203,36 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """A tracking server that a cluster can share: any backend store (PostgreSQL), a shared
+    artifact store, optional basic auth with the admin from the environment."""
+    from study.config import check_no_secret
+    from study.services import MlflowServer, check_storage
+
+    check_no_secret("--backend-store-uri", args.backend_store_uri, "PGPASSWORD (or ~/.pgpass)")
+    check_no_secret("--auth-db-uri", args.auth_db_uri, "PGPASSWORD (or ~/.pgpass)")
+    for uri in (args.backend_store_uri, args.auth_db_uri):
+        if uri:
+            check_storage(uri)
+    home = Path(args.home).expanduser().resolve()
+    try:
+        server = MlflowServer(home, host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
+                              artifacts_destination=args.artifacts_destination, auth=args.auth,
+                              auth_db_uri=args.auth_db_uri).start()
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    auth = " with basic auth (admin: $MLFLOW_TRACKING_USERNAME)" if args.auth else ""
+    print(f"MLflow tracking server: http://{args.host}:{server.port}{auth}; log in {home / 'mlflow-server.log'} "
+          "(Ctrl-C to stop)", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = build_rank1_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -255,6 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+
+    sv = sub.add_parser("server", help=cmd_server.__doc__, description=cmd_server.__doc__)
+    sv.add_argument("--home", required=True, help="folder for the server's log and its default stores")
+    sv.add_argument("--backend-store-uri", help="runs and registry, e.g. postgresql://rank1@DBHOST/mlflow "
+                    "(password from PGPASSWORD; default: SQLite in --home)")
+    sv.add_argument("--artifacts-destination", help="shared artifact store, e.g. s3://bucket/mlflow or an NFS "
+                    "path (default: --home/mlartifacts)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="interface to bind (default 127.0.0.1; a cluster head needs its private address or 0.0.0.0)")
+    sv.add_argument("--port", type=int, default=5000)
+    sv.add_argument("--auth", action="store_true", help="MLflow's basic-auth app; admin user from "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    sv.add_argument("--auth-db-uri", help="user store of --auth (default: SQLite in --home)")
+    sv.set_defaults(func=cmd_server)
     return parser
 
 

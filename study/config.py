@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rank1.config import ConfigError, check_choice, check_range, from_dict, load_yaml, to_dict
 from rank1.config import doc_field as _f
@@ -23,6 +24,7 @@ from rank1.train import TrainConfig
 
 __all__ = [
     "Range",
+    "check_no_secret",
     "Resources",
     "StudyConfig",
     "load_study",
@@ -33,6 +35,15 @@ SCHEDULERS = ("none", "asha")
 OBJECTIVES = ("single", "multi")
 # Searching these would change what a trial *is*, not how it trains.
 _NOT_SEARCHABLE = {"seed", "dataset", "root", "download", "device", "arm", "threads", "split_seed"}
+
+
+def check_no_secret(field: str, url: str | None, where: str) -> None:
+    """Credentials come from the environment only: a study file is logged to MLflow as is."""
+    if url and urlsplit(url).password is not None:
+        raise ConfigError(
+            f"{field}: the URL carries a password, which is not allowed (study files are logged and shared); "
+            f"drop it from the URL and set {where} in the environment"
+        )
 
 
 @dataclass
@@ -100,6 +111,8 @@ class StudyConfig:
                 f"name: {self.name!r} is not allowed (allowed: 1-64 letters, digits, '_', '.', '-')"
             )
         check_choice("objective", self.objective, OBJECTIVES)
+        check_no_secret("tracking_uri", self.tracking_uri, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        check_no_secret("storage", self.storage, "PGPASSWORD (or ~/.pgpass) for PostgreSQL")
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         for name in ("n_trials", "max_concurrent", "seeds_per_trial", "grace_period", "latency_batch"):

@@ -23,7 +23,7 @@ import torch
 
 from rank1.config import ConfigError
 from study.config import StudyConfig, load_study
-from study.services import MlflowServer, check_tracking_uri, start_ray
+from study.services import MlflowServer, check_storage, check_tracking_uri, start_ray
 from study.trial import TAG_STATUS, TAG_TRIAL, load_checkpoint
 
 __all__ = ["StudyOutcome", "preflight", "resume_study", "run_study", "study_status"]
@@ -64,12 +64,7 @@ def preflight(cfg: StudyConfig, address: str | None = None) -> None:
         )
     if cfg.tracking_uri:
         check_tracking_uri(cfg.tracking_uri)
-    try:
-        from sqlalchemy.engine import make_url
-
-        make_url(cfg.storage_url)
-    except Exception as e:  # sqlalchemy's own error types vary by version
-        raise ConfigError(f"storage: {cfg.storage!r} is not a database URL ({e})") from None
+    check_storage(cfg.storage_url)
 
 
 def check_cluster_resources(cfg: StudyConfig) -> None:

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +31,7 @@ from rank1.config import ConfigError
 __all__ = [
     "QUIET_ENV",
     "MlflowServer",
+    "check_storage",
     "check_tracking_uri",
     "free_port",
     "ray_temp_dir",
@@ -98,48 +101,125 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         urllib.request.urlopen(req, timeout=timeout).close()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
+            what = "refused the credentials in" if _auth_header() else "asks for credentials: set"
             raise ConfigError(
-                f"tracking_uri: the MLflow server at {uri} refused the credentials (HTTP {e.code}); "
-                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                f"tracking_uri: the MLflow server at {uri} {what} MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD (HTTP {e.code})"
             ) from None
         raise ConfigError(f"tracking_uri: the MLflow server at {uri} answered HTTP {e.code}") from None
     except OSError as e:
         raise ConfigError(f"tracking_uri: cannot reach the MLflow server at {uri} ({e})") from None
 
 
+def check_storage(url: str, timeout: int = 5) -> None:
+    """Fail fast on a database URL that is malformed, lacks its driver, or cannot be reached.
+
+    SQLite files are created on first use; a server database (PostgreSQL, MySQL) is
+    connected to once, with credentials from the environment (``PGPASSWORD``, ``~/.pgpass``).
+    """
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception as e:  # sqlalchemy's own error types vary by version
+        raise ConfigError(f"storage: {url!r} is not a database URL ({e})") from None
+    if parsed.get_backend_name() == "sqlite":
+        return
+    import sqlalchemy
+
+    shown = parsed.render_as_string(hide_password=True)
+    args = {"connect_timeout": timeout} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=args)
+    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
+        raise ConfigError(
+            f"storage: no database driver for {shown} ({e}); install it with pip install 'rank1-study[cluster]'"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        raise ConfigError(f"storage: cannot connect to {shown} ({reason})") from None
+    finally:
+        engine.dispose()
+
+
 @dataclass
 class MlflowServer:
-    """An MLflow tracking server over SQLite and a local artifact folder."""
+    """An MLflow tracking server: by default over SQLite and an artifact folder in ``home``.
+
+    ``backend_store_uri`` / ``artifacts_destination`` point it elsewhere (PostgreSQL, a
+    shared or cloud store). ``auth=True`` runs MLflow's basic-auth app: the admin user is
+    ``$MLFLOW_TRACKING_USERNAME`` with ``$MLFLOW_TRACKING_PASSWORD``, handed to the server
+    through its environment only, never through a file, a flag or a log line.
+    """
 
     home: Path
     host: str = "127.0.0.1"
     port: int = 0
+    backend_store_uri: str | None = None
+    artifacts_destination: str | None = None
+    auth: bool = False
+    auth_db_uri: str | None = None
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> MlflowServer:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port(self.host)
-        log = open(self.home / "mlflow-server.log", "ab")
+    def _command(self) -> tuple[list[str], dict[str, str]]:
         cmd = [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
-            "--artifacts-destination", str(self.home / "mlartifacts"),
+            "--backend-store-uri", self.backend_store_uri or f"sqlite:///{self.home / 'mlflow.db'}",
+            "--artifacts-destination", self.artifacts_destination or str(self.home / "mlartifacts"),
             "--host", self.host, "--port", str(self.port), "--workers", "1",
         ]
         # No background job runner: it forks half a dozen workers that a study never uses.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if self.auth:
+            user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+            if not (user and password):
+                raise ConfigError(
+                    "--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
+                    "(the server's admin user; clients use the same variables)"
+                )
+            ini = self.home / "basic_auth.ini"  # no secret in it: the admin comes from the environment
+            ini.write_text(
+                "[mlflow]\n"
+                "default_permission = NO_PERMISSIONS\n"
+                f"database_uri = {self.auth_db_uri or 'sqlite:///' + str(self.home / 'basic_auth.db')}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                "grant_default_workspace_access = false\n"
+            )
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_USERNAME=user,
+                       MLFLOW_AUTH_ADMIN_PASSWORD=password)
+            # The UI's CSRF key: one per start unless given (several servers behind one name share one).
+            env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
+            cmd += ["--app-name", "basic-auth"]
+        return cmd, env
+
+    def _reason(self) -> str:
+        """The last exception line of the server's log, if any."""
+        try:
+            lines = (self.home / "mlflow-server.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception): ", ln)]
+        return f" ({errors[-1][:300]})" if errors else ""
+
+    def start(self, timeout: float = 120.0) -> MlflowServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port(self.host)
+        cmd, env = self._command()
+        log = open(self.home / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                      cwd=self.home, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the MLflow server exited with code {self.proc.returncode}; see {self.home / 'mlflow-server.log'}"
-                )
+                raise RuntimeError(f"the MLflow server exited with code {self.proc.returncode}{self._reason()}; "
+                                   f"see {self.home / 'mlflow-server.log'}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:

@@ -36,12 +36,15 @@ def cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess
 
 
 @contextlib.contextmanager
-def mlflow_client(home: Path):
-    """A real MLflow server over a study home, and a client of it."""
+def mlflow_client(home: Path, uri: str | None = None):
+    """A client of the MLflow server at ``uri``, or of a real one started over a study home."""
     from mlflow import MlflowClient
 
     from study.services import MlflowServer
 
+    if uri:
+        yield MlflowClient(uri), uri
+        return
     server = MlflowServer(home).start()
     try:
         yield MlflowClient(server.url), server.url
@@ -54,10 +57,10 @@ def trial_runs(client, name: str):
     return client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'trial'", max_results=1000)
 
 
-def optuna_trials(home: Path, name: str):
+def optuna_trials(home: Path, name: str, storage: str | None = None):
     import optuna
 
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'optuna.db'}").get_trials()
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{home / 'optuna.db'}").get_trials()
 
 
 @pytest.fixture(autouse=True)
@@ -70,3 +73,101 @@ def _no_leftover_ray():
             ray.shutdown()
     except ImportError:
         pass
+
+
+def _missing(what: str) -> None:
+    """A service the tests need is absent: a failure under CI (which installs it), else a skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed; `make test` installs it (make postgres)")
+    pytest.skip(f"{what} is not installed (make postgres installs it)")
+
+
+def _pg_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    return versions[-1] if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 with password auth (scram-sha-256) and two
+    databases, ``mlflow`` and ``optuna``: ``dict(host, port, user, password)``.
+
+    As root (CI), the server runs as the ``postgres`` user that Debian's package creates:
+    PostgreSQL refuses to run as root.
+    """
+    import pwd
+    import secrets
+    import shutil
+    import tempfile
+
+    from study.services import free_port
+
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        _missing("PostgreSQL (initdb, pg_ctl)")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            _missing("the postgres user")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    root = Path(tempfile.mkdtemp(prefix="rank1-pg-", dir="/tmp"))
+    password, port = "pg-" + secrets.token_hex(12), free_port()
+    (root / "pw").write_text(password + "\n")
+    if prefix:
+        for p in (root, root / "pw"):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+    data = root / "data"
+    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "rank1", "--pwfile", str(root / "pw"),
+                    "-A", "scram-sha-256", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
+                    "-o", f"-h 127.0.0.1 -p {port} -k {root} -F", "start"], check=True, capture_output=True)
+    info = {"host": "127.0.0.1", "port": port, "user": "rank1", "password": password}
+    try:
+        import psycopg
+
+        with psycopg.connect(host="127.0.0.1", port=port, user="rank1", password=password, dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute("CREATE DATABASE mlflow")
+            conn.execute("CREATE DATABASE optuna")
+        yield info
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def tracking_server(home: Path, *args: str, env: dict | None = None):
+    """``rank1 server --home HOME ARGS`` in its own process, as an admin starts one: its URL."""
+    from study.services import free_port
+
+    port = free_port()
+    log = open(home.parent / f"{home.name}-server.out", "w")
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "server", "--home", str(home), "--port", str(port),
+                             *args], cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, (home.parent / f"{home.name}-server.out").read_text()
+        assert time.monotonic() < deadline, "the tracking server did not come up"
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

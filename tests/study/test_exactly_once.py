@@ -41,9 +41,10 @@ def _checkpoints(home: Path, index: int) -> list[Path]:
     return sorted((home / "ray_results" / "tune").glob(f"*/checkpoint_{index:06d}"))
 
 
-def _assert_exactly_once(home: Path, name: str, n_trials: int) -> dict[str, object]:
+def _assert_exactly_once(home: Path, name: str, n_trials: int, uri: str | None = None,
+                         storage: str | None = None) -> dict[str, object]:
     """Every trial: one MLflow run, every epoch logged once; every finished trial valued in Optuna."""
-    with mlflow_client(home) as (client, _):
+    with mlflow_client(home, uri) as (client, _):
         runs = trial_runs(client, name)
         ids = [r.data.tags["rank1.trial_id"] for r in runs]
         assert len(ids) == n_trials and len(set(ids)) == n_trials, ids
@@ -53,7 +54,7 @@ def _assert_exactly_once(home: Path, name: str, n_trials: int) -> dict[str, obje
             steps = [m.step for m in client.get_metric_history(r.info.run_id, "rank1.val_acc")]
             assert sorted(steps) == list(range(1, 7)), steps  # each epoch exactly once
             by_id[r.data.tags["rank1.trial_id"]] = r
-    trials = optuna_trials(home, name)
+    trials = optuna_trials(home, name, storage)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == n_trials
     for t in complete:
@@ -64,8 +65,9 @@ def _assert_exactly_once(home: Path, name: str, n_trials: int) -> dict[str, obje
     return by_id
 
 
-def test_sigkill_the_driver_then_resume(tmp_path):
-    path = write_study(tmp_path, name="killdriver", **LONG)
+def kill_driver_then_resume(tmp_path: Path, name: str, **where) -> None:
+    """SIGKILL a study's driver mid-trial, resume it, and check exactly-once on its stores."""
+    path = write_study(tmp_path, name=name, **LONG, **where)
     home = tmp_path / "home"
     log = tmp_path / "run.log"
     proc = _start(path, log)
@@ -79,13 +81,17 @@ def test_sigkill_the_driver_then_resume(tmp_path):
 
     p = cli("study", "resume", str(home))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    by_id = _assert_exactly_once(home, "killdriver", 4)
+    by_id = _assert_exactly_once(home, name, 4, where.get("tracking_uri"), where.get("storage"))
     resumed = {tid: int(r.data.tags["rank1.resumed_from_epoch"]) for tid, r in by_id.items()
                if "rank1.resumed_from_epoch" in r.data.tags}
     assert resumed and all(e >= 1 for e in resumed.values()), resumed  # continued, not restarted
     for tid, epoch in resumed.items():
         assert by_id[tid].data.metrics["epochs_trained_here"] == 6 - epoch
     assert json.loads((home / "outcome.json").read_text())["alias"] == "champion"
+
+
+def test_sigkill_the_driver_then_resume(tmp_path):
+    kill_driver_then_resume(tmp_path, "killdriver")
 
 
 def test_sigkill_a_trial_worker(tmp_path):

@@ -1,0 +1,109 @@
+"""Tracking and search state a cluster can share: PostgreSQL for MLflow and Optuna, and an
+authenticated MLflow server, each a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+
+from study.services import ray_temp_dir
+from tests.study.conftest import cli, mlflow_client, optuna_trials, tracking_server, trial_runs, write_study
+from tests.study.test_exactly_once import kill_driver_then_resume
+
+pytestmark = pytest.mark.slow
+
+
+def _pg_url(pg: dict, db: str, driver: str = "postgresql") -> str:
+    return f"{driver}://{pg['user']}@{pg['host']}:{pg['port']}/{db}"  # the password: PGPASSWORD only
+
+
+def test_postgres_stores_keep_exactly_once_through_a_driver_kill(tmp_path, postgres, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", postgres["password"])
+    server_home = tmp_path / "server"
+    with tracking_server(server_home, "--backend-store-uri", _pg_url(postgres, "mlflow"),
+                         "--artifacts-destination", str(tmp_path / "shared-artifacts")) as url:
+        kill_driver_then_resume(tmp_path, "pgkill", tracking_uri=url,
+                                storage=_pg_url(postgres, "optuna", "postgresql+psycopg"))
+        # The runs are in PostgreSQL, not in a SQLite file somewhere.
+        assert not (tmp_path / "home" / "mlflow.db").exists() and not (tmp_path / "home" / "optuna.db").exists()
+        assert not (server_home / "mlflow.db").exists()
+    import psycopg
+
+    with psycopg.connect(host=postgres["host"], port=postgres["port"], user=postgres["user"],
+                         password=postgres["password"], dbname="mlflow") as conn:
+        n = conn.execute("SELECT count(*) FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+                         "WHERE e.name = 'pgkill'").fetchone()[0]
+    assert n == 5  # one parent run and four trial runs
+
+
+def test_unreachable_or_refusing_storage_fails_before_any_work(tmp_path, postgres, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", "not-the-password")
+    path = write_study(tmp_path, name="pgwrong", storage=_pg_url(postgres, "optuna", "postgresql+psycopg"))
+    t0 = time.monotonic()
+    p = cli("study", "run", str(path), timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "storage: cannot connect to postgresql+psycopg://rank1@" in p.stderr
+    assert "password authentication failed" in p.stderr and "not-the-password" not in p.stderr
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "home").exists()
+
+
+def test_a_password_in_a_url_is_refused(tmp_path):
+    for field, url in (("storage", "postgresql://rank1:hunter2@db/optuna"),
+                       ("tracking_uri", "http://admin:hunter2@mlflow:5000")):
+        p = cli("study", "run", str(write_study(tmp_path, name="leaky", **{field: url})), timeout=120)
+        assert p.returncode == 2 and f"{field}: the URL carries a password" in p.stderr, p.stderr
+        assert "hunter2" not in p.stderr
+
+
+def _files_containing(root: Path, secret: bytes) -> list[str]:
+    hits = []
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            try:
+                if secret in f.read_bytes():
+                    hits.append(str(f))
+            except OSError:
+                pass
+    return hits
+
+
+def test_authenticated_tracking_server(tmp_path, monkeypatch):
+    user, password = "rank1-admin", "pw-" + secrets.token_hex(16)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    server_home = tmp_path / "server"
+    with tracking_server(server_home, "--auth") as url:
+        # Wrong credentials: refused before anything starts.
+        path = write_study(tmp_path, name="authwrong", tracking_uri=url, home=str(tmp_path / "wrong"))
+        p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_PASSWORD": "wrong-" + password}, timeout=120)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "refused the credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (HTTP 401)" in p.stderr
+        assert not (tmp_path / "wrong").exists()
+        # No credentials at all: the same, with a hint.
+        p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=120)
+        assert p.returncode == 2 and "asks for credentials" in p.stderr, p.stderr
+
+        # The right ones: the study logs, registers and reports.
+        path = write_study(tmp_path, name="authok", tracking_uri=url)
+        p = cli("study", "run", str(path))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        with mlflow_client(tmp_path / "home", url) as (client, _):
+            runs = trial_runs(client, "authok")
+            assert len(runs) == 4 and all(r.data.tags["rank1.status"] == "finished" for r in runs)
+            everything = [client.get_run(r.info.run_id) for r in runs]
+            everything += client.search_runs([runs[0].info.experiment_id], max_results=100)
+            for r in everything:  # params, tags and metric names of every run
+                text = repr((r.data.params, r.data.tags, list(r.data.metrics)))
+                assert password not in text and user not in text.replace(f"mlflow.user': '{user}", "")
+            assert client.get_model_version_by_alias("authok-decomposed", "champion")
+        assert len(optuna_trials(tmp_path / "home", "authok")) == 4
+        # The secret is nowhere on disk: the study home (logs, Ray's session logs, checkpoints,
+        # report), the server's folder (its log, artifacts, config) and what the CLI printed.
+        assert password not in p.stdout + p.stderr
+        secret = password.encode()
+        for root in (tmp_path / "home", ray_temp_dir(tmp_path / "home"), server_home):
+            if root.exists():
+                assert _files_containing(root, secret) == [], root
