@@ -68,14 +68,28 @@ def preflight(cfg: StudyConfig, address: str | None = None) -> None:
 
 
 def check_cluster_resources(cfg: StudyConfig) -> None:
-    """On a cluster: say so now when no node alive can run a trial.
+    """On a cluster: stores every node can reach, and a node that can run a trial.
 
-    Only a warning: an autoscaling cluster (``ray_cluster.yaml`` starts GPU workers from
+    Trials on other hosts need a tracking server and a trial storage they can reach:
+    without them, an error before any trial starts. No node that fits a trial is only a warning: an autoscaling cluster (``ray_cluster.yaml`` starts GPU workers from
     zero) adds such nodes on demand, which the alive nodes alone cannot tell.
     """
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.util.get_node_ip_address()
+    elsewhere = sorted({n["NodeManagerAddress"] for n in nodes} - {here})
+    if elsewhere and not cfg.tracking_uri:
+        raise ConfigError(
+            f"tracking_uri: unset, so trials would log to an MLflow server on 127.0.0.1 of this machine, which the "
+            f"cluster's other hosts ({', '.join(elsewhere)}) cannot reach; start `rank1 server --host ADDRESS` "
+            "on the head and set tracking_uri: http://ADDRESS:5000"
+        )
+    if elsewhere and not cfg.storage_path:
+        raise ConfigError(
+            f"storage_path: unset, so trial checkpoints would go to {cfg.tune_path} on this machine, which the "
+            f"cluster's other hosts ({', '.join(elsewhere)}) cannot write; set a shared path (NFS) or s3://bucket/path"
+        )
     fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= cfg.resources.cpu
             and n["Resources"].get("GPU", 0) >= cfg.resources.gpu]
     if not fits:
@@ -302,32 +316,32 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
         if not resume:
             raise ConfigError(f"home: {str(home)!r} already holds this study; continue it with "
                               f"`rank1 study resume {home}`")
-    _write_home(cfg, study_text)
-
     from mlflow import MlflowClient
 
     t0 = time.perf_counter()
-    with tracking(cfg, keep_ui) as uri:
-        client = MlflowClient(uri)
-        exp_id, parent_id = _parent_run(client, cfg, study_text)
-        ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
-               "study_config": cfg.to_dict()}
-        with start_ray(home, address):
-            if address:
-                check_cluster_resources(cfg)
+    # Ray first: on a cluster, what its nodes can reach is checked before the home is written.
+    with start_ray(home, address):
+        if address:
+            check_cluster_resources(cfg)
+        _write_home(cfg, study_text)
+        with tracking(cfg, keep_ui) as uri:
+            client = MlflowClient(uri)
+            exp_id, parent_id = _parent_run(client, cfg, study_text)
+            ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
+                   "study_config": cfg.to_dict()}
             tuner = _tuner(cfg, ctx, restore=resume)
             t_fit = time.perf_counter()
             results = tuner.fit()
             t_end = time.perf_counter()
             outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
             _report(cfg, uri)
-        outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
-                           "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
-        (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
-        for k, v in outcome.timings.items():
-            client.log_metric(parent_id, f"study.{k}", v)
-        client.set_terminated(parent_id, "FINISHED")
-        print_summary(outcome, keep_ui)
+            outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
+                               "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
+            (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
+            for k, v in outcome.timings.items():
+                client.log_metric(parent_id, f"study.{k}", v)
+            client.set_terminated(parent_id, "FINISHED")
+            print_summary(outcome, keep_ui)
     return outcome
 
 

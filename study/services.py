@@ -267,7 +267,16 @@ def start_ray(home: Path, address: str | None = None, num_cpus: int | None = Non
     if address == "auto" and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]  # inside a Ray Job: the cluster that runs it, not a guess
     if address:
-        ray.init(address=address, configure_logging=False, log_to_driver=False, runtime_env=runtime_env)
+        try:
+            ray.init(address=address, configure_logging=False, log_to_driver=False, runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError) as e:
+            chain = f"{e} {e.__cause__}"
+            if "InvalidAuthToken" in chain or "Authentication" in chain:
+                raise ConfigError(
+                    f"--address: the Ray cluster at {address} wants its auth token: set RAY_AUTH_MODE=token and "
+                    "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token) in the environment"
+                ) from None
+            raise ConfigError(f"--address: cannot connect to the Ray cluster at {address} ({e})") from None
     else:
         tmp = ray_temp_dir(home)
         tmp.mkdir(parents=True, exist_ok=True)

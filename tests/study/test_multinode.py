@@ -1,0 +1,65 @@
+"""A study on a real multi-node Ray cluster on this machine: a head and a worker node, each
+started with ``ray start`` as on a real cluster, a shared tracking server and trial storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from study.services import free_port
+from tests.study.conftest import cli, mlflow_client, tracking_server, trial_runs, write_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes of 1 CPU each (a head and a worker), token auth on, as `ray start` sets it."""
+    bin_dir = str(Path(sys.executable).parent)
+    ray = os.path.join(bin_dir, "ray")
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token"}
+    gcs, tmp = free_port(), f"/tmp/r1m-{uuid.uuid4().hex[:8]}"
+    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--temp-dir", tmp,
+                    "--include-dashboard", "false"], check=True, env=env, capture_output=True)
+    try:
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1"], check=True, env=env,
+                       capture_output=True)
+        address = f"127.0.0.1:{gcs}"
+        nodes = subprocess.run(
+            [sys.executable, "-c", f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
+             "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"],
+            env=env, capture_output=True, text=True, check=True)
+        node_ids = json.loads(nodes.stdout.strip().splitlines()[-1])
+        assert len(node_ids) == 2, nodes.stdout + nodes.stderr
+        yield address, env, set(node_ids)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+
+
+def test_trials_run_on_more_than_one_node(tmp_path, cluster):
+    address, env, node_ids = cluster
+    with tracking_server(tmp_path / "server") as url:
+        path = write_study(tmp_path, name="twonodes", tracking_uri=url, storage_path=str(tmp_path / "shared"))
+        p = cli("study", "run", str(path), "--address", address, env=env)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        with mlflow_client(tmp_path / "home", url) as (client, _):
+            runs = trial_runs(client, "twonodes")
+            assert len(runs) == 4 and all(r.data.tags["rank1.status"] == "finished" for r in runs)
+            used = {r.data.tags["rank1.node_id"] for r in runs}
+            assert used <= node_ids and len(used) == 2, (used, node_ids)  # both nodes ran trials
+            assert all("rank1.decomposed_val_acc" in r.data.metrics for r in runs)
+    assert list((tmp_path / "shared" / "tune").glob("*/checkpoint_*")), "trial checkpoints in the shared storage"
+
+
+def test_a_cluster_that_wants_a_token_says_so(tmp_path, cluster):
+    address, env, _ = cluster
+    path = write_study(tmp_path, name="notoken")
+    p = cli("study", "run", str(path), "--address", address, env={**env, "RAY_AUTH_MODE": "disabled"}, timeout=180)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "wants its auth token: set RAY_AUTH_MODE=token" in p.stderr
