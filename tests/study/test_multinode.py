@@ -1,5 +1,6 @@
 """A study on a real multi-node Ray cluster on this machine: a head and a worker node, each
-started with ``ray start`` as on a real cluster, a shared tracking server and trial storage."""
+started with ``ray start`` as on a real cluster, the worker on its own loopback address
+(127.0.0.2) as if on another host, a shared tracking server and trial storage."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def cluster():
     subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--temp-dir", tmp,
                     "--include-dashboard", "false"], check=True, env=env, capture_output=True)
     try:
-        subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1"], check=True, env=env,
-                       capture_output=True)
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+                        "--node-ip-address", "127.0.0.2"], check=True, env=env, capture_output=True)
         address = f"127.0.0.1:{gcs}"
         nodes = subprocess.run(
             [sys.executable, "-c", f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
@@ -45,6 +46,9 @@ def cluster():
 def test_trials_run_on_more_than_one_node(tmp_path, cluster):
     address, env, node_ids = cluster
     with tracking_server(tmp_path / "server") as url:
+        local = write_study(tmp_path, name="localckpt", tracking_uri=url, home=str(tmp_path / "h0"))
+        p = cli("study", "run", str(local), "--address", address, env=env, timeout=180)
+        assert p.returncode == 2 and "storage_path: unset" in p.stderr and "127.0.0.2" in p.stderr, p.stderr
         path = write_study(tmp_path, name="twonodes", tracking_uri=url, storage_path=str(tmp_path / "shared"))
         p = cli("study", "run", str(path), "--address", address, env=env)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -55,6 +59,18 @@ def test_trials_run_on_more_than_one_node(tmp_path, cluster):
             assert used <= node_ids and len(used) == 2, (used, node_ids)  # both nodes ran trials
             assert all("rank1.decomposed_val_acc" in r.data.metrics for r in runs)
     assert list((tmp_path / "shared" / "tune").glob("*/checkpoint_*")), "trial checkpoints in the shared storage"
+
+
+def test_stores_other_hosts_cannot_reach_are_refused_before_any_work(tmp_path, cluster):
+    address, env, _ = cluster
+    path = write_study(tmp_path, name="unreachable")  # embedded MLflow on 127.0.0.1, checkpoints in the home
+    p = cli("study", "run", str(path), "--address", address, env=env, timeout=180)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "tracking_uri: unset" in p.stderr and "(127.0.0.2) cannot reach" in p.stderr
+    assert not (tmp_path / "home" / "study.yaml").exists()
+    path = write_study(tmp_path, name="unreachable2", tracking_uri="http://127.0.0.1:1", home=str(tmp_path / "h2"))
+    p = cli("study", "run", str(path), "--address", address, env=env, timeout=180)
+    assert p.returncode == 2 and "cannot reach the MLflow server at http://127.0.0.1:1" in p.stderr, p.stderr
 
 
 def test_a_cluster_that_wants_a_token_says_so(tmp_path, cluster):
