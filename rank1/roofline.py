@@ -64,7 +64,8 @@ def impl_cost(impl: str, c_in: int, c_out: int, k: int, h: int, w: int, batch: i
     """``(FLOPs, bytes moved)`` of one stride-1 "same" layer under ``impl``.
 
     ``dense``: one pass. ``chain``: 1x1 then two depthwise 1-D passes (three reads,
-    three writes). ``dw2d``: 1x1 then one depthwise kxk pass. ``cp``: tensorly-torch's
+    three writes). ``dw2d``: 1x1 then one depthwise kxk pass. ``triton``: 1x1 then both
+    1-D passes fused in one kernel (the chain's FLOPs, dw2d's bytes). ``cp``: tensorly-torch's
     factorized CP convolution at rank ``c_out``: 1x1 in, two depthwise 1-D passes, 1x1 out.
     """
     px = batch * h * w
@@ -75,12 +76,14 @@ def impl_cost(impl: str, c_in: int, c_out: int, k: int, h: int, w: int, batch: i
         macs, acts, weights = px * (c_in * c_out + 2 * k * c_out), x_in + 5 * x_out, c_out * (c_in + 2 * k)
     elif impl == "dw2d":
         macs, acts, weights = px * (c_in * c_out + k * k * c_out), x_in + 3 * x_out, c_out * (c_in + k * k)
+    elif impl == "triton":
+        macs, acts, weights = px * (c_in * c_out + 2 * k * c_out), x_in + 3 * x_out, c_out * (c_in + 2 * k)
     elif impl == "cp":
         r = c_out
         macs = px * (c_in * r + 2 * k * r + r * c_out)
         acts, weights = x_in + 6 * px * r + x_out, r * (c_in + 2 * k + c_out)
     else:
-        raise ValueError(f"impl must be one of dense, chain, dw2d, cp; got {impl!r}")
+        raise ValueError(f"impl must be one of dense, chain, dw2d, triton, cp; got {impl!r}")
     return 2.0 * macs, float((acts + weights) * bytes_per)
 
 

@@ -29,9 +29,12 @@ from torch import nn
 
 from rank1 import functional as R
 
-__all__ = ["TritonDepthwise1d", "available", "interpreter_enabled", "rank1_depthwise", "unavailable_reason"]
+__all__ = [
+    "TritonDepthwise1d", "available", "interpreter_enabled", "launch_plan", "rank1_depthwise", "unavailable_reason",
+]
 
 _BLOCK = 1024  # output elements per program (channel planes x positions)
+_NUM_WARPS = 8  # 4 outputs per thread: k x k loads in flight without spilling registers
 
 
 def interpreter_enabled() -> bool:
@@ -39,9 +42,14 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     """Why the kernel cannot run (on ``device``, or on any device when None); None when it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed"
     dev = None if device is None else torch.device(device)
     if dev is not None and dev.type not in ("cuda", "cpu"):
@@ -71,9 +79,8 @@ def _kernel() -> Any:
     @triton.jit
     def rank1_dw_kernel(
         x_ptr, b_ptr, c_ptr, bias_ptr, y_ptr,
-        NC, C,
-        sxn, sxc, sxh, sxw,
-        syn, syc, syh, syw,
+        NC, C, sxn, sxc, syn, syc,
+        SXH: tl.constexpr, SXW: tl.constexpr, SYH: tl.constexpr, SYW: tl.constexpr,
         H: tl.constexpr, W: tl.constexpr, H_OUT: tl.constexpr, W_OUT: tl.constexpr,
         PAD_H: tl.constexpr, PAD_W: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -89,23 +96,27 @@ def _kernel() -> Any:
         ow = p % W_OUT
         ch = nc % C
         n = (nc // C).to(tl.int64)
-        x_plane = x_ptr + n * sxn + ch.to(tl.int64) * sxc  # BLOCK_NC x 1 pointers
+        ih0 = oh * SH - PAD_H  # top-left input position of each output's window
+        iw0 = ow * SW - PAD_W
+        # One pointer per output; every tap is then base + a compile-time offset (the in-plane
+        # strides are constexpr), which keeps the address arithmetic out of the tap loop.
+        base = x_ptr + (n * sxn + ch.to(tl.int64) * sxc) + (ih0 * SXH + iw0 * SXW)  # BLOCK_NC x BLOCK_HW
         acc = tl.zeros([BLOCK_NC, BLOCK_HW], dtype=tl.float32)
         for j in tl.static_range(KW):
-            iw = ow * SW - PAD_W + j * DW
+            iw = iw0 + j * DW
             col_ok = nc_ok & p_ok & (iw >= 0) & (iw < W)
             v = tl.zeros([BLOCK_NC, BLOCK_HW], dtype=tl.float32)
             for i in tl.static_range(KH):  # the vertical pass, at this horizontal tap
-                ih = oh * SH - PAD_H + i * DH
+                ih = ih0 + i * DH
                 ok = col_ok & (ih >= 0) & (ih < H)
-                xv = tl.load(x_plane + ih * sxh + iw * sxw, mask=ok, other=0.0).to(tl.float32)
-                bi = tl.load(b_ptr + ch * KH + i, mask=nc_ok, other=0.0).to(tl.float32)
+                xv = tl.load(base + (i * DH * SXH + j * DW * SXW), mask=ok, other=0.0).to(tl.float32)
+                bi = tl.load(b_ptr + ch * KH + i, mask=nc_ok, other=0.0).to(tl.float32)  # BLOCK_NC x 1
                 v += bi * xv
             cj = tl.load(c_ptr + ch * KW + j, mask=nc_ok, other=0.0).to(tl.float32)
             acc += cj * v
         if HAS_BIAS:
             acc += tl.load(bias_ptr + ch, mask=nc_ok, other=0.0).to(tl.float32)
-        y_off = n * syn + ch.to(tl.int64) * syc + oh * syh + ow * syw
+        y_off = (n * syn + ch.to(tl.int64) * syc) + (oh * SYH + ow * SYW)
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=nc_ok & p_ok)
 
     return rank1_dw_kernel
@@ -145,9 +156,28 @@ def rank1_depthwise(
     is done by masking inside the kernel; the other padding modes pad with ``F.pad``
     first (one extra pass, as ``nn.Conv2d`` does too).
     """
-    reason = unavailable_reason(x.device)
-    if reason is not None:
-        raise RuntimeError(f"the fused triton depthwise kernel cannot run: {reason}")
+    if not (x.is_cuda and _triton_installed()):  # the per-call check stays cheap on the fast path
+        reason = unavailable_reason(x.device)
+        if reason is not None:
+            raise RuntimeError(f"the fused triton depthwise kernel cannot run: {reason}")
+    y, grid, args, meta = launch_plan(x, b, c, bias, stride, padding, dilation, padding_mode)
+    if y.numel():
+        _kernel()[grid](*args, **meta, num_warps=_NUM_WARPS)
+    return y
+
+
+def launch_plan(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: str | tuple[int, int],
+    dilation: tuple[int, int],
+    padding_mode: str = "zeros",
+) -> tuple[torch.Tensor, tuple[int, int], tuple[Any, ...], dict[str, Any]]:
+    """``(output, grid, runtime args, constexprs)`` of one launch, checked, without launching
+    (the tests also compile the kernel for a GPU from it, on a machine without one)."""
     if x.dim() != 4:
         raise ValueError(f"x must be N x C x H x W, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -166,29 +196,24 @@ def rank1_depthwise(
     w_out = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     if h_out < 1 or w_out < 1:
         raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw} with these padding/dilation")
-    # Plane-internal offsets stay in int32: fine below 2**31 elements per plane.
+    # In-plane offsets stay in int32: fine below 2**31 elements per plane.
     if max(abs(s) for s in x.stride()[2:]) * max(h, w) >= 2**31:
         raise ValueError("a single channel plane is too large for the fused kernel")
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
     y = torch.empty((n, o, h_out, w_out), device=x.device, dtype=x.dtype, memory_format=fmt)
-    if y.numel() == 0:
-        return y
-    b32 = b.detach().to(device=x.device, dtype=torch.float32).contiguous()
-    c32 = c.detach().to(device=x.device, dtype=torch.float32).contiguous()
-    bias32 = b32 if bias is None else bias.detach().to(device=x.device, dtype=torch.float32).contiguous()
+    # Factors go in as they are (the kernel widens them to fp32): no conversion launches per call.
+    b, c = b.detach().to(x.device).contiguous(), c.detach().to(x.device).contiguous()
+    bias = None if bias is None else bias.detach().to(x.device).contiguous()
     block_hw = _block_hw(h_out * w_out)
     block_nc = max(1, _BLOCK // block_hw)
     grid = (-(-n * o // block_nc), -(-h_out * w_out // block_hw))
-    _kernel()[grid](
-        x, b32, c32, bias32, y,
-        n * o, o,
-        *x.stride(), *y.stride(),
-        H=h, W=w, H_OUT=h_out, W_OUT=w_out, PAD_H=top, PAD_W=left,
-        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dw, HAS_BIAS=bias is not None,
-        BLOCK_NC=block_nc, BLOCK_HW=block_hw, num_warps=4,
-    )
-    return y
+    args = (x, b, c, b if bias is None else bias, y, n * o, o, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    meta = dict(SXH=x.stride(2), SXW=x.stride(3), SYH=y.stride(2), SYW=y.stride(3),
+                H=h, W=w, H_OUT=h_out, W_OUT=w_out, PAD_H=top, PAD_W=left,
+                KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dw, HAS_BIAS=bias is not None,
+                BLOCK_NC=block_nc, BLOCK_HW=block_hw)
+    return y, grid, args, meta
 
 
 class TritonDepthwise1d(nn.Module):

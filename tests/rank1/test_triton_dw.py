@@ -23,7 +23,15 @@ from rank1.autotune import candidate_impls
 from rank1.functional import depthwise_chain, pad_amounts
 from rank1.layers import IMPLS
 from rank1.models import build_model
-from rank1.triton_dw import TritonDepthwise1d, _block_hw, available
+from rank1.triton_dw import (
+    _NUM_WARPS,
+    TritonDepthwise1d,
+    _block_hw,
+    _kernel,
+    available,
+    interpreter_enabled,
+    launch_plan,
+)
 from tests.conftest import rel_err
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,3 +192,39 @@ def test_block_width_is_a_power_of_two_wasting_at_most_an_eighth(positions):
     assert width & (width - 1) == 0 and 16 <= width <= 1024
     padded = -(-positions // width) * width
     assert width == 16 or (padded - positions) * 8 <= padded
+
+
+_TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@pytest.mark.parametrize("dtype,size,k,stride,padding,dilation,channels_last", [
+    (torch.float32, 8, 3, 1, 1, 1, False),  # 16 planes per program
+    (torch.bfloat16, 56, 5, 1, 2, 1, False),  # 512 positions x 2 planes
+    (torch.float32, 32, 3, 1, 1, 1, False),  # one plane of 1024 per program
+    (torch.float16, 17, (3, 5), 2, "valid", 2, True),
+])
+def test_kernel_compiles_for_hopper_without_a_gpu(dtype, size, k, stride, padding, dilation, channels_last):
+    """The interpreter never runs Triton's compiler: compile for sm_90 (H100/H200) ahead of time,
+    through LLVM, PTX and ptxas, with the launch parameters a real call would use."""
+    triton = pytest.importorskip("triton")
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is set in this process: the kernel is an interpreted function")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:  # pragma: no cover - a triton whose AOT API moved
+        pytest.skip(f"this triton has no ASTSource/GPUTarget: {e}")
+    kh, kw = _pair(k)
+    x = torch.empty(2, 16, size, size, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    p = padding if isinstance(padding, str) else _pair(padding)
+    _, _, args, meta = launch_plan(x, torch.randn(16, kh), torch.randn(16, kw), torch.randn(16), _pair(stride), p,
+                                   _pair(dilation))
+    names = list(_kernel().arg_names)
+    sig = {n: (f"*{_TT[a.dtype]}" if isinstance(a, torch.Tensor) else "i32") for n, a in zip(names, args)}
+    sig.update({n: "constexpr" for n in meta})
+    assert list(sig) == names, "launch_plan's arguments no longer match the kernel's"
+    src = ASTSource(fn=_kernel(), signature=sig, constexprs={(names.index(n),): v for n, v in meta.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": _NUM_WARPS})
+    assert len(compiled.asm["cubin"]) > 0
