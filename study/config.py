@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -100,7 +101,8 @@ class StudyConfig:
     max_failures: int = _f(2, "retries of a trial whose worker died (from its last checkpoint)")
     resources: Resources = _f(Resources(), "per-trial resources")
     home: str = _f("", "study home: state, logs, embedded stores (default runs/NAME)")
-    tracking_uri: str | None = _f(None, "MLflow tracking server URL; unset: one is started on 127.0.0.1")
+    tracking_uri: str | None = _f(None, "MLflow tracking server URL; unset: $MLFLOW_TRACKING_URI, else one is "
+                                  "started on 127.0.0.1")
     storage: str | None = _f(None, "Optuna RDB storage URL; unset: SQLite in the study home")
     storage_path: str | None = _f(None, "Ray Tune trial storage (shared on a cluster); unset: the study home")
     registered_model: str | None = _f(None, "registry name (default NAME-decomposed)")
@@ -224,4 +226,6 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
     data = load_yaml(path)
     if overrides:
         data.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(data, dict) and not data.get("tracking_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
+        data["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]  # MLflow's own variable, as every client reads it
     return from_dict(StudyConfig, data)

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# A developer's own tracking server must not receive the tests' runs (studies fall back to it).
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(autouse=True)

@@ -86,10 +86,12 @@ def test_authenticated_tracking_server(tmp_path, monkeypatch):
         p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=120)
         assert p.returncode == 2 and "asks for credentials" in p.stderr, p.stderr
 
-        # The right ones: the study logs, registers and reports.
-        path = write_study(tmp_path, name="authok", tracking_uri=url)
-        p = cli("study", "run", str(path))
+        # The right ones: the study logs, registers and reports (the server named by MLflow's own
+        # variable, as on a cluster node whose environment sets it).
+        path = write_study(tmp_path, name="authok")
+        p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_URI": url})
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert not (tmp_path / "home" / "mlflow.db").exists()  # no embedded server
         with mlflow_client(tmp_path / "home", url) as (client, _):
             runs = trial_runs(client, "authok")
             assert len(runs) == 4 and all(r.data.tags["rank1.status"] == "finished" for r in runs)
