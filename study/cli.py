@@ -58,7 +58,8 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 
     if not Path(args.study).is_file():
         raise CliError(f"STUDY: {args.study!r} does not exist")
-    overrides = {"home": args.home} if args.home else None
+    overrides = {k: getattr(args, k) for k in ("home", "tracking_uri", "storage", "storage_path")
+                 if getattr(args, k)} or None
     run_study(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides)
     return 0
 
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--home", help="study home (default: the file's home, or runs/NAME)")
     run.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
     run.add_argument("--keep-ui", action="store_true", help="keep the embedded MLflow server up at the end")
+    run.add_argument("--tracking-uri", help="override the file's tracking_uri (the same study on another site)")
+    run.add_argument("--storage", help="override the file's storage (Optuna RDB URL; password from PGPASSWORD)")
+    run.add_argument("--storage-path", help="override the file's storage_path (Tune trial storage)")
     run.set_defaults(func=cmd_study_run)
     resume = ssub.add_parser("resume", help=cmd_study_resume.__doc__, description=cmd_study_resume.__doc__)
     resume.add_argument("home", metavar="STUDY_HOME")
