@@ -52,15 +52,21 @@ def _home_tracking(args: argparse.Namespace):
     return ctx()
 
 
+def _check_node_wait(args: argparse.Namespace) -> None:
+    if args.node_wait < 0:
+        raise CliError(f"--node-wait: {args.node_wait:g} is not allowed (allowed: seconds >= 0)")
+
+
 def cmd_study_run(args: argparse.Namespace) -> int:
     """Run a study: Optuna search through Ray Tune, both arms per trial, all in MLflow."""
     from study.driver import run_study
 
     if not Path(args.study).is_file():
         raise CliError(f"STUDY: {args.study!r} does not exist")
+    _check_node_wait(args)
     overrides = {k: getattr(args, k) for k in ("home", "tracking_uri", "storage", "storage_path")
                  if getattr(args, k)} or None
-    run_study(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides)
+    run_study(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides, node_wait_s=args.node_wait)
     return 0
 
 
@@ -68,7 +74,8 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
     """Continue a stopped or killed study from its home."""
     from study.driver import resume_study
 
-    resume_study(args.home, address=args.address, keep_ui=args.keep_ui)
+    _check_node_wait(args)
+    resume_study(args.home, address=args.address, keep_ui=args.keep_ui, node_wait_s=args.node_wait)
     return 0
 
 
@@ -103,7 +110,8 @@ def cmd_study_submit(args: argparse.Namespace) -> int:
 
     if not Path(args.study).is_file():
         raise CliError(f"STUDY: {args.study!r} does not exist")
-    job_id = jobs.submit(args.study, args.address)
+    _check_node_wait(args)
+    job_id = jobs.submit(args.study, args.address, args.node_wait)
     print(f"submitted job {job_id}", flush=True)
     if not args.wait:
         print(f"follow it with: rank1 study logs {job_id} --address {args.address}")
@@ -245,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study", metavar="STUDY.yaml")
     run.add_argument("--home", help="study home (default: the file's home, or runs/NAME)")
     run.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    run.add_argument("--node-wait", type=float, default=600.0, metavar="SECONDS",
+                    help="with --address: how long to wait for a node that fits a trial (default 600)")
     run.add_argument("--keep-ui", action="store_true", help="keep the embedded MLflow server up at the end")
     run.add_argument("--tracking-uri", help="override the file's tracking_uri (the same study on another site)")
     run.add_argument("--storage", help="override the file's storage (Optuna RDB URL; password from PGPASSWORD)")
@@ -253,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume = ssub.add_parser("resume", help=cmd_study_resume.__doc__, description=cmd_study_resume.__doc__)
     resume.add_argument("home", metavar="STUDY_HOME")
     resume.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    resume.add_argument("--node-wait", type=float, default=600.0, metavar="SECONDS",
+                    help="with --address: how long to wait for a node that fits a trial (default 600)")
     resume.add_argument("--keep-ui", action="store_true")
     resume.set_defaults(func=cmd_study_resume)
     status = ssub.add_parser("status", help=cmd_study_status.__doc__, description=cmd_study_status.__doc__)
@@ -264,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("study", metavar="STUDY.yaml")
     submit.add_argument("--address", required=True, help="the head's Ray dashboard URL, e.g. http://HEAD:8265")
     submit.add_argument("--wait", action="store_true", help="stream the logs; exit with the job's status")
+    submit.add_argument("--node-wait", type=float, default=600.0, metavar="SECONDS",
+                        help="how long the study waits for a node that fits a trial (default 600)")
     submit.set_defaults(func=cmd_study_submit)
     for name, fn in (("jobs", cmd_study_jobs), ("logs", cmd_study_logs), ("stop", cmd_study_stop)):
         sp = ssub.add_parser(name, help=fn.__doc__, description=fn.__doc__)

@@ -67,12 +67,32 @@ def preflight(cfg: StudyConfig, address: str | None = None) -> None:
     check_storage(cfg.storage_url)
 
 
-def check_cluster_resources(cfg: StudyConfig) -> None:
+def _fits(resources: dict, cfg: StudyConfig) -> bool:
+    return resources.get("CPU", 0) >= cfg.resources.cpu and resources.get("GPU", 0) >= cfg.resources.gpu
+
+
+def _node_groups_that_fit(cfg: StudyConfig) -> list[str] | None:
+    """Autoscaler node groups (KubeRay, autoscaler v2) that could run a trial; None when the
+    cluster does not publish them (a fixed cluster, or Ray's v1 autoscaler)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # a private API: its absence only means "unknown"
+        return None
+    if not config or not config.node_group_configs:
+        return None
+    return [g.name for g in config.node_group_configs if g.max_count != 0 and _fits(dict(g.resources), cfg)]
+
+
+def check_cluster_resources(cfg: StudyConfig, node_wait_s: float = 600.0) -> None:
     """On a cluster: stores every node can reach, and a node that can run a trial.
 
     Trials on other hosts need a tracking server and a trial storage they can reach:
-    without them, an error before any trial starts. No node that fits a trial is only a warning: an autoscaling cluster (``ray_cluster.yaml`` starts GPU workers from
-    zero) adds such nodes on demand, which the alive nodes alone cannot tell.
+    without them, an error before any trial starts. When no live node fits a trial, an
+    autoscaler may still add one: the driver waits up to ``node_wait_s`` for it, then fails
+    with what the cluster has; a cluster whose node groups (KubeRay, autoscaler v2) cannot
+    fit a trial at all fails at once. Never a study that waits forever.
     """
     import ray
 
@@ -90,13 +110,29 @@ def check_cluster_resources(cfg: StudyConfig) -> None:
             f"storage_path: unset, so trial checkpoints would go to {cfg.tune_path} on this machine, which the "
             f"cluster's other hosts ({', '.join(elsewhere)}) cannot write; set a shared path (NFS) or s3://bucket/path"
         )
-    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= cfg.resources.cpu
-            and n["Resources"].get("GPU", 0) >= cfg.resources.gpu]
-    if not fits:
-        total = ray.cluster_resources()
-        print(f"warning: no node of this Ray cluster has {cfg.resources.cpu} CPU and {cfg.resources.gpu} GPU for a "
-              f"trial right now (cluster: {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU); trials wait "
-              "until the autoscaler adds such a node, or forever on a fixed cluster", flush=True)
+    want = f"{cfg.resources.cpu:g} CPU and {cfg.resources.gpu:g} GPU"
+    if any(_fits(n["Resources"], cfg) for n in nodes):
+        return
+    groups = _node_groups_that_fit(cfg)
+    total = ray.cluster_resources()
+    have = f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
+    if groups == []:
+        raise ConfigError(
+            f"resources: no node of this Ray cluster, and no node group its autoscaler may add, has {want} "
+            f"for a trial (cluster now: {have}); lower resources.cpu / resources.gpu or add a node group"
+        )
+    print(f"waiting up to {node_wait_s:g} s for a node with {want} for a trial (cluster now: {have}; "
+          f"{'node groups that fit: ' + ', '.join(groups) if groups else 'an autoscaler may add one'})", flush=True)
+    deadline = time.monotonic() + node_wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+        if any(_fits(n["Resources"], cfg) for n in ray.nodes() if n.get("Alive")):
+            return
+    raise ConfigError(
+        f"resources: no node with {want} for a trial joined this Ray cluster within {node_wait_s:g} s "
+        f"(cluster now: {have}); lower resources.cpu / resources.gpu, add such a node, or wait longer "
+        "with --node-wait SECONDS"
+    )
 
 
 # ------------------------------------------------------------------------------------ services
@@ -299,7 +335,8 @@ def _write_home(cfg: StudyConfig, study_text: str) -> None:
 
 
 def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool = False,
-              overrides: dict[str, Any] | None = None, resume: bool = False) -> StudyOutcome:
+              overrides: dict[str, Any] | None = None, resume: bool = False,
+              node_wait_s: float = 600.0) -> StudyOutcome:
     """Run (or with ``resume``, continue) the study described by ``study_file``."""
     study_text = Path(study_file).read_text()
     cfg = load_study(study_file, overrides)
@@ -322,7 +359,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
     # Ray first: on a cluster, what its nodes can reach is checked before the home is written.
     with start_ray(home, address):
         if address:
-            check_cluster_resources(cfg)
+            check_cluster_resources(cfg, node_wait_s)
         _write_home(cfg, study_text)
         with tracking(cfg, keep_ui) as uri:
             client = MlflowClient(uri)
@@ -356,12 +393,14 @@ def _report(cfg: StudyConfig, uri: str) -> None:
         print(f"report: could not be built ({type(e).__name__}: {e}); retry with `rank1 study report {cfg.home_path}`")
 
 
-def resume_study(home: str | Path, address: str | None = None, keep_ui: bool = False) -> StudyOutcome:
+def resume_study(home: str | Path, address: str | None = None, keep_ui: bool = False,
+                 node_wait_s: float = 600.0) -> StudyOutcome:
     """Continue a stopped or killed study from its home."""
     home = Path(home).expanduser().resolve()
     if not (home / STUDY_FILE).exists():
         raise ConfigError(f"home: {str(home)!r} is not a study home (no {STUDY_FILE} in it)")
-    return run_study(home / STUDY_FILE, address, keep_ui, overrides={"home": str(home)}, resume=True)
+    return run_study(home / STUDY_FILE, address, keep_ui, overrides={"home": str(home)}, resume=True,
+                     node_wait_s=node_wait_s)
 
 
 # ------------------------------------------------------------------------------------ the end

@@ -43,7 +43,7 @@ def client(address: str):
                           f"{str(e).splitlines()[0][:300]})") from None
 
 
-def submit(study_file: str | Path, address: str) -> str:
+def submit(study_file: str | Path, address: str, node_wait_s: float = 600.0) -> str:
     """Validate the study here, then submit it; returns the job id."""
     from study.config import load_study
 
@@ -51,7 +51,7 @@ def submit(study_file: str | Path, address: str) -> str:
     cfg = load_study(path)  # a bad study fails here, before anything reaches the cluster
     c = client(address)
     return c.submit_job(
-        entrypoint=f"rank1 study run {path.name} --address auto",
+        entrypoint=f"rank1 study run {path.name} --address auto --node-wait {node_wait_s:g}",
         runtime_env={"working_dir": str(path.parent), "excludes": ["runs/", ".venv/", "*.db"]},
         metadata={"rank1.study": cfg.name},
         entrypoint_num_cpus=0,

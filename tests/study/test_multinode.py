@@ -73,6 +73,18 @@ def test_stores_other_hosts_cannot_reach_are_refused_before_any_work(tmp_path, c
     assert p.returncode == 2 and "cannot reach the MLflow server at http://127.0.0.1:1" in p.stderr, p.stderr
 
 
+def test_a_trial_no_node_can_fit_fails_instead_of_waiting_forever(tmp_path, cluster):
+    address, env, _ = cluster
+    path = write_study(tmp_path, name="nogpu", resources={"cpu": 1, "gpu": 1}, storage_path=str(tmp_path / "shared"))
+    with tracking_server(tmp_path / "server") as url:
+        p = cli("study", "run", str(path), "--address", address, "--node-wait", "3", "--tracking-uri", url,
+                env=env, timeout=180)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "waiting up to 3 s for a node with 1 CPU and 1 GPU" in p.stdout
+    assert "resources: no node with 1 CPU and 1 GPU for a trial joined this Ray cluster within 3 s" in p.stderr
+    assert "(cluster now: 2 CPU, 0 GPU)" in p.stderr and not (tmp_path / "home" / "study.yaml").exists()
+
+
 def test_a_cluster_that_wants_a_token_says_so(tmp_path, cluster):
     address, env, _ = cluster
     path = write_study(tmp_path, name="notoken")
