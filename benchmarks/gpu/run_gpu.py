@@ -137,6 +137,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --cuda-graphs: every timed call is the replay of a CUDA graph captured from it, so what is
+# measured is the kernels alone, without the per-launch CPU cost (what a deployed model
+# captured with CUDA graphs or torch.compile(mode="reduce-overhead") pays).
+CUDA_GRAPHS = False
+
+
+def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # cuDNN's algorithm search and Triton's compile happen here, not in the graph
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 @torch.inference_mode()
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, sample_ms: float) -> dict[str, float]:
     """First-call time, then the median/p10/p90 per call over ``repeats`` samples of
@@ -145,6 +164,8 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, sample_
     fn()
     _sync(device)
     first_ms = (time.perf_counter() - t) * 1e3
+    if CUDA_GRAPHS and device.type == "cuda":
+        fn = _graphed(fn)
     fn()
     _sync(device)
     t = time.perf_counter()
@@ -412,6 +433,9 @@ def markdown(d: dict[str, Any]) -> str:
                  f"CUDA {env.get('cuda', '—')}, cuDNN {env.get('cudnn_version', '—')}, triton {env.get('triton')}. "
                  f"cudnn.benchmark={cud.get('benchmark')}, cudnn.deterministic={cud.get('deterministic')}, "
                  f"cudnn.allow_tf32={cud.get('allow_tf32')}, matmul.allow_tf32={env.get('matmul_allow_tf32')}: "
+                 + ("**Times are CUDA-graph replays** (--cuda-graphs: kernels only, no launch cost). "
+                    if cfg.get("cuda_graphs") and cfg.get("device") == "cuda" else
+                    "Times are eager calls (launch cost included). ")
                  + ("**fp32 rows use TF32** tensor cores (--tf32)." if cfg.get("tf32") else
                     "**fp32 rows are true fp32 (TF32 off)**; dense-tf32 columns show cuDNN with TF32 on "
                     "(PyTorch's default for convolutions), for reference."))
@@ -531,6 +555,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--tf32", action="store_true",
                    help="allow TF32 for fp32 convs and matmuls (default: off, so fp32 is true fp32)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time CUDA-graph replays (kernels only, no per-launch CPU cost)")
     p.add_argument("--max-dense-ms", type=float, default=200.0,
                    help="skip a grid point whose dense fp32 conv would take longer than this at the fp32 peak")
     p.add_argument("--max-mem-gb", type=float, default=8.0, help="skip a grid point needing more activation memory")
@@ -547,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = args.cuda_graphs
     cfg = QUICK if args.quick else FULL
     rec = Recorder(args.out, {
         "status": "running", "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -574,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, device: torch.device, cfg: dict[str, Any], rec: Recorder) -> None:
     d = rec.data
     log(f"device {d['environment'].get('gpu', device)}, torch {torch.__version__}, triton "
-        f"{d['environment']['triton']}, TF32 {'on' if args.tf32 else 'off'}, cudnn.benchmark on")
+        f"{d['environment']['triton']}, TF32 {'on' if args.tf32 else 'off'}, cudnn.benchmark on, "
+        f"CUDA graphs {'on' if args.cuda_graphs else 'off'}")
     try:
         d["peaks"] = peaks(device, args.quick, args.tf32)
         pk = d["peaks"]
