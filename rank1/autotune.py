@@ -21,9 +21,13 @@ from torch import nn
 
 from rank1.layers import IMPLS, Flat1dConv2d, Rank1Conv2d, available_impls
 
-__all__ = ["cache_path", "candidate_impls", "device_key", "layer_key", "pick_impls"]
+__all__ = ["DENSE", "build_impl", "cache_path", "candidate_impls", "device_key", "layer_key", "pick_impls"]
 
 DEFAULT_IMPL = "chain"
+# The layer's own function as one dense conv of the composed kernel: where per-call
+# overhead dominates (few channels, small images, batch 1) it beats every 1-D form, and
+# "auto" is then never slower than the dense model.
+DENSE = "dense"
 
 
 def cache_path() -> Path:
@@ -56,12 +60,18 @@ def _load(path: Path) -> dict[str, dict[str, str]]:
 
 
 def candidate_impls(device: torch.device) -> tuple[str, ...]:
-    """What :func:`pick_impls` measures on ``device``: the portable :data:`IMPLS`, plus
-    ``"triton"`` on CUDA where triton is installed (never on CPU, even under the
+    """What :func:`pick_impls` measures on ``device``: the portable :data:`IMPLS` and
+    ``"dense"`` (the composed kernel as one conv), plus ``"triton"`` on CUDA where triton is installed (never on CPU, even under the
     interpreter: it exists there for tests, not speed)."""
+    base = (*IMPLS, DENSE)
     if device.type == "cuda" and "triton" in available_impls(device):
-        return (*IMPLS, "triton")
-    return IMPLS
+        return (*base, "triton")
+    return base
+
+
+def build_impl(layer: Rank1Conv2d | Flat1dConv2d, impl: str) -> nn.Module:
+    """The inference module of ``layer`` for one of :func:`candidate_impls`."""
+    return layer.dense_conv().eval() if impl == DENSE else layer.decompose(impl=impl)
 
 
 def _measure(layer, shape, device, dtype, repeats: int) -> str:
@@ -71,10 +81,10 @@ def _measure(layer, shape, device, dtype, repeats: int) -> str:
     times = {}
     for impl in candidate_impls(device):
         try:
-            m = layer.decompose(impl=impl).to(device=device, dtype=dtype).eval()
+            m = build_impl(layer, impl).to(device=device, dtype=dtype).eval()
             times[impl] = time_forward(m, x, warmup=2, repeats=repeats).median_ms
         except Exception:  # an accelerator impl that fails to compile here is just not picked
-            if impl in IMPLS:
+            if impl in (*IMPLS, DENSE):
                 raise
     return min(times, key=times.get)
 

@@ -111,20 +111,20 @@ def decompose_model(
     ``"triton"`` (1x1, then both depthwise passes in one fused Triton kernel: CUDA
     inference benchmarks only, not exportable) or ``"auto"``: the fastest available one
     per layer shape, measured once on ``example`` (on its device) and cached
-    (:mod:`rank1.autotune`; ``"triton"`` is a candidate only on CUDA); without
-    ``example``, "auto" falls back to ``"chain"``. Every choice computes the same function.
+    (:mod:`rank1.autotune`; ``"triton"`` is a candidate only on CUDA), including the
+    composed kernel as one dense conv where that is fastest (small layers at batch 1),
+    so "auto" is never slower than the dense model; without ``example``, "auto" falls
+    back to ``"chain"``. Every choice computes the same function.
     """
     if impl not in (*ALL_IMPLS, "auto"):
         raise ValueError(f"impl must be one of {(*ALL_IMPLS, 'auto')}, got {impl!r}")
-    choices: dict[str, str] = {}
-    if impl == "auto" and example is not None:
-        from rank1.autotune import pick_impls
+    from rank1.autotune import build_impl, pick_impls
 
-        choices = pick_impls(model, example, cache)
+    choices = pick_impls(model, example, cache) if impl == "auto" and example is not None else {}
     default = "chain" if impl == "auto" else impl
     out = copy.deepcopy(model)
     for name, layer in list(rank1_layers(out)):
-        new = layer.decompose(impl=choices.get(name, default))
+        new = build_impl(layer, choices.get(name, default))
         if not name:  # the model is a single rank-1 layer
             return new.eval()
         parent_name, _, child = name.rpartition(".")

@@ -34,7 +34,7 @@ def test_auto_picks_per_layer_caches_and_never_changes_outputs(tmp_path):
     fast = decompose_model(model, "auto", example=x, cache=cache)
     data = json.loads(cache.read_text())
     entry = data[device_key(x.device)]
-    assert len(entry) == 3 and set(entry.values()) <= set(IMPLS)  # three distinct layer shapes
+    assert len(entry) == 3 and set(entry.values()) <= {*IMPLS, "dense"}  # three distinct layer shapes
     with torch.no_grad():
         assert rel_err(fast(x), dense_model(model)(x)) <= 1e-5
     # The second time nothing is measured: a doctored cache entry is used as is.
@@ -43,6 +43,12 @@ def test_auto_picks_per_layer_caches_and_never_changes_outputs(tmp_path):
     choices = pick_impls(model, x, cache)
     assert set(choices.values()) == {"dw2d"}
     assert decompose_model(model, "auto").features[0].pointwise is not None  # no example: the safe default
+    # A layer where the dense conv of the composed kernel is fastest becomes that conv.
+    cache.write_text(json.dumps({device_key(x.device): {k: "dense" for k in entry}}))
+    as_dense = decompose_model(model, "auto", example=x, cache=cache)
+    assert type(as_dense.features[0]) is torch.nn.Conv2d
+    with torch.no_grad():
+        assert rel_err(as_dense(x), dense_model(model)(x)) <= 1e-5
     with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'auto'\)"):
         decompose_model(model, "fastest")
 
