@@ -202,7 +202,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not (home / "mlflow.db").exists():
         raise CliError(f"--home: {str(home)!r} has no embedded MLflow store (mlflow.db); run a study there first")
     server = MlflowServer(home, host=args.host, port=args.port).start()
-    print(f"MLflow UI: {server.url}  (Ctrl-C to stop)", flush=True)
+    return _serve(server, f"MLflow UI: {server.url}  (Ctrl-C to stop)")
+
+
+def _serve(server, line: str) -> int:
+    """Announce a started server and keep it up until Ctrl-C."""
+    print(line, flush=True)
     try:
         server.wait()
     except KeyboardInterrupt:
@@ -220,9 +225,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     check_no_secret("--backend-store-uri", args.backend_store_uri, "PGPASSWORD (or ~/.pgpass)")
     check_no_secret("--auth-db-uri", args.auth_db_uri, "PGPASSWORD (or ~/.pgpass)")
-    for uri in (args.backend_store_uri, args.auth_db_uri):
+    for field, uri in (("--backend-store-uri", args.backend_store_uri), ("--auth-db-uri", args.auth_db_uri)):
         if uri:
-            check_storage(uri)
+            check_storage(uri, field)
     home = Path(args.home).expanduser().resolve()
     try:
         server = MlflowServer(home, host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
@@ -231,15 +236,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         raise CliError(str(e)) from None
     auth = " with basic auth (admin: $MLFLOW_TRACKING_USERNAME)" if args.auth else ""
-    print(f"MLflow tracking server: http://{args.host}:{server.port}{auth}; log in {home / 'mlflow-server.log'} "
-          "(Ctrl-C to stop)", flush=True)
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+    return _serve(server, f"MLflow tracking server: http://{args.host}:{server.port}{auth}; log in "
+                          f"{home / 'mlflow-server.log'} (Ctrl-C to stop)")
 
 
 def build_parser() -> argparse.ArgumentParser:

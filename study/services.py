@@ -111,7 +111,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         raise ConfigError(f"tracking_uri: cannot reach the MLflow server at {uri} ({e})") from None
 
 
-def check_storage(url: str, timeout: int = 5) -> None:
+def check_storage(url: str, field: str = "storage", timeout: int = 5) -> None:
     """Fail fast on a database URL that is malformed, lacks its driver, or cannot be reached.
 
     SQLite files are created on first use; a server database (PostgreSQL, MySQL) is
@@ -122,7 +122,7 @@ def check_storage(url: str, timeout: int = 5) -> None:
 
         parsed = make_url(url)
     except Exception as e:  # sqlalchemy's own error types vary by version
-        raise ConfigError(f"storage: {url!r} is not a database URL ({e})") from None
+        raise ConfigError(f"{field}: {url!r} is not a database URL ({e})") from None
     if parsed.get_backend_name() == "sqlite":
         return
     import sqlalchemy
@@ -133,14 +133,14 @@ def check_storage(url: str, timeout: int = 5) -> None:
         engine = sqlalchemy.create_engine(parsed, connect_args=args)
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
         raise ConfigError(
-            f"storage: no database driver for {shown} ({e}); install it with pip install 'rank1-study[cluster]'"
+            f"{field}: no database driver for {shown} ({e}); install it with pip install 'rank1-study[cluster]'"
         ) from None
     try:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as e:
         reason = str(getattr(e, "orig", e)).strip().splitlines()[0]
-        raise ConfigError(f"storage: cannot connect to {shown} ({reason})") from None
+        raise ConfigError(f"{field}: cannot connect to {shown} ({reason})") from None
     finally:
         engine.dispose()
 

@@ -109,3 +109,15 @@ def test_authenticated_tracking_server(tmp_path, monkeypatch):
         for root in (tmp_path / "home", ray_temp_dir(tmp_path / "home"), server_home):
             if root.exists():
                 assert _files_containing(root, secret) == [], root
+
+
+def test_rank1_server_refuses_bad_stores_before_starting(tmp_path):
+    p = cli("server", "--home", str(tmp_path / "s"), "--backend-store-uri", "postgresql://rank1@127.0.0.1:1/mlflow",
+            timeout=60)
+    assert p.returncode == 2 and "--backend-store-uri: cannot connect to postgresql://rank1@127.0.0.1:1/mlflow" in p.stderr
+    p = cli("server", "--home", str(tmp_path / "s"), "--backend-store-uri", "postgresql://rank1:pw@db/mlflow",
+            timeout=60)
+    assert p.returncode == 2 and "--backend-store-uri: the URL carries a password" in p.stderr
+    p = cli("server", "--home", str(tmp_path / "s"), "--auth", env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=60)
+    assert p.returncode == 2 and "--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in p.stderr
+    assert not (tmp_path / "s" / "mlflow-server.json").exists()
