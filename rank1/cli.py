@@ -352,7 +352,8 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
     warnings.filterwarnings("ignore", module="tensorly")
     t0 = time.perf_counter()
     peaks = measure_peaks(device)
-    console.print(f"peak: {peaks.gflops:.0f} GFLOP/s fp32 GEMM, {peaks.gbytes_per_s:.1f} GB/s copy")
+    console.print(f"peak: {peaks.gflops:.0f} GFLOP/s fp32 GEMM, {peaks.gbytes_per_s:.1f} GB/s copy, "
+                  f"{1e3 * peaks.call_ms:.1f} µs per conv call")
     grid = [(c, k, s, b) for b in (args.batches or GRID_BATCHES) for k in GRID_KERNELS for c in GRID_CHANNELS
             for s in GRID_SIZES if b * s * s * c * c * k * k <= args.max_gmac * 1e9]
     if args.smoke:

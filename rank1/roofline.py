@@ -7,6 +7,10 @@ activations (a read and a write per convolution) and the weights once. The fract
 of that bound a measurement reaches says how much is left to gain — and, for the
 memory-bound decomposed layers at large images, that fewer passes over memory, not
 fewer FLOPs, is the way forward.
+
+At small shapes a second floor dominates: every convolution call costs a fixed few
+microseconds of dispatch and allocation (:func:`measure_call_floor`), which the
+decomposed form pays two or three times; :func:`bound_with_calls_ms` adds it.
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Peaks", "impl_cost", "measure_peaks"]
+__all__ = ["CALLS", "Peaks", "bound_with_calls_ms", "impl_cost", "measure_call_floor", "measure_peaks"]
 
 
 @dataclass(frozen=True)
 class Peaks:
     gflops: float  # fp32 multiply-add throughput, counted as 2 FLOPs per MAC
     gbytes_per_s: float  # copy bandwidth, bytes read + written
+    call_ms: float = 0.0  # the fixed cost of one conv call that does almost no work
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+# Framework calls (convolutions) per forward of each implementation.
+CALLS = {"dense": 1, "chain": 3, "dw2d": 2, "triton": 2, "cp": 4}
 
 
 def _best_time(fn, repeats: int, device: torch.device) -> float:
@@ -56,7 +65,28 @@ def measure_peaks(device: torch.device | str = "cpu", dtype: torch.dtype = torch
     dst = torch.empty_like(src)
     t = _best_time(lambda: dst.copy_(src), repeats, device)
     bw = 2 * src.numel() * src.element_size() / t
-    return Peaks(flops / 1e9, bw / 1e9)
+    return Peaks(flops / 1e9, bw / 1e9, measure_call_floor(device))
+
+
+@torch.inference_mode()
+def measure_call_floor(device: torch.device | str = "cpu", calls: int = 200, repeats: int = 5) -> float:
+    """Milliseconds per call of a 1x1 conv on a 1x1x1x1 input: the dispatch, allocation
+    and launch cost every convolution pays however small, which the roofline ignores."""
+    device = torch.device(device)
+    conv = torch.nn.Conv2d(1, 1, 1).to(device).eval()
+    x = torch.randn(1, 1, 1, 1, device=device)
+
+    def many() -> None:
+        for _ in range(calls):
+            conv(x)
+
+    return 1e3 * _best_time(many, repeats, device) / calls
+
+
+def bound_with_calls_ms(impl: str, bound: float, peaks: Peaks) -> float:
+    """The roofline bound plus the fixed cost of the implementation's calls: a floor no
+    framework-level implementation of the layer gets under."""
+    return bound + CALLS[impl] * peaks.call_ms
 
 
 def impl_cost(impl: str, c_in: int, c_out: int, k: int, h: int, w: int, batch: int,

@@ -60,8 +60,12 @@ def test_roofline_costs_and_peaks():
     assert flops_d == 2 * 2 * 256 * 64 * 64 * 9 and flops_c < flops_w < flops_d
     assert bytes_w < bytes_c  # one pass over the activation fewer
     peaks = measure_peaks(gemm=256, copy_mb=16, repeats=2)
-    assert peaks.gflops > 0.1 and peaks.gbytes_per_s > 0.1
+    assert peaks.gflops > 0.1 and peaks.gbytes_per_s > 0.1 and 0 < peaks.call_ms < 10
     assert bound_ms(flops_d, bytes_d, peaks) > 0
+    from rank1.roofline import bound_with_calls_ms
+
+    b = bound_ms(flops_c, bytes_c, peaks)
+    assert bound_with_calls_ms("chain", b, peaks) == pytest.approx(b + 3 * peaks.call_ms)
 
 
 @pytest.mark.slow
@@ -73,6 +77,6 @@ def test_bench_grid_smoke(tmp_path):
     assert len(data["layers"]) == 2 and data["peaks"]["gflops"] > 0
     row = data["layers"][0]
     assert {"dense", "dense-cl", "chain", "chain-cl", "dw2d", "dw2d-cl"} <= set(row["times_ms"])
-    assert 0 < row["fraction_of_bound"] and row["flop_ratio"] > 1
+    assert 0 < row["fraction_of_bound"] < row["fraction_of_bound_with_calls"] and row["flop_ratio"] > 1
     assert data["projection"]["fraction_of_epoch"] > 0
     assert "| C=O | k | HxW |" in (tmp_path / "grid.md").read_text()
