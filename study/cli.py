@@ -148,13 +148,9 @@ def cmd_study_stop(args: argparse.Namespace) -> int:
 
 def cmd_study_report(args: argparse.Namespace) -> int:
     """Build the study report (HTML + PNGs) into HOME/report and log it to the parent run."""
-    from study.config import load_study
-    from study.driver import STUDY_FILE
+    from study.driver import load_home
 
-    home = Path(args.home).expanduser().resolve()
-    if not (home / STUDY_FILE).exists():
-        raise CliError(f"STUDY_HOME: {str(home)!r} is not a study home (no {STUDY_FILE} in it)")
-    cfg = load_study(home / STUDY_FILE, {"home": str(home)})
+    cfg = load_home(args.home)
     args.tracking_uri = getattr(args, "tracking_uri", None) or cfg.tracking_uri
     from dashboards.report import report_study
 

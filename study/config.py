@@ -221,11 +221,16 @@ class StudyConfig:
         return to_dict(self)
 
 
-def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read and validate a study file (``yaml.safe_load``; nothing in it is executed)."""
+def load_study(path: str | Path, overrides: dict[str, Any] | None = None, env_fallback: bool = True) -> StudyConfig:
+    """Read and validate a study file (``yaml.safe_load``; nothing in it is executed).
+
+    ``env_fallback``: an unset ``tracking_uri`` is taken from ``$MLFLOW_TRACKING_URI``
+    (not on resume, which keeps the locations the study started with).
+    """
     data = load_yaml(path)
     if overrides:
         data.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(data, dict) and not data.get("tracking_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
+    if (env_fallback and isinstance(data, dict) and not data.get("tracking_uri")
+            and os.environ.get("MLFLOW_TRACKING_URI")):
         data["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]  # MLflow's own variable, as every client reads it
     return from_dict(StudyConfig, data)

@@ -29,6 +29,7 @@ from study.trial import TAG_STATUS, TAG_TRIAL, load_checkpoint
 __all__ = ["StudyOutcome", "preflight", "resume_study", "run_study", "study_status"]
 
 STATE_FILE = "state.json"
+LOCATIONS = ("tracking_uri", "storage", "storage_path")  # where a study's state lives, fixed at its start
 STUDY_FILE = "study.yaml"
 
 
@@ -336,10 +337,10 @@ def _write_home(cfg: StudyConfig, study_text: str) -> None:
 
 def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool = False,
               overrides: dict[str, Any] | None = None, resume: bool = False,
-              node_wait_s: float = 600.0) -> StudyOutcome:
+              node_wait_s: float = 600.0, env_fallback: bool = True) -> StudyOutcome:
     """Run (or with ``resume``, continue) the study described by ``study_file``."""
     study_text = Path(study_file).read_text()
-    cfg = load_study(study_file, overrides)
+    cfg = load_study(study_file, overrides, env_fallback)
     preflight(cfg, address)
     home = cfg.home_path
     state_path = home / STATE_FILE
@@ -396,11 +397,36 @@ def _report(cfg: StudyConfig, uri: str) -> None:
 def resume_study(home: str | Path, address: str | None = None, keep_ui: bool = False,
                  node_wait_s: float = 600.0) -> StudyOutcome:
     """Continue a stopped or killed study from its home."""
+    home, overrides, env_fallback = _home_locations(home)
+    return run_study(home / STUDY_FILE, address, keep_ui, overrides=overrides, resume=True,
+                     node_wait_s=node_wait_s, env_fallback=env_fallback)
+
+
+def _home_locations(home: str | Path) -> tuple[Path, dict[str, Any], bool]:
+    """A study home, the overrides that put its study back where it ran, and whether
+    ``$MLFLOW_TRACKING_URI`` may still fill an unset tracking URI.
+
+    The locations are the ones the study started with (flags and ``$MLFLOW_TRACKING_URI``
+    included), not today's: another tracking server or trial storage would start the study
+    over beside the old one.
+    """
     home = Path(home).expanduser().resolve()
     if not (home / STUDY_FILE).exists():
         raise ConfigError(f"home: {str(home)!r} is not a study home (no {STUDY_FILE} in it)")
-    return run_study(home / STUDY_FILE, address, keep_ui, overrides={"home": str(home)}, resume=True,
-                     node_wait_s=node_wait_s)
+    resolved = home / "resolved.yaml"
+    where: dict[str, Any] = {}
+    if resolved.exists():
+        import yaml
+
+        data = yaml.safe_load(resolved.read_text()) or {}
+        where = {k: data.get(k) for k in LOCATIONS}
+    return home, {"home": str(home), **where}, not resolved.exists()
+
+
+def load_home(home: str | Path) -> StudyConfig:
+    """The study of a home, with the locations it ran with."""
+    home, overrides, env_fallback = _home_locations(home)
+    return load_study(home / STUDY_FILE, overrides, env_fallback)
 
 
 # ------------------------------------------------------------------------------------ the end
@@ -536,10 +562,7 @@ def study_status(home: str | Path) -> dict[str, Any]:
     """Trials by state and the best so far, read from the study's Optuna storage."""
     import optuna
 
-    home = Path(home).expanduser().resolve()
-    if not (home / STUDY_FILE).exists():
-        raise ConfigError(f"home: {str(home)!r} is not a study home (no {STUDY_FILE} in it)")
-    cfg = load_study(home / STUDY_FILE, {"home": str(home)})
+    cfg = load_home(home)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)

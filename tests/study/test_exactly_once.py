@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 LONG = dict(train={"epochs": 6, "width": 16}, search={"depth": {"low": 2, "high": 3}, "init": ["kaiming", "dirac"]})
 
 
-def _start(path: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "study.cli", "study", "run", str(path)], cwd=REPO,
+def _start(path: Path, log: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "study.cli", "study", "run", str(path), *flags], cwd=REPO,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -65,12 +65,17 @@ def _assert_exactly_once(home: Path, name: str, n_trials: int, uri: str | None =
     return by_id
 
 
-def kill_driver_then_resume(tmp_path: Path, name: str, **where) -> None:
-    """SIGKILL a study's driver mid-trial, resume it, and check exactly-once on its stores."""
+def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | None = None, **where) -> None:
+    """SIGKILL a study's driver mid-trial, resume it, and check exactly-once on its stores.
+
+    ``where``: locations in the study file; ``flags``: locations given as `study run` flags
+    only, which `study resume` must remember without being told again."""
     path = write_study(tmp_path, name=name, **LONG, **where)
     home = tmp_path / "home"
     log = tmp_path / "run.log"
-    proc = _start(path, log)
+    flags = flags or {}
+    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)])
+    where = {**where, **flags}
     _wait_for(lambda: _checkpoints(home, 2), proc, log)  # some trial has three epochs checkpointed
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -25,8 +25,9 @@ def test_postgres_stores_keep_exactly_once_through_a_driver_kill(tmp_path, postg
     server_home = tmp_path / "server"
     with tracking_server(server_home, "--backend-store-uri", _pg_url(postgres, "mlflow"),
                          "--artifacts-destination", str(tmp_path / "shared-artifacts")) as url:
-        kill_driver_then_resume(tmp_path, "pgkill", tracking_uri=url,
-                                storage=_pg_url(postgres, "optuna", "postgresql+psycopg"))
+        # The stores as `study run` flags: `study resume HOME` must find them again by itself.
+        kill_driver_then_resume(tmp_path, "pgkill", flags={"tracking_uri": url,
+                                                           "storage": _pg_url(postgres, "optuna", "postgresql+psycopg")})
         # The runs are in PostgreSQL, not in a SQLite file somewhere.
         assert not (tmp_path / "home" / "mlflow.db").exists() and not (tmp_path / "home" / "optuna.db").exists()
         assert not (server_home / "mlflow.db").exists()
