@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def _home_tracking(args: argparse.Namespace):
 
 
 def _check_node_wait(args: argparse.Namespace) -> None:
-    if args.node_wait < 0:
+    if not (math.isfinite(args.node_wait) and args.node_wait >= 0):
         raise CliError(f"--node-wait: {args.node_wait:g} is not allowed (allowed: seconds >= 0)")
 
 
@@ -197,7 +198,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     home = Path(args.home).expanduser().resolve()
     if not (home / "mlflow.db").exists():
         raise CliError(f"--home: {str(home)!r} has no embedded MLflow store (mlflow.db); run a study there first")
-    server = MlflowServer(home, host=args.host, port=args.port).start()
+    try:
+        server = MlflowServer(home, host=args.host, port=args.port).start()
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
     return _serve(server, f"MLflow UI: {server.url}  (Ctrl-C to stop)")
 
 
@@ -207,10 +211,13 @@ def _serve(server, line: str) -> int:
     try:
         server.wait()
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         server.stop()
-    return 0
+    code = server.proc.returncode if server.proc is not None else 0
+    if code:
+        print(f"the server exited with code {code}; see {server.home / 'mlflow-server.log'}", file=sys.stderr)
+    return 1 if code else 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:

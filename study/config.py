@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from rank1.config import ConfigError, check_choice, check_range, from_dict, load_yaml, to_dict
 from rank1.config import doc_field as _f
@@ -38,9 +38,16 @@ OBJECTIVES = ("single", "multi")
 _NOT_SEARCHABLE = {"seed", "dataset", "root", "download", "device", "arm", "threads", "split_seed"}
 
 
+_SECRET_KEYS = ("password", "passwd", "passfile", "token", "secret", "credential")
+
+
 def check_no_secret(field: str, url: str | None, where: str) -> None:
     """Credentials come from the environment only: a study file is logged to MLflow as is."""
-    if url and urlsplit(url).password is not None:
+    if not url:
+        return
+    parts = urlsplit(url)
+    keys = [k for k, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    if parts.password is not None or any(w in k.lower() for k in keys for w in _SECRET_KEYS):
         raise ConfigError(
             f"{field}: the URL carries a password, which is not allowed (study files are logged and shared); "
             f"drop it from the URL and set {where} in the environment"

@@ -68,6 +68,16 @@ def preflight(cfg: StudyConfig, address: str | None = None) -> None:
     check_storage(cfg.storage_url)
 
 
+def _is_loopback(uri: str | None) -> bool:
+    """Unset (the embedded server on 127.0.0.1) or a loopback host."""
+    if not uri:
+        return True
+    from urllib.parse import urlsplit
+
+    host = urlsplit(uri).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def _fits(resources: dict, cfg: StudyConfig) -> bool:
     return resources.get("CPU", 0) >= cfg.resources.cpu and resources.get("GPU", 0) >= cfg.resources.gpu
 
@@ -84,6 +94,16 @@ def _node_groups_that_fit(cfg: StudyConfig) -> list[str] | None:
     if not config or not config.node_group_configs:
         return None
     return [g.name for g in config.node_group_configs if g.max_count != 0 and _fits(dict(g.resources), cfg)]
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    """Ask the cluster's autoscaler (if any) for these bundles; ``[]`` withdraws the ask."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as e:  # no autoscaler API here: waiting is all that is left
+        print(f"note: could not ask the autoscaler for a node ({type(e).__name__}: {e})", flush=True)
 
 
 def check_cluster_resources(cfg: StudyConfig, node_wait_s: float = 600.0) -> None:
@@ -111,6 +131,10 @@ def check_cluster_resources(cfg: StudyConfig, node_wait_s: float = 600.0) -> Non
             f"storage_path: unset, so trial checkpoints would go to {cfg.tune_path} on this machine, which the "
             f"cluster's other hosts ({', '.join(elsewhere)}) cannot write; set a shared path (NFS) or s3://bucket/path"
         )
+    if not elsewhere and _is_loopback(cfg.tracking_uri):
+        print("warning: the tracking server is on 127.0.0.1 of this machine; nodes on other hosts (an autoscaler's "
+              "new ones included) cannot log to it: on a real cluster start `rank1 server --host ADDRESS` and set "
+              "tracking_uri", flush=True)
     want = f"{cfg.resources.cpu:g} CPU and {cfg.resources.gpu:g} GPU"
     if any(_fits(n["Resources"], cfg) for n in nodes):
         return
@@ -124,11 +148,18 @@ def check_cluster_resources(cfg: StudyConfig, node_wait_s: float = 600.0) -> Non
         )
     print(f"waiting up to {node_wait_s:g} s for a node with {want} for a trial (cluster now: {have}; "
           f"{'node groups that fit: ' + ', '.join(groups) if groups else 'an autoscaler may add one'})", flush=True)
-    deadline = time.monotonic() + node_wait_s
-    while time.monotonic() < deadline:
-        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
-        if any(_fits(n["Resources"], cfg) for n in ray.nodes() if n.get("Alive")):
-            return
+    # An autoscaler adds nodes for demand it sees: ask for one trial's bundle while waiting
+    # (nothing else asks yet: the driver reserves nothing), and withdraw the ask either way.
+    bundle = {k: v for k, v in (("CPU", cfg.resources.cpu), ("GPU", cfg.resources.gpu)) if v}
+    _request_resources([bundle])
+    try:
+        deadline = time.monotonic() + node_wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+            if any(_fits(n["Resources"], cfg) for n in ray.nodes() if n.get("Alive")):
+                return
+    finally:
+        _request_resources([])
     raise ConfigError(
         f"resources: no node with {want} for a trial joined this Ray cluster within {node_wait_s:g} s "
         f"(cluster now: {have}); lower resources.cpu / resources.gpu, add such a node, or wait longer "

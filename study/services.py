@@ -139,7 +139,7 @@ def check_storage(url: str, field: str = "storage", timeout: int = 5) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        reason = (str(getattr(e, "orig", e)).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{field}: cannot connect to {shown} ({reason})") from None
     finally:
         engine.dispose()
@@ -185,10 +185,14 @@ class MlflowServer:
                     "(the server's admin user; clients use the same variables)"
                 )
             ini = self.home / "basic_auth.ini"  # no secret in it: the admin comes from the environment
+            db = self.auth_db_uri or "sqlite:///" + str(self.home / "basic_auth.db")
+            if "\n" in db or "\r" in db:
+                raise ConfigError("--auth-db-uri: a line break is not allowed in a database URL")
             ini.write_text(
                 "[mlflow]\n"
                 "default_permission = NO_PERMISSIONS\n"
-                f"database_uri = {self.auth_db_uri or 'sqlite:///' + str(self.home / 'basic_auth.db')}\n"
+                f"database_uri = {db.replace('%', '%%')}\n"  # configparser interpolates '%'
+
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                 "grant_default_workspace_access = false\n"
             )
@@ -210,6 +214,13 @@ class MlflowServer:
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
         self.home.mkdir(parents=True, exist_ok=True)
+        if self.port:  # a server already there would answer /health for us: refuse instead
+            try:
+                with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:
+                    s.bind((self.host, self.port))
+            except OSError as e:
+                raise RuntimeError(f"cannot listen on {self.host}:{self.port} ({e.strerror}); "
+                                   "another server has it: choose another --port") from None
         self.port = self.port or free_port(self.host)
         cmd, env = self._command()
         log = open(self.home / "mlflow-server.log", "ab")
@@ -222,7 +233,7 @@ class MlflowServer:
                                    f"see {self.home / 'mlflow-server.log'}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self.proc.poll() is None:
                         (self.home / "mlflow-server.json").write_text(
                             json.dumps({"url": self.url, "pid": self.proc.pid}))
                         return self

@@ -26,10 +26,10 @@ def cluster():
     ray = os.path.join(bin_dir, "ray")
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token"}
     gcs, tmp = free_port(), f"/tmp/r1m-{uuid.uuid4().hex[:8]}"
-    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--temp-dir", tmp,
+    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmp,
                     "--include-dashboard", "false"], check=True, env=env, capture_output=True)
     try:
-        subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1",
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "1", "--num-gpus", "0",
                         "--node-ip-address", "127.0.0.2"], check=True, env=env, capture_output=True)
         address = f"127.0.0.1:{gcs}"
         nodes = subprocess.run(
@@ -81,6 +81,7 @@ def test_a_trial_no_node_can_fit_fails_instead_of_waiting_forever(tmp_path, clus
                 env=env, timeout=180)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert "waiting up to 3 s for a node with 1 CPU and 1 GPU" in p.stdout
+    assert "could not ask the autoscaler" not in p.stdout  # the ask went to the cluster
     assert "resources: no node with 1 CPU and 1 GPU for a trial joined this Ray cluster within 3 s" in p.stderr
     assert "(cluster now: 2 CPU, 0 GPU)" in p.stderr and not (tmp_path / "home" / "study.yaml").exists()
 

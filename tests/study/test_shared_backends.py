@@ -53,6 +53,7 @@ def test_unreachable_or_refusing_storage_fails_before_any_work(tmp_path, postgre
 
 def test_a_password_in_a_url_is_refused(tmp_path):
     for field, url in (("storage", "postgresql://rank1:hunter2@db/optuna"),
+                       ("storage", "postgresql+psycopg://rank1@db/optuna?sslmode=require&password=hunter2"),
                        ("tracking_uri", "http://admin:hunter2@mlflow:5000")):
         p = cli("study", "run", str(write_study(tmp_path, name="leaky", **{field: url})), timeout=120)
         assert p.returncode == 2 and f"{field}: the URL carries a password" in p.stderr, p.stderr
@@ -121,4 +122,14 @@ def test_rank1_server_refuses_bad_stores_before_starting(tmp_path):
     assert p.returncode == 2 and "--backend-store-uri: the URL carries a password" in p.stderr
     p = cli("server", "--home", str(tmp_path / "s"), "--auth", env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=60)
     assert p.returncode == 2 and "--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in p.stderr
-    assert not (tmp_path / "s" / "mlflow-server.json").exists()
+    import socket
+
+    with socket.socket() as busy:  # a port someone else listens on: refused, not mistaken for ours
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        p = cli("server", "--home", str(tmp_path / "s"), "--port", port, timeout=60)
+        assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
+    for bad in ("inf", "nan", "-1"):
+        p = cli("study", "run", str(write_study(tmp_path, name="w")), "--node-wait", bad, timeout=60)
+        assert p.returncode == 2 and f"--node-wait: {bad} is not allowed" in p.stderr, p.stderr
