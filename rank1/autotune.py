@@ -115,7 +115,8 @@ def pick_impls(model: nn.Module, example: torch.Tensor, path: Path | None = None
             h.remove()
     path = path or cache_path()
     cache = _load(path)
-    dev = device_key(example.device)
+    # The candidate set is part of the key: a choice made among fewer candidates is made again.
+    dev = f"{device_key(example.device)}|{','.join(candidate_impls(example.device))}"
     entry = cache.setdefault(dev, {})
     choices = {}
     changed = False

@@ -114,7 +114,8 @@ def decompose_model(
     (:mod:`rank1.autotune`; ``"triton"`` is a candidate only on CUDA), including the
     composed kernel as one dense conv where that is fastest (small layers at batch 1),
     so "auto" is never slower than the dense model; without ``example``, "auto" falls
-    back to ``"chain"``. Every choice computes the same function.
+    back to ``"chain"``. Every choice computes the same function. On CUDA "auto" may pick
+    ``"triton"``, which does not export: pass ``"chain"`` or ``"dw2d"`` to export.
     """
     if impl not in (*ALL_IMPLS, "auto"):
         raise ValueError(f"impl must be one of {(*ALL_IMPLS, 'auto')}, got {impl!r}")

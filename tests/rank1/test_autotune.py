@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rank1 import Rank1Conv2d, decompose_model, dense_model, project_model_
-from rank1.autotune import device_key, pick_impls
+from rank1.autotune import candidate_impls, device_key, pick_impls
 from rank1.layers import IMPLS
 from rank1.models import build_model
 from rank1.roofline import bound_ms, impl_cost, measure_peaks
@@ -33,18 +33,20 @@ def test_auto_picks_per_layer_caches_and_never_changes_outputs(tmp_path):
     cache = tmp_path / "impl.json"
     fast = decompose_model(model, "auto", example=x, cache=cache)
     data = json.loads(cache.read_text())
-    entry = data[device_key(x.device)]
+    key = f"{device_key(x.device)}|{','.join(candidate_impls(x.device))}"
+    assert list(data) == [key]
+    entry = data[key]
     assert len(entry) == 3 and set(entry.values()) <= {*IMPLS, "dense"}  # three distinct layer shapes
     with torch.no_grad():
         assert rel_err(fast(x), dense_model(model)(x)) <= 1e-5
     # The second time nothing is measured: a doctored cache entry is used as is.
     forced = {k: "dw2d" for k in entry}
-    cache.write_text(json.dumps({device_key(x.device): forced}))
+    cache.write_text(json.dumps({key: forced}))
     choices = pick_impls(model, x, cache)
     assert set(choices.values()) == {"dw2d"}
     assert decompose_model(model, "auto").features[0].pointwise is not None  # no example: the safe default
     # A layer where the dense conv of the composed kernel is fastest becomes that conv.
-    cache.write_text(json.dumps({device_key(x.device): {k: "dense" for k in entry}}))
+    cache.write_text(json.dumps({key: {k: "dense" for k in entry}}))
     as_dense = decompose_model(model, "auto", example=x, cache=cache)
     assert type(as_dense.features[0]) is torch.nn.Conv2d
     with torch.no_grad():
