@@ -56,7 +56,8 @@ def test_rayjob_runs_the_study_entrypoint():
     args = build_parser().parse_args(argv[1:])
     assert args.func is cmd_study_run and args.address == "auto"
     cfg = load_study(REPO / args.study, {"storage": args.storage, "storage_path": args.storage_path})
-    assert cfg.resources.gpu > 0 and cfg.storage.startswith("postgresql://") and cfg.storage_path.startswith("s3://")
+    assert cfg.storage == args.storage and cfg.storage_path == args.storage_path  # the flags reach the study
+    assert cfg.resources.gpu > 0 and cfg.storage.startswith("postgresql+psycopg://rank1@rank1-postgres")
 
 
 def test_rayjob_cluster_shape():
@@ -69,9 +70,12 @@ def test_rayjob_cluster_shape():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] >= 1
     containers = _containers(cluster)
     assert len(containers) == 2 and len({c["image"] for c in containers}) == 1  # same code on head and workers
-    for c in containers:
-        names = {e["name"] for e in c["env"]}
-        assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD"} <= names
+    mlflow_and_ray = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_MODE",
+                      "RAY_AUTH_TOKEN"}
+    head = _containers(cluster["headGroupSpec"])[0]
+    assert mlflow_and_ray | {"PGPASSWORD"} <= {e["name"] for e in head["env"]}  # the driver opens the Optuna storage
+    assert mlflow_and_ray <= {e["name"] for e in worker["env"]} and "PGPASSWORD" not in {e["name"] for e in worker["env"]}
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["env"]  # the dashboard is reachable in the pod network
     _assert_secrets_by_reference(containers)
 
 
@@ -82,7 +86,7 @@ def test_tracking_server_manifest():
     (c,) = _containers(deployment)
     assert c["command"][0] == "rank1"
     args = build_parser().parse_args(c["command"][1:])
-    assert args.func is cmd_server and args.auth and args.backend_store_uri.startswith("postgresql://")
+    assert args.func is cmd_server and args.auth and args.backend_store_uri.startswith("postgresql+psycopg://")
     assert service["spec"]["ports"][0]["targetPort"] == args.port == c["ports"][0]["containerPort"]
     _assert_secrets_by_reference([c])
     # The RayJob's pods reach it by the Service's name.

@@ -23,7 +23,7 @@ def _pg_url(pg: dict, db: str, driver: str = "postgresql") -> str:
 def test_postgres_stores_keep_exactly_once_through_a_driver_kill(tmp_path, postgres, monkeypatch):
     monkeypatch.setenv("PGPASSWORD", postgres["password"])
     server_home = tmp_path / "server"
-    with tracking_server(server_home, "--backend-store-uri", _pg_url(postgres, "mlflow"),
+    with tracking_server(server_home, "--backend-store-uri", _pg_url(postgres, "mlflow", "postgresql+psycopg"),
                          "--artifacts-destination", str(tmp_path / "shared-artifacts")) as url:
         # The stores as `study run` flags: `study resume HOME` must find them again by itself.
         kill_driver_then_resume(tmp_path, "pgkill", flags={"tracking_uri": url,
