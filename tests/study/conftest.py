@@ -77,7 +77,7 @@ def _no_leftover_ray():
 
 def _missing(what: str) -> None:
     """A service the tests need is absent: a failure under CI (which installs it), else a skip."""
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{what} is not installed; `make test` installs it (make postgres)")
     pytest.skip(f"{what} is not installed (make postgres installs it)")
 
@@ -120,17 +120,17 @@ def postgres():
         prefix = ["runuser", "-u", "postgres", "--"]
     root = Path(tempfile.mkdtemp(prefix="rank1-pg-", dir="/tmp"))
     password, port = "pg-" + secrets.token_hex(12), free_port()
-    (root / "pw").write_text(password + "\n")
-    if prefix:
-        for p in (root, root / "pw"):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
     data = root / "data"
-    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "rank1", "--pwfile", str(root / "pw"),
-                    "-A", "scram-sha-256", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
-                    "-o", f"-h 127.0.0.1 -p {port} -k {root} -F", "start"], check=True, capture_output=True)
     info = {"host": "127.0.0.1", "port": port, "user": "rank1", "password": password}
     try:
+        (root / "pw").write_text(password + "\n")
+        if prefix:
+            for p in (root, root / "pw"):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+        subprocess.run([*prefix, initdb, "-D", str(data), "-U", "rank1", "--pwfile", str(root / "pw"),
+                        "-A", "scram-sha-256", "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
+                        "-o", f"-h 127.0.0.1 -p {port} -k {root} -F", "start"], check=True, capture_output=True)
         import psycopg
 
         with psycopg.connect(host="127.0.0.1", port=port, user="rank1", password=password, dbname="postgres",
@@ -146,28 +146,34 @@ def postgres():
 @contextlib.contextmanager
 def tracking_server(home: Path, *args: str, env: dict | None = None):
     """``rank1 server --home HOME ARGS`` in its own process, as an admin starts one: its URL."""
-    from study.services import free_port
-
-    port = free_port()
-    log = open(home.parent / f"{home.name}-server.out", "w")
-    home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "server", "--home", str(home), "--port", str(port),
-                             *args], cwd=REPO, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     import time
     import urllib.request
 
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, (home.parent / f"{home.name}-server.out").read_text()
-        assert time.monotonic() < deadline, "the tracking server did not come up"
+    from study.services import free_port
+
+    port = free_port()
+    out = home.parent / f"{home.name}-server.out"
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    with open(out, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "study.cli", "server", "--home", str(home), "--port",
+                                 str(port), *args], cwd=REPO, env={**os.environ, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT)
         try:
-            urllib.request.urlopen(url + "/health", timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            deadline = time.monotonic() + 180
+            while True:
+                assert proc.poll() is None, out.read_text()
+                assert time.monotonic() < deadline, "the tracking server did not come up"
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=2).close()
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

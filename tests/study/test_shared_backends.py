@@ -83,6 +83,7 @@ def test_authenticated_tracking_server(tmp_path, monkeypatch):
         p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_PASSWORD": "wrong-" + password}, timeout=120)
         assert p.returncode == 2, p.stdout + p.stderr
         assert "refused the credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (HTTP 401)" in p.stderr
+        assert password not in p.stdout + p.stderr  # not even the wrong one's tail
         assert not (tmp_path / "wrong").exists()
         # No credentials at all: the same, with a hint.
         p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=120)
@@ -107,10 +108,13 @@ def test_authenticated_tracking_server(tmp_path, monkeypatch):
         # The secret is nowhere on disk: the study home (logs, Ray's session logs, checkpoints,
         # report), the server's folder (its log, artifacts, config) and what the CLI printed.
         assert password not in p.stdout + p.stderr
-        secret = password.encode()
-        for root in (tmp_path / "home", ray_temp_dir(tmp_path / "home"), server_home):
-            if root.exists():
-                assert _files_containing(root, secret) == [], root
+        import base64
+
+        header = base64.b64encode(f"{user}:{password}".encode())  # as an Authorization header carries it
+        for secret in (password.encode(), header):
+            for root in (tmp_path / "home", ray_temp_dir(tmp_path / "home"), server_home):
+                if root.exists():
+                    assert _files_containing(root, secret) == [], root
 
 
 def test_rank1_server_refuses_bad_stores_before_starting(tmp_path):
