@@ -231,6 +231,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     for field, uri in (("--backend-store-uri", args.backend_store_uri), ("--auth-db-uri", args.auth_db_uri)):
         if uri:
             check_storage(uri, field)
+    if args.auth and not (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+        raise CliError("--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
+                       "(the server's admin user; clients use the same variables)")
     home = Path(args.home).expanduser().resolve()
     try:
         server = MlflowServer(home, host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,

@@ -126,6 +126,7 @@ def test_rank1_server_refuses_bad_stores_before_starting(tmp_path):
     assert p.returncode == 2 and "--backend-store-uri: the URL carries a password" in p.stderr
     p = cli("server", "--home", str(tmp_path / "s"), "--auth", env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=60)
     assert p.returncode == 2 and "--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in p.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was written
     import socket
 
     with socket.socket() as busy:  # a port someone else listens on: refused, not mistaken for ours
