@@ -1,8 +1,9 @@
 """Pick the fastest decomposed implementation per layer shape, by measuring once.
 
 Which of ``chain`` (1x1, kx1, 1xk: fewest FLOPs) and ``dw2d`` (1x1, one depthwise kxk:
-fewest passes over memory), and on CUDA with triton installed ``triton`` (1x1, then one
-fused kernel for both 1-D passes), is fastest depends on the shape, the batch and the
+fewest passes over memory), on CUDA with triton installed ``triton`` (1x1, then one
+fused kernel for both 1-D passes), on the CPU ``cpp`` (the whole layer in one fused C++
+call) and ``dense`` (the composed kernel as one conv), is fastest depends on the shape, the batch and the
 device. :func:`pick_impls` times each candidate for every rank-1 layer of a model on
 its real input shape, and caches the choice in a JSON file keyed by device and shape,
 so the next model with the same shapes decides instantly. Every implementation
@@ -61,11 +62,15 @@ def _load(path: Path) -> dict[str, dict[str, str]]:
 
 def candidate_impls(device: torch.device) -> tuple[str, ...]:
     """What :func:`pick_impls` measures on ``device``: the portable :data:`IMPLS` and
-    ``"dense"`` (the composed kernel as one conv), plus ``"triton"`` on CUDA where triton is installed (never on CPU, even under the
-    interpreter: it exists there for tests, not speed)."""
+    ``"dense"`` (the composed kernel as one conv), plus ``"triton"`` on CUDA where triton
+    is installed (never on CPU, even under the interpreter: it exists there for tests,
+    not speed), and ``"cpp"`` on the CPU where a compiler can build it (the first
+    measurement compiles it, once per machine)."""
     base = (*IMPLS, DENSE)
     if device.type == "cuda" and "triton" in available_impls(device):
         return (*base, "triton")
+    if device.type == "cpu" and "cpp" in available_impls(device):
+        return (*base, "cpp")
     return base
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rank1 import cpp_conv
 from rank1.layers import Flat1dConv2d, Rank1Conv2d
 
 __all__ = [
@@ -240,6 +241,8 @@ def _variants(layer: Rank1Conv2d, compile_: bool, peer: bool) -> dict[str, tuple
         m = layer.decompose(impl=impl).eval()
         out[impl] = (m, False)
         out[f"{impl}-cl"] = (m, True)
+    if cpp_conv.available(dense.weight.device):  # the fused C++ kernel works in channels-last
+        out["cpp"] = (layer.decompose(impl="cpp").eval(), True)
     if compile_:
         out["chain-compiled"] = (torch.compile(layer.decompose(impl="chain").eval()), False)
         out["dw2d-compiled"] = (torch.compile(layer.decompose(impl="dw2d").eval()), False)
@@ -277,10 +280,10 @@ def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch
             xi = x.contiguous(memory_format=torch.channels_last)
         times[name] = time_forward(m, xi, warmup=3 if "compiled" not in name else 2, repeats=repeats,
                                    min_time_s=0.3).median_ms
-    costs = {impl: impl_cost(impl, c, c, k, size, size, batch) for impl in ("dense", "chain", "dw2d", "cp")}
+    costs = {impl: impl_cost(impl, c, c, k, size, size, batch) for impl in ("dense", "chain", "dw2d", "cpp", "cp")}
     bounds = {impl: bound_ms(*costs[impl], peaks) for impl in costs}
     dense_best = min(times["dense"], times["dense-cl"])
-    decomposed = {n: t for n, t in times.items() if n.startswith(("chain", "dw2d"))}
+    decomposed = {n: t for n, t in times.items() if n.startswith(("chain", "dw2d", "cpp"))}
     best_name = min(decomposed, key=decomposed.get)
     best_impl = best_name.split("-")[0]
     flop_ratio = costs["dense"][0] / costs["chain"][0]
@@ -317,7 +320,7 @@ def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> st
                  f"{1e3 * peaks.call_ms:.1f} µs per conv call (a 1x1 conv on one pixel). "
                  "speedup: best dense (NCHW or channels-last) / best decomposed; "
                  "of roofline: the decomposed implementation's lower bound / its measured time; "
-                 "+ calls: the bound plus the fixed cost of its 2-3 conv calls.")
+                 "+ calls: the bound plus the fixed cost of its calls (3 chain, 2 dw2d, 1 cpp).")
     return "\n".join(lines)
 
 

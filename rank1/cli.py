@@ -346,6 +346,7 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
         time_forward,
     )
     from rank1.convert import decompose_model, dense_model
+    from rank1.layers import available_impls
     from rank1.models import build_model
     from rank1.roofline import measure_peaks
 
@@ -373,6 +374,8 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
         x = torch.randn(32, 3, 32, 32, device=device)
         forms = {"dense": dense_model(model), "chain": decompose_model(model, "chain"),
                  "dw2d": decompose_model(model, "dw2d"), "auto": decompose_model(model, "auto", example=x)}
+        if "cpp" in available_impls(device):
+            forms["cpp"] = decompose_model(model, "cpp")
         t = {}
         for form, m in forms.items():
             for cl in (False, True):

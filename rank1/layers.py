@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rank1 import cpp_conv, triton_dw  # torch-only at import time: triton / the C++ build happen on first use
 from rank1 import functional as R
-from rank1 import triton_dw  # torch-only at import time: triton itself is imported on first launch
 from rank1.init import INIT_SCHEMES, init_factors
 
 __all__ = [
@@ -152,17 +152,22 @@ class _Rank1ConvBase(nn.Module):
 
 
 IMPLS = ("chain", "dw2d")  # standard torch modules only: portable, traceable, exportable
-ACCEL_IMPLS = ("triton",)  # a fused Triton kernel for inference benchmarks (rank1.triton_dw)
+# Fused inference kernels: Triton on CUDA (rank1.triton_dw), C++ on the CPU (rank1.cpp_conv).
+ACCEL_IMPLS = ("triton", "cpp")
 ALL_IMPLS = IMPLS + ACCEL_IMPLS
 
 
 def available_impls(device: torch.device | str | None = None) -> tuple[str, ...]:
     """The implementations that can run here: :data:`IMPLS`, plus ``"triton"`` when
-    triton is installed and ``device`` is CUDA (or the Triton interpreter is on).
+    triton is installed and ``device`` is CUDA (or the Triton interpreter is on), plus
+    ``"cpp"`` when ``device`` is the CPU (or None) and the C++ kernel can be built.
 
-    With ``device=None``: any device this process has. Never imports triton itself.
+    With ``device=None``: any device this process has. Never imports triton or builds
+    the C++ kernel itself.
     """
-    return IMPLS + (("triton",) if triton_dw.available(device) else ())
+    cpu = device is None or torch.device(device).type == "cpu"
+    return (IMPLS + (("triton",) if triton_dw.available(device) else ())
+            + (("cpp",) if cpu and cpp_conv.available() else ()))
 
 
 def decomposed_chain(
@@ -189,6 +194,10 @@ def decomposed_chain(
     depthwise 1-D passes fused into one Triton kernel (one pass over memory). For
     inference benchmarks on CUDA only (no backward kernel, not exportable); asking for
     it where triton or CUDA is missing raises a ``ValueError`` naming what is available.
+
+    ``impl="cpp"``: one :class:`rank1.cpp_conv.CppRank1Conv2d`, the whole layer in one
+    call of a fused C++ CPU kernel (compiled on first use). Inference only, not exportable;
+    where no compiler can build it, a ``ValueError`` says why.
     """
     if impl not in ALL_IMPLS:
         raise ValueError(f"impl must be one of {ALL_IMPLS}, got {impl!r}")
@@ -199,6 +208,13 @@ def decomposed_chain(
         reason = triton_dw.unavailable_reason()
         if reason is not None:
             raise ValueError(f"impl='triton' is unavailable here ({reason}); allowed: {available_impls()}")
+    if impl == "cpp":
+        reason = cpp_conv.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"impl='cpp' is unavailable here ({reason}); allowed: {available_impls()}")
+        seq = nn.Sequential()
+        seq.add_module("fused", cpp_conv.CppRank1Conv2d(a, b, c, bias, stride, padding, dilation, padding_mode))
+        return seq
     pointwise = empty_conv(ch, o, 1, bias=False, **kw_args)
     if impl == "triton":
         with torch.no_grad():

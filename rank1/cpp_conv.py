@@ -1,0 +1,238 @@
+"""A fused C++ CPU kernel for a whole decomposed rank-1 layer, for inference.
+
+At small shapes a decomposed layer run as two or three framework convolutions pays
+each call's fixed cost (~7 µs here), and the library's depthwise kernels run far
+below the machine's speed on short channel rows: at 32 channels, 8x8, batch 32, the
+depthwise conv of ``dw2d`` alone took longer than the 1x1. This kernel
+(``rank1/csrc/rank1_cpu.cpp``) does the layer in one call: the 1x1 as one threaded
+GEMM, then both depthwise 1-D passes and the bias with the threads splitting output
+rows, the factors in vector registers and every load a contiguous 16-float vector of
+channels (channels-last activations).
+
+It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
+``ninja`` needed; about a minute once per machine, cached under ``$RANK1_CPP_CACHE``, else
+``~/.cache/rank1/cpp``) for this CPU's vector width. Where it cannot be built,
+:func:`unavailable_reason` says why and ``impl="auto"`` simply never picks it.
+
+For **inference only**, like the Triton kernel: fp32 CPU tensors without autograd
+run the kernel; anything else (a tensor that needs a gradient, another dtype or
+device) computes the same function with ``F.conv2d``. The module is opaque to
+``torch.export`` and ONNX: export the ``chain`` or ``dw2d`` forms.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rank1 import functional as R
+
+__all__ = [
+    "FUSED_PLANE", "FUSED_WEIGHTS", "CppRank1Conv2d", "available", "build", "cache_dir", "fused_path", "rank1_conv",
+    "unavailable_reason",
+]
+
+_SOURCE = Path(__file__).with_name("csrc") / "rank1_cpu.cpp"
+# Vector flags per the CPU capability torch detected: the binary is built for this
+# machine, and its name carries the capability so a shared home never mixes them.
+_ARCH_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+_build_error: str | None = None
+# Where the kernel computes the 1x1 itself, in registers, image by image (its output
+# never leaves the cache): weights up to C x O floats (in L1/L2) and one image's 1x1
+# output up to H x W x O floats (in L2), with at least as many images as threads.
+# Larger layers take the library GEMM for the 1x1 and write its output to memory.
+FUSED_WEIGHTS = 128 * 128
+FUSED_PLANE = 64 * 1024
+
+
+def fused_path(c_in: int, c_out: int, h: int, w: int, batch: int, threads: int | None = None) -> bool:
+    """Whether a layer of this shape takes the fully fused path (see :data:`FUSED_WEIGHTS`)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return batch >= threads and c_in * c_out <= FUSED_WEIGHTS and h * w * c_out <= FUSED_PLANE
+
+
+def cache_dir() -> Path:
+    """``$RANK1_CPP_CACHE``, else ``~/.cache/rank1/cpp``."""
+    env = os.environ.get("RANK1_CPP_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "rank1" / "cpp"
+
+
+def _capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _build_name() -> str:
+    return f"rank1_cpu_{_capability().lower()}"
+
+
+def _build_dir() -> Path:
+    return cache_dir() / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}" / _build_name()
+
+
+def unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why the kernel cannot run (on ``device``, or on the CPU when None); None when it can
+    (or may: a compiler is there and no build has failed yet)."""
+    if device is not None and torch.device(device).type != "cpu":
+        return f"the C++ kernel runs on cpu tensors, not {torch.device(device).type}"
+    if _build_error is not None:
+        return f"building it failed: {_build_error}"
+    if build.cache_info().currsize:  # built and loaded in this process
+        return None
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler: {cxx!r} is not on PATH (set CXX or install g++)"
+    if shutil.which("ninja") is None:
+        return "ninja is not on PATH (apt install ninja-build, or pip install ninja)"
+    if not _SOURCE.is_file():
+        return f"its source {_SOURCE} is missing from this installation"
+    return None
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether the kernel can run (on ``device``, or on the CPU when None)."""
+    return unavailable_reason(device) is None
+
+
+@functools.lru_cache(maxsize=1)
+def build() -> Any:
+    """Compile (once per machine, then load from the cache) and return the kernel's
+    function ``conv``; raises ``RuntimeError`` naming why it cannot."""
+    global _build_error
+    reason = unavailable_reason("cpu")
+    if reason is not None:
+        raise RuntimeError(f"the rank1 C++ kernel is unavailable: {reason}")
+    # Importing it warns "No CUDA runtime is found" on CPU-only machines: irrelevant here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
+    out = _build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / f"{_build_name()}.so").exists():
+        print(f"rank1: compiling the C++ CPU kernel once into {out} (about a minute)", file=sys.stderr, flush=True)
+    try:
+        # -fopenmp: at::parallel_for is an OpenMP region compiled into this file (without
+        # it the rows run on one thread); the process already holds torch's libgomp,
+        # which the loader reuses.
+        module = cpp_extension.load(
+            name=_build_name(), sources=[str(_SOURCE)], build_directory=str(out),
+            extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(_capability(), [])], extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - any compiler or loader failure makes the kernel unavailable
+        lines = str(e).strip().splitlines()
+        _build_error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        raise RuntimeError(f"the rank1 C++ kernel could not be built: {_build_error}") from e
+    return module.conv
+
+
+def rank1_conv(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    ct: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: str | tuple[int, int],
+    dilation: tuple[int, int],
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """The layer ``conv2d_chain(x, a, bt.T, ct.T, bias, ...)`` through the C++ kernel.
+
+    ``x``: ``N x C x H x W`` fp32 on the CPU (channels-last is used as is, anything
+    else is copied to it); ``a``: ``O x C``; ``bt``: ``kh x O``; ``ct``: ``kw x O``
+    (the 1-D factors transposed, contiguous). The output is channels-last.
+    """
+    op = build()
+    kh, kw = bt.shape[0], ct.shape[0]
+    (top, bottom), (left, right) = R.pad_amounts((kh, kw), padding, dilation)
+    if padding_mode != "zeros" and (top or bottom or left or right):
+        # A bias-free 1x1 commutes with padding, so padding the input is padding its output.
+        x = F.pad(x, (left, right, top, bottom), mode=padding_mode)
+        top = bottom = left = right = 0
+    x = x.contiguous(memory_format=torch.channels_last)
+    return op(x, a, bt, ct, bias, stride[0], stride[1], top, bottom, left, right, dilation[0], dilation[1],
+              FUSED_WEIGHTS, FUSED_PLANE)
+
+
+class CppRank1Conv2d(nn.Module):
+    """A whole decomposed rank-1 layer (1x1, ``kh x 1``, ``1 x kw``, bias) as one call of
+    the C++ CPU kernel; same stride, padding, dilation and padding-mode semantics as
+    ``nn.Conv2d``. Inference only (see the module docstring): under autograd, for
+    other dtypes or devices it computes the same function with ``F.conv2d``.
+    """
+
+    def __init__(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: tuple[int, int] = (1, 1),
+        padding: str | tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        if a.dim() != 2 or b.dim() != 2 or c.dim() != 2 or not a.shape[0] == b.shape[0] == c.shape[0]:
+            raise ValueError(f"a, b and c must be O x C, O x kh and O x kw; got {tuple(a.shape)}, "
+                             f"{tuple(b.shape)} and {tuple(c.shape)}")
+        if padding_mode not in R.PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {R.PADDING_MODES}, got {padding_mode!r}")
+        self.out_channels, self.in_channels = a.shape
+        self.kernel_size = (b.shape[1], c.shape[1])
+        self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
+        self.padding_mode = padding_mode
+        # Buffers (nothing here is trained); b and c stored transposed, as the kernel reads them.
+        self.register_buffer("a", a.detach().clone().contiguous())
+        self.register_buffer("bt", b.detach().t().contiguous())
+        self.register_buffer("ct", c.detach().t().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().contiguous())
+        # The kernel's geometry, resolved once: a forward at small shapes takes ~50 µs,
+        # and resolving padding per call would be a tenth of it.
+        (top, bottom), (left, right) = R.pad_amounts(self.kernel_size, padding, self.dilation)
+        self._pads = (left, right, top, bottom)
+        zeros = padding_mode == "zeros" or not any(self._pads)
+        self._geometry = (self.stride[0], self.stride[1], *((top, bottom, left, right) if zeros else (0, 0, 0, 0)),
+                          self.dilation[0], self.dilation[1])
+        self._pre_pad = not zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Lean on purpose: at 32 channels 8x8 the whole layer takes ~45 µs, and each
+        # nn.Module attribute lookup of a buffer costs about half a microsecond.
+        buffers = self._buffers
+        a, bt, ct, bias = buffers["a"], buffers["bt"], buffers["ct"], buffers["bias"]
+        if x.is_cpu and x.dtype is torch.float32 and a.dtype is torch.float32 and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            if self._pre_pad:  # a bias-free 1x1 commutes with padding: pad its input instead
+                x = F.pad(x, self._pads, mode=self.padding_mode)
+            return build()(x.contiguous(memory_format=torch.channels_last), a, bt, ct, bias, *self._geometry,
+                           FUSED_WEIGHTS, FUSED_PLANE)
+        # Autograd, another dtype or device: the same function with F.conv2d.
+        return R.conv2d_chain(x, a, bt.t(), ct.t(), bias, self.stride, self.padding, self.dilation,
+                              self.padding_mode)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if self.stride != (1, 1):
+            s += f", stride={self.stride}"
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s

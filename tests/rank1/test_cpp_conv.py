@@ -1,0 +1,200 @@
+"""The fused C++ CPU kernel (impl="cpp") against F.conv2d with the composed weight.
+
+The kernel is compiled here for real (once per machine, cached): CI has g++ and ninja.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rank1 import Flat1dConv2d, Rank1Conv2d, cpp_conv, decompose_model, dense_model, project_model_
+from rank1.autotune import candidate_impls
+from rank1.layers import available_impls
+from rank1.models import build_model
+from rank1.roofline import CALLS, impl_cost
+from tests.conftest import rel_err
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMITS = (cpp_conv.FUSED_WEIGHTS, cpp_conv.FUSED_PLANE)
+
+# (batch, c_in, c_out, H, W, kernel, stride, padding, dilation, padding_mode, bias)
+CASES = {
+    "k3-p1-32ch-8x8-b4": (4, 32, 32, 8, 8, 3, 1, 1, 1, "zeros", True),
+    "k3-p1-16x16-b3": (3, 32, 32, 16, 16, 3, 1, 1, 1, "zeros", True),  # power-of-two rows
+    "k5-p2-c24-o40": (3, 24, 40, 13, 12, 5, 1, 2, 1, "zeros", True),  # 40 = 2 vectors + 8 tail channels
+    "k3-o7-tail-only": (2, 5, 7, 9, 11, 3, 1, 1, 1, "zeros", False),  # fewer channels than a vector
+    "k3-p0-valid": (3, 16, 16, 9, 9, 3, 1, "valid", 1, "zeros", True),
+    "k3x5-s2-p12": (3, 16, 48, 17, 15, (3, 5), 2, (1, 2), 1, "zeros", True),
+    "k3-s21-d2": (2, 8, 32, 16, 19, 3, (2, 1), 2, 2, "zeros", True),
+    "k4-same": (3, 16, 16, 12, 11, 4, 1, "same", 1, "zeros", True),  # even kernel: extra pad bottom/right
+    "k5-same-d2": (1, 16, 16, 17, 15, 5, 1, "same", 2, "zeros", False),
+    "k3-p2-wider-than-same": (2, 16, 16, 7, 10, 3, 1, 2, 1, "zeros", True),  # padding-only output rows
+    "k7-s3": (2, 16, 32, 23, 22, 7, 3, 3, 1, "zeros", True),
+    "k1x7": (2, 16, 16, 9, 20, (1, 7), 1, (0, 3), 1, "zeros", True),
+    "k1-pointwise": (2, 16, 32, 5, 6, 1, 1, 0, 1, "zeros", True),
+    "k3-reflect": (3, 16, 16, 10, 9, 3, 1, 1, 1, "reflect", True),
+    "k5-replicate-s2": (1, 16, 16, 11, 12, 5, 2, 2, 1, "replicate", True),
+    "k3-circular-same": (3, 16, 16, 8, 9, 3, 1, "same", 1, "circular", True),
+    "b1-56x56": (1, 32, 32, 56, 56, 3, 1, 1, 1, "zeros", True),  # fewer images than threads
+    "out-1x1": (2, 16, 16, 3, 3, 3, 1, 0, 1, "zeros", True),
+    "k5-s1-16x20": (3, 16, 32, 16, 20, 5, 1, 2, 1, "zeros", True),  # the shared-load horizontal path, k5
+    "c160-library-gemm": (3, 160, 136, 6, 5, 3, 1, 1, 1, "zeros", True),  # > 128 x 128 weights: the library GEMM
+}
+
+
+def _layer(case):
+    n, c_in, c_out, h, w, k, s, p, d, mode, bias = case
+    layer = Rank1Conv2d(c_in, c_out, k, stride=s, padding=p, dilation=d, padding_mode=mode, bias=bias)
+    with torch.no_grad():
+        layer.project_()
+        if bias:
+            layer.bias.normal_()
+    return layer, torch.randn(n, c_in, h, w)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cpp_equals_the_dense_conv(name):
+    layer, x = _layer(CASES[name])
+    fused = layer.decompose(impl="cpp").eval()
+    with torch.no_grad():
+        ref = layer.dense_conv()(x)
+        y = fused(x)
+        y_cl = fused(x.contiguous(memory_format=torch.channels_last))
+    assert y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last)  # the kernel's layout, kept for the next layer
+    assert rel_err(y, ref) <= 1e-5
+    assert torch.equal(y, y_cl)
+
+
+def test_the_fused_and_library_gemm_paths_agree():
+    layer, x = _layer(CASES["k5-p2-c24-o40"])
+    fused = layer.decompose(impl="cpp").fused
+    op = cpp_conv.build()
+    xc = x.contiguous(memory_format=torch.channels_last)
+    args = (xc, fused.a, fused.bt, fused.ct, fused.bias, 1, 1, 2, 2, 2, 2, 1, 1)
+    with torch.no_grad():
+        ref = layer.dense_conv()(x)
+        in_registers = op(*args, 10**9, 10**9)
+        library = op(*args, 0, 0)
+    assert rel_err(in_registers, ref) <= 1e-5 and rel_err(library, ref) <= 1e-5
+
+
+def test_cpp_is_one_module_and_the_same_with_one_or_two_threads():
+    layer, x = _layer(CASES["k3-p1-16x16-b3"])
+    fused = layer.decompose(impl="cpp").eval()
+    assert [type(m).__name__ for m in fused] == ["CppRank1Conv2d"]
+    assert "kernel_size=(3, 3)" in repr(fused) and "padding=(1, 1)" in repr(fused)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = fused(x)
+            torch.set_num_threads(2)
+            two = fused(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_err(one, two) <= 1e-6  # the split into GEMM rows and output rows changes nothing
+
+
+def test_flat1d_and_whole_networks_decompose_to_cpp():
+    twin = Flat1dConv2d(12, 20, 3, padding=1)
+    x = torch.randn(2, 12, 10, 10)
+    with torch.no_grad():
+        assert rel_err(twin.decompose(impl="cpp")(x), twin.dense_conv()(x)) <= 1e-5
+    for family in ("vgg", "resnet"):
+        model = build_model(family, arm="rank1", depth=8 if family == "resnet" else 4, width=16,
+                            in_channels=3).eval()
+        project_model_(model)
+        x = torch.randn(3, 3, 16, 16)
+        fast = decompose_model(model, "cpp")
+        with torch.no_grad():
+            assert rel_err(fast(x), dense_model(model)(x)) <= 1e-5, family
+
+
+def test_autograd_and_other_dtypes_fall_back_to_the_same_function():
+    layer, x = _layer(CASES["k3x5-s2-p12"])
+    fused = layer.decompose(impl="cpp")
+    x.requires_grad_(True)
+    y = fused(x)  # needs a gradient: F.conv2d, not the kernel
+    y.square().sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    layer.dense_conv()(ref_x).square().sum().backward()
+    assert rel_err(x.grad, ref_x.grad) <= 1e-4
+    with torch.no_grad():
+        half = fused.to(torch.bfloat16)(x.detach().bfloat16())
+        assert half.dtype == torch.bfloat16
+        assert rel_err(half.float(), layer.dense_conv()(x.detach())) <= 3e-2
+
+
+def test_the_op_checks_its_inputs():
+    op = cpp_conv.build()
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    a, b, c = torch.randn(8, 4), torch.randn(3, 8), torch.randn(3, 8)
+    assert op(x, a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS).shape == (1, 8, 5, 5)
+    with pytest.raises(RuntimeError, match="channels-last"):
+        op(x.contiguous(), a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(x.double(), a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS)
+    with pytest.raises(RuntimeError, match="a: O x C"):
+        op(x, torch.randn(8, 5), b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS)
+    with pytest.raises(RuntimeError, match="too small"):
+        op(x, a, b, c, None, 1, 1, 0, 0, 0, 0, 3, 3, *LIMITS)
+    with pytest.raises(RuntimeError, match="stride and dilation must be positive"):
+        op(x, a, b, c, None, 0, 1, 1, 1, 1, 1, 1, 1, *LIMITS)
+
+
+def test_cpp_is_an_auto_candidate_on_cpu_with_its_roofline():
+    assert "cpp" in available_impls("cpu") and "cpp" in candidate_impls(torch.device("cpu"))
+    assert "cpp" not in available_impls("meta")
+    assert CALLS["cpp"] == 1
+    # The chain's multiply-adds; on the fused path one read and one write of the
+    # activations, else triton's passes (a GEMM writes the 1x1 output, one pass reads it).
+    assert cpp_conv.fused_path(32, 32, 8, 8, 4, threads=2) and not cpp_conv.fused_path(32, 32, 8, 8, 1, threads=2)
+    assert not cpp_conv.fused_path(256, 256, 8, 8, 32, threads=2) and not cpp_conv.fused_path(32, 32, 56, 56, 32, 2)
+    flops, nbytes = impl_cost("cpp", 32, 32, 3, 8, 8, 32)
+    assert flops == impl_cost("chain", 32, 32, 3, 8, 8, 32)[0]
+    assert nbytes == 4 * (2 * 32 * 64 * 32 + 32 * (32 + 6))
+    assert impl_cost("cpp", 256, 256, 3, 8, 8, 32) == impl_cost("triton", 256, 256, 3, 8, 8, 32)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_without_a_compiler_cpp_is_unavailable_and_says_why(tmp_path):
+    code = ("import torch\nfrom rank1 import Rank1Conv2d\nfrom rank1.layers import available_impls\n"
+            "from rank1.autotune import candidate_impls\n"
+            "print(available_impls(), candidate_impls(torch.device('cpu')))\n"
+            "Rank1Conv2d(4, 4, 3).decompose(impl='cpp')\n")
+    r = _python(code, CXX=str(tmp_path / "no-such-c++"), RANK1_CPP_CACHE=str(tmp_path / "cache"))
+    assert r.returncode != 0
+    assert "('chain', 'dw2d') ('chain', 'dw2d', 'dense')" in r.stdout
+    assert "impl='cpp' is unavailable here (no C++ compiler" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_build_is_cached_per_machine(tmp_path):
+    code = ("import torch\nfrom rank1 import Rank1Conv2d\nl = Rank1Conv2d(4, 4, 3, padding=1)\n"
+            "x = torch.randn(1, 4, 6, 6)\nwith torch.no_grad():\n"
+            "    print(float((l.decompose(impl='cpp')(x) - l.dense_conv()(x)).abs().max()))\n")
+    env = {"RANK1_CPP_CACHE": str(tmp_path / "cache")}
+    first = _python(code, **env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "compiling the C++ CPU kernel once" in first.stderr and float(first.stdout) < 1e-5
+    second = _python(code, **env)
+    assert second.returncode == 0 and "compiling" not in second.stderr and float(second.stdout) < 1e-5
+    assert list((tmp_path / "cache").glob("torch-*/rank1_cpu_*/rank1_cpu_*.so"))
+
+
+def test_grid_row_includes_cpp():
+    from rank1.bench import bench_grid_point
+    from rank1.roofline import Peaks
+
+    row = bench_grid_point(16, 3, 8, 2, Peaks(100.0, 10.0, 0.005), peer=False, repeats=2)
+    assert "cpp" in row["times_ms"] and "cpp" in row["bound_ms"]
