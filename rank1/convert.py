@@ -109,13 +109,15 @@ def decompose_model(
 
     ``impl``: ``"chain"`` (1x1, kx1, 1xk), ``"dw2d"`` (1x1, one depthwise kxk),
     ``"triton"`` (1x1, then both depthwise passes in one fused Triton kernel: CUDA
-    inference benchmarks only, not exportable) or ``"auto"``: the fastest available one
-    per layer shape, measured once on ``example`` (on its device) and cached
-    (:mod:`rank1.autotune`; ``"triton"`` is a candidate only on CUDA), including the
+    inference only, not exportable), ``"cpp"`` (the whole layer in one call of a fused
+    C++ CPU kernel, compiled on first use: inference only, not exportable) or
+    ``"auto"``: the fastest available one per layer shape, measured once on ``example``
+    (on its device) and cached (:mod:`rank1.autotune`; ``"triton"`` is a candidate only
+    on CUDA, ``"cpp"`` only on the CPU), including the
     composed kernel as one dense conv where that is fastest (small layers at batch 1),
     so "auto" is never slower than the dense model; without ``example``, "auto" falls
-    back to ``"chain"``. Every choice computes the same function. On CUDA "auto" may pick
-    ``"triton"``, which does not export: pass ``"chain"`` or ``"dw2d"`` to export.
+    back to ``"chain"``. Every choice computes the same function. "auto" may pick
+    ``"triton"`` or ``"cpp"``, which do not export: pass ``"chain"`` or ``"dw2d"`` to export.
     """
     if impl not in (*ALL_IMPLS, "auto"):
         raise ValueError(f"impl must be one of {(*ALL_IMPLS, 'auto')}, got {impl!r}")
