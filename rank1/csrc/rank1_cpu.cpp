@@ -30,7 +30,7 @@ typedef float vfu __attribute__((vector_size(VL * sizeof(float)), aligned(aligno
 inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void st(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
-constexpr int64_t kMaxTaps = 64;
+constexpr int64_t kMaxTaps = 64;  // the largest kernel side (named in a message below)
 constexpr int kBlock = 8;  // pixels per register block
 
 struct Geometry {
@@ -185,9 +185,11 @@ void gemm_image(const float* __restrict x, const float* __restrict at, float* __
 at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                       const std::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                       int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t fused_weights, int64_t fused_plane) {
+  // Every message is one string literal: a message built from several values went
+  // through std::string across the library boundary and crashed with torch 2.11 and
+  // g++ 13 (on the GPU machine's image); the Python side names the values anyway.
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
-              "rank1 cpp conv: x must be a 4-D float32 CPU tensor, got ", x.scalar_type(), " with ", x.dim(),
-              " dims on ", x.device());
+              "rank1 cpp conv: x must be a 4-D float32 CPU tensor");
   TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "rank1 cpp conv: x must be channels-last");
   for (const at::Tensor* t : {&a, &b, &c})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
@@ -198,9 +200,9 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   g.n = x.size(0), g.c = x.size(1), g.h = x.size(2), g.w = x.size(3);
   g.o = a.size(0), g.kh = b.size(0), g.kw = c.size(0);
   TORCH_CHECK(a.size(1) == g.c && b.size(1) == g.o && c.size(1) == g.o,
-              "rank1 cpp conv: expected a: O x C, b: kh x O, c: kw x O for C = ", g.c);
+              "rank1 cpp conv: expected a: O x C, b: kh x O, c: kw x O with C = x.size(1)");
   TORCH_CHECK(g.kh >= 1 && g.kh <= kMaxTaps && g.kw >= 1 && g.kw <= kMaxTaps,
-              "rank1 cpp conv: kernel sizes must be 1..", kMaxTaps);
+              "rank1 cpp conv: kernel sizes must be 1..64");
   g.sh = sh, g.sw = sw, g.pt = pt, g.pl = pl, g.dh = dh, g.dw = dw;
   g.ho = (g.h + pt + pb - dh * (g.kh - 1) - 1) / sh + 1;
   g.wo = (g.w + pl + pr - dw * (g.kw - 1) - 1) / sw + 1;
