@@ -37,7 +37,7 @@ from torch import nn
 from rank1 import functional as R
 
 __all__ = [
-    "FUSED_PLANE", "FUSED_WEIGHTS", "CppRank1Conv2d", "available", "build", "cache_dir", "fused_path", "rank1_conv",
+    "FUSED_PLANE", "FUSED_WEIGHTS", "MAX_KERNEL", "CppRank1Conv2d", "available", "build", "cache_dir", "fused_path", "rank1_conv",
     "unavailable_reason",
 ]
 
@@ -58,6 +58,7 @@ _build_error: str | None = None
 # wins.
 FUSED_WEIGHTS = 128 * 128
 FUSED_PLANE = 256 * 1024
+MAX_KERNEL = 64  # kMaxTaps in the C++ source
 
 
 def fused_path(c_in: int, c_out: int, h: int, w: int, batch: int, threads: int | None = None) -> bool:
@@ -193,6 +194,8 @@ class CppRank1Conv2d(nn.Module):
                              f"{tuple(b.shape)} and {tuple(c.shape)}")
         if padding_mode not in R.PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {R.PADDING_MODES}, got {padding_mode!r}")
+        if max(b.shape[1], c.shape[1]) > MAX_KERNEL:
+            raise ValueError(f"the C++ kernel takes kernel sizes up to {MAX_KERNEL}, got {(b.shape[1], c.shape[1])}")
         self.out_channels, self.in_channels = a.shape
         self.kernel_size = (b.shape[1], c.shape[1])
         self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)

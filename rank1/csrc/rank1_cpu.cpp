@@ -210,8 +210,9 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
               "rank1 cpp conv: the input is too small for this kernel, padding and dilation");
   const float* bias_p = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == g.o,
-                "rank1 cpp conv: bias must be a contiguous float32 tensor of O elements");
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == g.o,
+                "rank1 cpp conv: bias must be a contiguous float32 CPU tensor of O elements");
     bias_p = bias->data_ptr<float>();
   }
   auto y = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
