@@ -4,13 +4,15 @@ At small shapes a decomposed layer run as two or three framework convolutions pa
 each call's fixed cost (~7 µs here), and the library's depthwise kernels run far
 below the machine's speed on short channel rows: at 32 channels, 8x8, batch 32, the
 depthwise conv of ``dw2d`` alone took longer than the 1x1. This kernel
-(``rank1/csrc/rank1_cpu.cpp``) does the layer in one call: the 1x1 as one threaded
-GEMM, then both depthwise 1-D passes and the bias with the threads splitting output
-rows, the factors in vector registers and every load a contiguous 16-float vector of
-channels (channels-last activations).
+(``rank1/csrc/rank1_cpu.cpp``) does the layer in one call on channels-last fp32:
+for small layers (:func:`fused_path`) each thread takes whole images, computes an
+image's 1x1 in vector registers into a buffer that stays in cache, then both
+depthwise 1-D passes and the bias; larger layers use the library GEMM for the 1x1
+and the same fused passes, the threads splitting output rows. The factors sit in
+vector registers and every load is a contiguous 16-float vector of channels.
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
-``ninja`` needed; about a minute once per machine, cached under ``$RANK1_CPP_CACHE``, else
+``ninja`` needed; 25 s to a minute once per machine, cached under ``$RANK1_CPP_CACHE``, else
 ``~/.cache/rank1/cpp``) for this CPU's vector width. Where it cannot be built,
 :func:`unavailable_reason` says why and ``impl="auto"`` simply never picks it.
 
@@ -37,7 +39,7 @@ from torch import nn
 from rank1 import functional as R
 
 __all__ = [
-    "FUSED_PLANE", "FUSED_WEIGHTS", "MAX_KERNEL", "CppRank1Conv2d", "available", "build", "cache_dir", "fused_path", "rank1_conv",
+    "FUSED_PLANE", "FUSED_WEIGHTS", "MAX_KERNEL", "CppRank1Conv2d", "available", "build", "cache_dir", "fused_path",
     "unavailable_reason",
 ]
 
@@ -139,35 +141,6 @@ def build() -> Any:
         _build_error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         raise RuntimeError(f"the rank1 C++ kernel could not be built: {_build_error}") from e
     return module.conv
-
-
-def rank1_conv(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    bt: torch.Tensor,
-    ct: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int],
-    padding: str | tuple[int, int],
-    dilation: tuple[int, int],
-    padding_mode: str = "zeros",
-) -> torch.Tensor:
-    """The layer ``conv2d_chain(x, a, bt.T, ct.T, bias, ...)`` through the C++ kernel.
-
-    ``x``: ``N x C x H x W`` fp32 on the CPU (channels-last is used as is, anything
-    else is copied to it); ``a``: ``O x C``; ``bt``: ``kh x O``; ``ct``: ``kw x O``
-    (the 1-D factors transposed, contiguous). The output is channels-last.
-    """
-    op = build()
-    kh, kw = bt.shape[0], ct.shape[0]
-    (top, bottom), (left, right) = R.pad_amounts((kh, kw), padding, dilation)
-    if padding_mode != "zeros" and (top or bottom or left or right):
-        # A bias-free 1x1 commutes with padding, so padding the input is padding its output.
-        x = F.pad(x, (left, right, top, bottom), mode=padding_mode)
-        top = bottom = left = right = 0
-    x = x.contiguous(memory_format=torch.channels_last)
-    return op(x, a, bt, ct, bias, stride[0], stride[1], top, bottom, left, right, dilation[0], dilation[1],
-              FUSED_WEIGHTS, FUSED_PLANE)
 
 
 class CppRank1Conv2d(nn.Module):
