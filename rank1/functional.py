@@ -216,6 +216,29 @@ def compose(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.einsum("oc,oh,ow->ochw", a, b, c)
 
 
+def settings_repr(
+    stride: tuple[int, int],
+    padding: str | tuple[int, int],
+    dilation: tuple[int, int],
+    bias: bool,
+    padding_mode: str,
+) -> str:
+    """The non-default settings of a convolution, as ``nn.Conv2d.extra_repr`` lists them
+    (``", stride=(2, 2), bias=False"``; empty when all are defaults)."""
+    s = ""
+    if stride != (1, 1):
+        s += f", stride={stride}"
+    if padding not in ((0, 0), "valid"):
+        s += f", padding={padding!r}"
+    if dilation != (1, 1):
+        s += f", dilation={dilation}"
+    if not bias:
+        s += ", bias=False"
+    if padding_mode != "zeros":
+        s += f", padding_mode={padding_mode!r}"
+    return s
+
+
 def pad_amounts(
     kernel_size: tuple[int, int],
     padding: str | tuple[int, int],

@@ -256,14 +256,4 @@ class TritonDepthwise1d(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.channels}, kernel_size={self.kernel_size}"
-        if self.stride != (1, 1):
-            s += f", stride={self.stride}"
-        if self.padding not in ((0, 0), "valid"):
-            s += f", padding={self.padding!r}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s
+        return s + R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
