@@ -25,17 +25,6 @@ _LAYER_SHAPES = [
     (32, 32, 3, 32), (64, 64, 3, 32), (128, 128, 3, 16), (256, 256, 3, 16),
     (256, 256, 3, 8), (512, 512, 3, 8), (128, 128, 5, 16),
 ]
-# Choices shown by argparse; TrainConfig checks them again for YAML input.
-_CHOICES = {
-    "dataset": lambda: sorted(__import__("rank1.data", fromlist=["DATASETS"]).DATASETS),
-    "model": lambda: sorted(__import__("rank1.models", fromlist=["MODELS"]).MODELS),
-    "init": lambda: sorted(__import__("rank1.init", fromlist=["INIT_SCHEMES"]).INIT_SCHEMES),
-    "arm": lambda: ["pair", "all", "rank1", "flat1d", "dense"],
-    "projection_norm": lambda: ["keep", "rescale"],
-    "optimizer": lambda: ["sgd", "adamw"],
-    "schedule": lambda: ["constant", "step", "cosine"],
-    "device": lambda: ["auto", "cpu", "cuda"],
-}
 # --smoke: seconds instead of minutes, for trying a command out.
 _SMOKE_TRAIN = {"depth": 2, "width": 8, "epochs": 1, "measure_latency": False}
 
@@ -55,6 +44,7 @@ def _console(stderr: bool = False):
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, typed, with the field's help text."""
+    from rank1.config import field_choices
     from rank1.train import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
@@ -62,16 +52,19 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training options (override --config)")
     for f in dataclasses.fields(TrainConfig):
         tp = hints[f.name]
-        args = typing.get_args(tp)
-        base = next((a for a in args if a is not type(None)), tp) if args else tp
+        choices = field_choices(TrainConfig, f.name)
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = str if choices is not None else (args[0] if args else tp)
         flag = "--" + f.name.replace("_", "-")
-        helptext = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"
+        helptext = f.metadata.get("help", "")
+        if "default" not in helptext:
+            helptext += f" (default: {getattr(defaults, f.name)})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
         if base is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
-        if f.name in _CHOICES:
-            kw["choices"] = _CHOICES[f.name]()
+        if choices is not None:
+            kw["choices"] = list(choices)
         group.add_argument(flag, type=base, metavar=f.name.upper() if "choices" not in kw else None, **kw)
     parser.add_argument("--config", help="YAML file of training options (read with safe_load)")
     parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds) to try things out")
@@ -153,8 +146,12 @@ def summary_table(result) -> Any:
         ("val acc (last epoch)", lambda r: _fmt(last(r, "val_acc"))),
         ("val acc (decomposed)", lambda r: _fmt(r.final.get("decomposed_val_acc", r.final.get("val_acc")))),
         ("test acc (shipped)", lambda r: _fmt(r.final.get("test_acc"))),
-        ("grad out first/last", lambda r: _fmt(last(r, "grad.out.ratio"), ".3g")),
-        ("grad out min layer", lambda r: _fmt(last(r, "grad.out.min"), ".3g")),
+        ("grad RMS first/last: init", lambda r: _fmt(r.gradflow.get("init", {}).get("out.ratio"), ".3g")),
+        ("grad RMS first/last: epoch 1", lambda r: _fmt(r.gradflow.get("epoch1", {}).get("out.ratio"), ".3g")),
+        ("grad RMS first/last: end", lambda r: _fmt(r.gradflow.get("end", {}).get("out.ratio"), ".3g")),
+        ("grad RMS min layer: end", lambda r: _fmt(r.gradflow.get("end", {}).get("out.min"), ".3g")),
+        ("output eff. rank / max (mean layer)", lambda r: _fmt(r.lowrank.get("mean.entropy_frac"), ".3f")),
+        ("penultimate rank 99% energy", lambda r: _fmt(r.lowrank.get("penultimate.energy99"), ".1f")),
         ("projections", lambda r: r.n_projections if r.arm == "rank1" else "—"),
         ("params dense / 1-D", lambda r: f"{r.inference.get('dense_params', '—')} / {r.inference.get('decomposed_params', '—')}"),
         ("FLOP ratio", lambda r: _fmt(r.inference.get("flop_ratio"), ".2f")),
@@ -167,8 +164,14 @@ def summary_table(result) -> Any:
     rows.append(("status", lambda r: r.status + (f": {r.reason}" if r.reason else "")))
     for label, fn in rows:
         table.add_row(label, *[str(fn(r)) for r in arms.values()])
+    caption = []
     if "val_acc_diff" in result.paired:
-        table.caption = f"rank1 − flat1d decomposed val acc: {result.paired['val_acc_diff']:+.3f} (one seed)"
+        caption.append(f"rank1 − flat1d decomposed val acc: {result.paired['val_acc_diff']:+.3f} (one seed)")
+    caption += [f"Note: {n}." for n in result.notes]
+    caption.append("grad RMS: per-element norm of dL/d(layer output) on fixed batches, on the network each arm is "
+                   "scored as (rank1: projected); eff. rank: entropy effective rank of each conv layer's "
+                   "channels x pixels output over its maximum, on a fixed validation batch")
+    table.caption = "\n".join(caption)
     return table
 
 

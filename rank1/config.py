@@ -9,13 +9,15 @@ field, the value and what is allowed. Value checks live in each dataclass's
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
 __all__ = [
-    "ConfigError", "check_choice", "check_range", "doc_field", "field_docs", "from_dict", "load_yaml", "to_dict",
+    "ConfigError", "check_choice", "check_choices", "check_finite", "check_range", "doc_field", "field_choices",
+    "field_docs", "from_dict", "load_yaml", "to_dict",
 ]
 
 T = TypeVar("T")
@@ -25,14 +27,51 @@ class ConfigError(ValueError):
     """A configuration value is wrong: the message names the field and what is allowed."""
 
 
-def doc_field(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by the CLI); mutable defaults are copied."""
+def doc_field(default: Any, help: str, choices: typing.Callable[[], typing.Iterable[Any]] | None = None) -> Any:
+    """A dataclass field with its help text (shown by the CLI); mutable defaults are copied.
+
+    ``choices``: for a field whose allowed values live in a registry (datasets, models,
+    init schemes), a function returning them; :func:`check_choices` and the CLI read it,
+    so the list is written once. Fixed choices are a ``Literal`` type hint instead.
+    """
+    metadata = {"help": help, **({"choices": choices} if choices is not None else {})}
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
         def factory() -> Any:
             return dataclasses.replace(default) if dataclasses.is_dataclass(default) else type(default)(default)
 
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_choices(cls: type, name: str) -> tuple[Any, ...] | None:
+    """The allowed values of field ``name`` of dataclass ``cls``: its registry (``choices``
+    metadata, sorted) or its ``Literal`` type hint (in order); None when it is free."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if "choices" in f.metadata:
+        return tuple(sorted(f.metadata["choices"]()))
+    tp = typing.get_type_hints(cls)[name]
+    for t in (tp, *typing.get_args(tp)):
+        if typing.get_origin(t) is typing.Literal:
+            return typing.get_args(t)
+    return None
+
+
+def check_choices(obj: Any) -> None:
+    """Every choice field of dataclass ``obj`` holds an allowed value (see :func:`field_choices`)."""
+    for f in dataclasses.fields(obj):
+        allowed = field_choices(type(obj), f.name)
+        value = getattr(obj, f.name)
+        if allowed is not None and not (value is None and _optional(type(obj), f.name)):
+            check_choice(f.name, value, allowed)
+
+
+def check_finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{name}: {value!r} is not allowed (allowed: a finite number)")
+
+
+def _optional(cls: type, name: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def check_choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
@@ -43,6 +82,7 @@ def check_choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
 
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None, *,
                 lo_open: bool = False) -> None:
+    check_finite(name, value)
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise ConfigError(f"{name}: {value!r} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and value > hi:

@@ -28,6 +28,7 @@ __all__ = [
     "normalize_factors",
     "pad_amounts",
     "project_rank1",
+    "tangent_project",
 ]
 
 PROJECTION_NORMS = ("keep", "rescale")
@@ -214,6 +215,26 @@ def project_rank1(
 def compose(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The 3-D filters ``W[o] = a[o] (x) b[o] (x) c[o]``: shape ``O x C x kh x kw``."""
     return torch.einsum("oc,oh,ow->ochw", a, b, c)
+
+
+def tangent_project(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Orthogonal projection of ``m`` (``O x C x kh x kw``) onto the tangent space of the
+    rank-1 tensors at ``a (x) b (x) c``, filter by filter.
+
+    The tangent space at ``u (x) v (x) w`` (unit factors) is spanned by the moves of one
+    factor at a time, ``x (x) v (x) w + u (x) y (x) w + u (x) v (x) z``; its projection is the
+    three partial contractions of ``m`` minus twice the shared core term (counted three
+    times). Used on optimiser momentum after a projection: it keeps the part of the
+    momentum that moves along rank-1 filters and drops the part the next projection
+    would undo.
+    """
+    u, v, w = _unit(a.to(m.dtype)), _unit(b.to(m.dtype)), _unit(c.to(m.dtype))
+    mu = torch.einsum("ochw,oh,ow->oc", m, v, w)  # m contracted with v and w: O x C
+    mv = torch.einsum("ochw,oc,ow->oh", m, u, w)  # O x kh
+    mw = torch.einsum("ochw,oc,oh->ow", m, u, v)  # O x kw
+    core = torch.einsum("oc,oc->o", mu, u)  # <m, u (x) v (x) w>
+    return (compose(mu, v, w) + compose(u, mv, w) + compose(u, v, mw)
+            - 2.0 * compose(u * core[:, None], v, w))
 
 
 def settings_repr(

@@ -12,17 +12,28 @@ Plus ``weight.LNN`` (the norm of the layer's effective 3-D filter bank) and the
 summaries ``grad.out.ratio`` (first / last layer: far below 1 means the gradient
 vanishes on its way down) and ``grad.out.min`` (the weakest layer). Norms are kept
 as device tensors while training and read once per epoch, so the monitor adds no
-host synchronisation per step.
+host synchronisation per step. These are raw sums over a tensor (they grow with its
+size) of the weights being trained (unprojected for rank1 between projections).
+
+:func:`measure_gradient_flow` is the comparable measurement: per-element (RMS)
+norms, on a copy of the network an arm is *evaluated* as (projected, for rank1), on
+fixed batches that are the same for every arm. Training calls it at initialisation,
+after epoch 1 and at the end.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Callable, Iterable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rank1.layers import Flat1dConv2d, Rank1Conv2d
 
-__all__ = ["GradientMonitor", "conv_layers"]
+__all__ = ["GradientMonitor", "conv_layers", "flow_summary", "measure_gradient_flow"]
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -105,3 +116,67 @@ class GradientMonitor:
             out["grad.out.min"] = min(grads)
         self.reset()
         return out
+
+
+def flow_summary(out: dict[str, float], prefix: str = "out.") -> dict[str, float]:
+    """``ratio`` (first / last layer) and ``min`` of the per-layer values ``{prefix}LNN``."""
+    layers = sorted(k for k in out if k.startswith(prefix) and k[len(prefix):].startswith("L"))
+    vals = [out[k] for k in layers]
+    if not vals:
+        return {}
+    return {f"{prefix}ratio": vals[0] / vals[-1] if vals[-1] > 0 else math.inf, f"{prefix}min": min(vals)}
+
+
+def measure_gradient_flow(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> dict[str, float]:
+    """Per-element (RMS) gradient norms of ``model`` over ``batches``, without touching it.
+
+    ``out.LNN``: ``sqrt(mean(g^2))`` of the loss gradient with respect to conv layer
+    ``LNN``'s output, over every element of every batch; ``param.LNN`` (``.a .b .c`` for
+    flat1d): the same for the parameter gradients, one backward per batch. Plus
+    ``out.ratio`` (first / last layer) and ``out.min``. Runs on a deep copy in train mode
+    (batch statistics, as in training), so the model, its running statistics and the
+    optimiser are left as they were.
+    """
+    net = copy.deepcopy(model)
+    for m in net.modules():  # the training monitor's hooks travel with a deep copy: drop them
+        m._forward_hooks.clear()
+    net.train()
+    layers = conv_layers(net)
+    names = [f"L{i:02d}" for i in range(len(layers))]
+    sq = [0.0] * len(layers)
+    count = [0] * len(layers)
+    psq: dict[str, float] = {}
+    pcount: dict[str, int] = {}
+
+    def hook(i: int):
+        def fwd(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            def grad_hook(g: torch.Tensor) -> None:
+                sq[i] += float(g.detach().double().pow(2).sum())
+                count[i] += g.numel()
+
+            out.register_hook(grad_hook)
+
+        return fwd
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    try:
+        for x, y in batches:
+            net.zero_grad(set_to_none=True)
+            loss_fn(net(x).float(), y).backward()
+            for name, (_, m) in zip(names, layers):
+                for suffix, p in _params(m).items():
+                    if p.grad is not None:
+                        key = f"param.{name}{suffix}"
+                        psq[key] = psq.get(key, 0.0) + float(p.grad.detach().double().pow(2).sum())
+                        pcount[key] = pcount.get(key, 0) + p.grad.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {f"out.{n}": math.sqrt(sq[i] / count[i]) for i, n in enumerate(names) if count[i]}
+    out.update({k: math.sqrt(v / pcount[k]) for k, v in psq.items()})
+    out.update(flow_summary(out))
+    return out

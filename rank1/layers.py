@@ -23,7 +23,7 @@ from rank1 import functional as R
 from rank1.init import INIT_SCHEMES, init_factors
 
 __all__ = [
-    "ACCEL_IMPLS", "ALL_IMPLS", "IMPLS", "Flat1dConv2d", "Rank1Conv2d", "available_impls", "decomposed_chain",
+    "ACCEL_IMPLS", "ALL_IMPLS", "FACTOR_INITS", "IMPLS", "STARTS", "Flat1dConv2d", "Rank1Conv2d", "available_impls", "decomposed_chain",
     "empty_conv",
 ]
 
@@ -139,6 +139,9 @@ class _Rank1ConvBase(nn.Module):
         s += R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
         return s + (f", init={self.init!r}" if self.init != "kaiming" else "")
 
+
+STARTS = ("rank1", "full")  # Rank1Conv2d(start=...): rank-1 from the init scheme, or a full-rank He filter
+FACTOR_INITS = ("scheme", "torch", "he")  # Flat1dConv2d(factor_init=...)
 
 IMPLS = ("chain", "dw2d")  # standard torch modules only: portable, traceable, exportable
 # Fused inference kernels: Triton on CUDA (rank1.triton_dw), C++ on the CPU (rank1.cpp_conv).
@@ -264,6 +267,10 @@ class Rank1Conv2d(_Rank1ConvBase):
             (rank-1 direction, norm of the unprojected filter).
         gain: target filter norm of the initialisation (He: ``sqrt(2)`` for ReLU).
         n_iter: cap on power-method sweeps per projection.
+        start: ``"rank1"`` (the weight starts as the outer product of the ``init``
+            factors) or ``"full"`` (an ordinary full-rank He-normal filter with
+            ``E||W[o]||^2 = gain^2``, left full rank until the first ``project_()``;
+            the factors then hold its best rank-1 approximation, as warm start).
     """
 
     def __init__(
@@ -283,11 +290,15 @@ class Rank1Conv2d(_Rank1ConvBase):
         projection_norm: str = "keep",
         gain: float = math.sqrt(2.0),
         n_iter: int = 100,
+        start: str = "rank1",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, init, gain,
         )
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        self.start = start
         if projection_norm not in R.PROJECTION_NORMS:
             raise ValueError(
                 f"projection_norm must be one of {R.PROJECTION_NORMS}, got {projection_norm!r}"
@@ -306,8 +317,19 @@ class Rank1Conv2d(_Rank1ConvBase):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draw factors from the init scheme; the weight starts as their outer product."""
+        """``start="rank1"``: factors from the init scheme, the weight their outer product.
+        ``start="full"``: a He-normal full-rank weight, its best rank-1 part as factors."""
         kh, kw = self.kernel_size
+        if self.start == "full":
+            with torch.no_grad():
+                fan_in = self.in_channels * kh * kw
+                self.weight.normal_(0.0, self.gain / math.sqrt(fan_in))  # E||W[o]||^2 = gain^2
+                a, b, c = R.project_rank1(self.weight, norm=self.projection_norm)
+                self.a.copy_(a)
+                self.b.copy_(b)
+                self.c.copy_(c)
+            self._reset_bias()
+            return
         a, b, c = init_factors(
             self.init, self.out_channels, self.in_channels, kh, kw, self.gain,
             device=self.weight.device, dtype=self.weight.dtype,
@@ -420,6 +442,7 @@ class Rank1Conv2d(_Rank1ConvBase):
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
+        s += f", start={self.start!r}" if self.start != "rank1" else ""
         return s + (f", projection_norm={self.projection_norm!r}" if self.projection_norm != "keep" else "")
 
 
@@ -429,6 +452,17 @@ class Flat1dConv2d(_Rank1ConvBase):
     Parameters ``a`` (``O x C``, the 1x1 conv), ``b`` (``O x kh``, depthwise vertical)
     and ``c`` (``O x kw``, depthwise horizontal) are the trainable weights; the layer
     computes the same function class as a projected :class:`Rank1Conv2d`.
+
+    ``factor_init`` says how the factors start (:data:`FACTOR_INITS`):
+
+    * ``"scheme"``: from the ``init`` scheme, each composed filter rescaled to the He
+      norm ``||W[o]||^2 = gain^2`` (what :meth:`from_rank1` copies from a rank-1 twin);
+    * ``"torch"``: each of the three 1-D convolutions exactly as an ``nn.Conv2d`` of its
+      shape initialises itself (Kaiming-uniform with ``a = sqrt(5)``, so every weight is
+      ``U(+-1/sqrt(fan_in))``; the bias is the last conv's). A Flattened CNN built the
+      ordinary way: ``E||W[o]||^2 = (1/3)^3 = 1/27``, 54x below He's 2;
+    * ``"he"``: each 1-D convolution He-normal on its own fan-in (``N(0, 2/fan_in)``):
+      ``E||W[o]||^2 = 2^3 = 8``, 4x He's.
     """
 
     def __init__(
@@ -446,11 +480,15 @@ class Flat1dConv2d(_Rank1ConvBase):
         dtype: torch.dtype | None = None,
         init: str = "kaiming",
         gain: float = math.sqrt(2.0),
+        factor_init: str = "scheme",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, init, gain,
         )
+        if factor_init not in FACTOR_INITS:
+            raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {factor_init!r}")
+        self.factor_init = factor_init
         kh, kw = self.kernel_size
         fk = dict(device=device, dtype=dtype)
         self.a = nn.Parameter(torch.empty(out_channels, in_channels, **fk))
@@ -461,10 +499,22 @@ class Flat1dConv2d(_Rank1ConvBase):
 
     def reset_parameters(self) -> None:
         kh, kw = self.kernel_size
-        a, b, c = init_factors(
-            self.init, self.out_channels, self.in_channels, kh, kw, self.gain,
-            device=self.a.device, dtype=self.a.dtype,
-        )
+        o, ch = self.out_channels, self.in_channels
+        if self.factor_init != "scheme":
+            # The three 1-D convolutions as nn.Conv2d builds them, drawn in chain order.
+            fk = dict(device=self.a.device, dtype=self.a.dtype)
+            convs = (nn.Conv2d(ch, o, 1, bias=False, **fk), nn.Conv2d(o, o, (kh, 1), groups=o, bias=False, **fk),
+                     nn.Conv2d(o, o, (1, kw), groups=o, bias=self.bias is not None, **fk))
+            if self.factor_init == "he":
+                for conv in convs:
+                    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+            with torch.no_grad():
+                for dst, conv in zip((self.a, self.b, self.c), convs):
+                    dst.copy_(conv.weight.reshape(dst.shape))
+                if self.bias is not None:
+                    self.bias.copy_(convs[2].bias)
+            return
+        a, b, c = init_factors(self.init, o, ch, kh, kw, self.gain, device=self.a.device, dtype=self.a.dtype)
         with torch.no_grad():
             self.a.copy_(a)
             self.b.copy_(b)
@@ -477,6 +527,9 @@ class Flat1dConv2d(_Rank1ConvBase):
 
     def _current_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.a.detach(), self.b.detach(), self.c.detach()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", factor_init={self.factor_init!r}" if self.factor_init != "scheme" else "")
 
     def dense_weight(self) -> torch.Tensor:
         """The composed 3-D weight ``a (x) b (x) c`` (differentiable)."""

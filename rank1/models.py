@@ -19,7 +19,7 @@ from torch import nn
 
 from rank1.layers import Flat1dConv2d, Rank1Conv2d, empty_conv
 
-__all__ = ["ARMS_ALL", "MODELS", "build_model", "conv_layer", "register_model"]
+__all__ = ["ARMS_ALL", "FLAT1D_INITS", "MODELS", "build_model", "conv_layer", "register_model"]
 
 ARMS_ALL = ("rank1", "flat1d", "dense")
 
@@ -47,6 +47,9 @@ def build_model(name: str, arm: str = "rank1", **kwargs: Any) -> nn.Module:
     return MODELS[name](arm=arm, **kwargs)
 
 
+FLAT1D_INITS = ("shared", "torch", "he")
+
+
 def conv_layer(
     arm: str,
     in_channels: int,
@@ -56,11 +59,27 @@ def conv_layer(
     bias: bool = True,
     init: str = "kaiming",
     projection_norm: str = "keep",
+    flat1d_init: str = "shared",
+    rank1_start: str = "rank1",
 ) -> nn.Module:
-    """One ``k x k`` "same"-padded convolution of the given arm."""
+    """One ``k x k`` "same"-padded convolution of the given arm.
+
+    The rank1 layer is drawn first (``rank1_start``: rank-1 from ``init``, or a full-rank
+    He filter); the dense arm copies its weight. The flat1d arm either copies its factors
+    (``flat1d_init="shared"``: the same initial function when the rank1 layer starts
+    rank-1; with ``rank1_start="full"``, what that layer's first projection gives) or
+    initialises its three 1-D convolutions its own way (``"torch"``, ``"he"``: see
+    :class:`Flat1dConv2d`), drawn from the same random stream in place of the rank1 layer.
+    """
+    if flat1d_init not in FLAT1D_INITS:
+        raise ValueError(f"flat1d_init must be one of {FLAT1D_INITS}, got {flat1d_init!r}")
+    padding = kernel_size // 2
+    if arm == "flat1d" and flat1d_init != "shared":
+        return Flat1dConv2d(in_channels, out_channels, kernel_size, stride, padding=padding, bias=bias, init=init,
+                            factor_init=flat1d_init)
     layer = Rank1Conv2d(
-        in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=bias,
-        init=init, projection_norm=projection_norm,
+        in_channels, out_channels, kernel_size, stride, padding=padding, bias=bias,
+        init=init, projection_norm=projection_norm, start=rank1_start,
     )
     if arm == "rank1":
         return layer
@@ -111,11 +130,14 @@ class VGG(nn.Module):
         num_classes: int = 10,
         init: str = "kaiming",
         projection_norm: str = "keep",
+        flat1d_init: str = "shared",
+        rank1_start: str = "rank1",
     ) -> None:
         super().__init__()
         if not 1 <= depth <= 32:
             raise ValueError(f"depth must be in 1..32 for vgg, got {depth}")
         _check_sizes(width, stages, kernel_size)
+        kw = dict(init=init, projection_norm=projection_norm, flat1d_init=flat1d_init, rank1_start=rank1_start)
         layers: list[nn.Module] = []
         c_in = in_channels
         for s, n in enumerate(_stage_sizes(depth, stages)):
@@ -124,8 +146,7 @@ class VGG(nn.Module):
             c_out = min(max_width, int(round(width * widen**s)))
             for _ in range(n):
                 layers += [
-                    conv_layer(arm, c_in, c_out, kernel_size, bias=not batchnorm, init=init,
-                               projection_norm=projection_norm),
+                    conv_layer(arm, c_in, c_out, kernel_size, bias=not batchnorm, **kw),
                     _norm(c_out, batchnorm),
                     nn.ReLU(inplace=True),
                 ]
@@ -144,9 +165,9 @@ class BasicBlock(nn.Module):
     activation variance stays put with depth instead of doubling per block."""
 
     def __init__(self, arm: str, c_in: int, c_out: int, stride: int, batchnorm: bool, kernel_size: int,
-                 init: str, projection_norm: str) -> None:
+                 **layer_kw: str) -> None:
         super().__init__()
-        kw = dict(init=init, projection_norm=projection_norm, bias=not batchnorm)
+        kw = dict(layer_kw, bias=not batchnorm)
         self.conv1 = conv_layer(arm, c_in, c_out, kernel_size, stride, **kw)
         self.bn1 = _norm(c_out, batchnorm)
         self.conv2 = conv_layer(arm, c_out, c_out, kernel_size, **kw)
@@ -181,12 +202,14 @@ class ResNet(nn.Module):
         init: str = "kaiming",
         projection_norm: str = "keep",
         max_width: int = 512,
+        flat1d_init: str = "shared",
+        rank1_start: str = "rank1",
     ) -> None:
         super().__init__()
         if not 1 <= depth <= 32:
             raise ValueError(f"depth (basic blocks) must be in 1..32 for resnet, got {depth}")
         _check_sizes(width, stages, kernel_size)
-        kw = dict(init=init, projection_norm=projection_norm)
+        kw = dict(init=init, projection_norm=projection_norm, flat1d_init=flat1d_init, rank1_start=rank1_start)
         self.stem = conv_layer(arm, in_channels, width, kernel_size, bias=not batchnorm, **kw)
         self.stem_norm = _norm(width, batchnorm)
         blocks: list[nn.Module] = []

@@ -13,29 +13,32 @@ bit-for-bit with :meth:`PairTrainer.load_state_dict`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rank1.bench import count_flops, count_params, time_forward
-from rank1.config import ConfigError, check_choice, check_range, to_dict
+from rank1.config import ConfigError, check_choice, check_choices, check_range, to_dict
 from rank1.config import doc_field as _f
-from rank1.convert import decompose_model, dense_model
-from rank1.data import DATASETS, DataBundle, TensorLoader, check_dataset, load_dataset
-from rank1.functional import PROJECTION_NORMS
-from rank1.gradstats import GradientMonitor
+from rank1.convert import decompose_model, dense_model, project_model_
+from rank1.data import DATASETS, DataBundle, ImageData, TensorLoader, check_dataset, load_dataset
+from rank1.functional import tangent_project
+from rank1.gradstats import GradientMonitor, measure_gradient_flow
 from rank1.init import INIT_SCHEMES
 from rank1.layers import Rank1Conv2d
+from rank1.lowrank import output_ranks
 from rank1.models import MODELS, build_model
 
 __all__ = [
     "ARM_CHOICES",
+    "ARM_SPECIFIC",
     "ArmResult",
     "ArmTrainer",
     "PairResult",
@@ -43,6 +46,7 @@ __all__ = [
     "TrainCallback",
     "TrainConfig",
     "parse_projection",
+    "recalibrate_batchnorm",
     "resolve_device",
     "train_arm",
     "train_pair",
@@ -54,6 +58,16 @@ ARM_CHOICES = {
     "rank1": ("rank1",),
     "flat1d": ("flat1d",),
     "dense": ("dense",),
+}
+PER_ARM = ("lr", "momentum", "weight_decay")  # optimiser settings each arm may set for itself
+# Fields that change one arm only (the others train exactly the same without them): a
+# non-default value for an arm that is not trained is an error, pairing across trials
+# ignores them, and a grid design need not repeat the other arms over them.
+ARM_SPECIFIC: dict[str, tuple[str, ...]] = {
+    "rank1": ("projection", "projection_norm", "projection_momentum", "bn_recalibrate",
+              *(f"rank1_{k}" for k in PER_ARM)),
+    "flat1d": ("flat1d_init", *(f"flat1d_{k}" for k in PER_ARM)),
+    "dense": tuple(f"dense_{k}" for k in PER_ARM),
 }
 # A decomposed model may differ from its projected 3-D form only by rounding.
 LOGIT_TOLERANCE = 1e-4
@@ -76,7 +90,7 @@ class TrainConfig:
     """One paired training run. Every field can come from YAML or a CLI option."""
 
     # data
-    dataset: str = _f("digits", "dataset name (digits needs no files; others read ROOT)")
+    dataset: str = _f("digits", "dataset name (digits needs no files; others read ROOT)", choices=lambda: DATASETS)
     root: str | None = _f(None, "folder holding the dataset files (not needed for digits)")
     image_size: int | None = _f(None, "resize images to SIZE x SIZE (digits: 16; others: native)")
     download: bool = _f(False, "download the dataset into ROOT with torchvision if missing")
@@ -84,24 +98,47 @@ class TrainConfig:
     val_fraction: float = _f(0.2, "fraction of train held out for validation when the dataset has none")
     split_seed: int = _f(0, "seed of the train/val split (fixed across trials and seeds)")
     # model
-    model: str = _f("vgg", "network family")
+    model: str = _f("vgg", "network family", choices=lambda: MODELS)
     depth: int = _f(8, "vgg: conv layers (1-32); resnet: basic blocks (1-32)")
     width: int = _f(32, "channels of the first stage (doubling per stage)")
     stages: int = _f(3, "resolution stages (pooling / stride 2 between them)")
     batchnorm: bool = _f(False, "batch norm after every conv")
     kernel_size: int = _f(3, "spatial kernel size (odd)")
-    init: str = _f("kaiming", "factor initialisation scheme")
+    init: str = _f("kaiming", "factor initialisation scheme (rescaled to the He norm)", choices=lambda: INIT_SCHEMES)
+    # the arms and their conventions
+    arm: Literal["pair", "all", "rank1", "flat1d", "dense"] = _f(
+        "pair", "arms to train: pair (rank1+flat1d), all (+dense), rank1, flat1d or dense")
+    rank1_start: Literal["rank1", "full"] = _f(
+        "rank1", "rank1 (and dense) arm's initial filters: rank1 (outer products from init) or full "
+                 "(full-rank He-normal, rank-1 from the first projection on)")
+    flat1d_init: Literal["shared", "torch", "he"] = _f(
+        "shared", "flat1d arm's initial factors: shared (the rank1 arm's: the same initial function), torch "
+                  "(each 1-D conv as nn.Conv2d initialises it: ||W||^2 ~ 1/27) or he (each 1-D conv He on its "
+                  "own fan-in: ||W||^2 ~ 8)")
     # rank-1 training
-    arm: str = _f("pair", "arms to train: pair (rank1+flat1d), all (+dense), rank1, flat1d or dense")
     projection: str = _f("epoch:1", "rank1 projection period: epoch:N, step:N or end")
-    projection_norm: str = _f("keep", "keep (best rank-1) or rescale (rank-1 direction, original norm)")
-    reset_momentum: bool = _f(False, "zero the optimizer momentum of rank1 weights after each projection")
+    projection_norm: Literal["keep", "rescale"] = _f(
+        "keep", "keep (best rank-1) or rescale (rank-1 direction, original norm)")
+    projection_momentum: Literal["keep", "reset", "tangent"] = _f(
+        "keep", "rank1 optimiser state after a projection: keep, reset (all of it, Adam's second moments "
+                "included) or tangent (momentum projected onto the rank-1 set's tangent space)")
+    bn_recalibrate: int = _f(20, "training batches on which the rank1 arm's batch-norm statistics are "
+                                 "recomputed for projected weights before it is evaluated (0: off)")
     # optimisation
-    optimizer: str = _f("sgd", "sgd (with momentum) or adamw")
-    lr: float = _f(0.05, "peak learning rate")
-    momentum: float = _f(0.9, "SGD momentum / AdamW beta1")
-    weight_decay: float = _f(5e-4, "weight decay (decoupled for AdamW)")
-    schedule: str = _f("cosine", "learning-rate schedule: constant, step or cosine")
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "sgd (with momentum) or adamw")
+    lr: float = _f(0.05, "peak learning rate (every arm, unless ARM_lr is set)")
+    momentum: float = _f(0.9, "SGD momentum / AdamW beta1 (every arm, unless ARM_momentum is set)")
+    weight_decay: float = _f(5e-4, "weight decay, decoupled for AdamW (every arm, unless ARM_weight_decay is set)")
+    rank1_lr: float | None = _f(None, "rank1 arm's own peak learning rate (default: lr)")
+    flat1d_lr: float | None = _f(None, "flat1d arm's own peak learning rate (default: lr)")
+    dense_lr: float | None = _f(None, "dense arm's own peak learning rate (default: lr)")
+    rank1_momentum: float | None = _f(None, "rank1 arm's own momentum (default: momentum)")
+    flat1d_momentum: float | None = _f(None, "flat1d arm's own momentum (default: momentum)")
+    dense_momentum: float | None = _f(None, "dense arm's own momentum (default: momentum)")
+    rank1_weight_decay: float | None = _f(None, "rank1 arm's own weight decay on W (default: weight_decay)")
+    flat1d_weight_decay: float | None = _f(None, "flat1d arm's own weight decay on a, b, c (default: weight_decay)")
+    dense_weight_decay: float | None = _f(None, "dense arm's own weight decay (default: weight_decay)")
+    schedule: Literal["constant", "step", "cosine"] = _f("cosine", "learning-rate schedule: constant, step or cosine")
     warmup_epochs: float = _f(0.0, "linear warm-up length in epochs")
     step_epochs: int = _f(10, "step schedule: decay every this many epochs")
     gamma: float = _f(0.1, "step schedule: decay factor")
@@ -109,33 +146,50 @@ class TrainConfig:
     batch_size: int = _f(32, "training batch size")
     grad_clip: float | None = _f(None, "clip the gradient norm to this value (off when unset)")
     # execution
-    device: str = _f("auto", "auto, cpu or cuda")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto, cpu or cuda")
     bf16: bool = _f(False, "bf16 autocast (CUDA only)")
     seed: int = _f(0, "seed of the initial weights and the data order (shared by the arms)")
     threads: int | None = _f(None, "torch CPU threads (default: torch's)")
     measure_latency: bool = _f(True, "time dense vs decomposed inference at the end")
     latency_batch: int = _f(64, "the larger batch size of the latency measurement (the other is 1)")
     latency_repeats: int = _f(20, "timed repeats per latency measurement")
+    # what is measured besides accuracy
+    gradflow_batches: int = _f(4, "fixed training batches of the per-element gradient-flow measurement at "
+                                  "initialisation, after epoch 1 and at the end (0: off)")
+    effective_rank: Literal["end", "epoch", "off"] = _f(
+        "end", "effective rank of every conv layer's output and the penultimate features: at the end, "
+               "after every epoch too, or off")
+    rank_images: int = _f(64, "validation images of the fixed batch the effective ranks are measured on")
 
     def __post_init__(self) -> None:
-        check_choice("dataset", self.dataset, sorted(DATASETS))
-        check_choice("model", self.model, sorted(MODELS))
-        check_choice("init", self.init, sorted(INIT_SCHEMES))
-        check_choice("arm", self.arm, list(ARM_CHOICES))
-        check_choice("projection_norm", self.projection_norm, PROJECTION_NORMS)
-        check_choice("optimizer", self.optimizer, ("sgd", "adamw"))
-        check_choice("schedule", self.schedule, ("constant", "step", "cosine"))
-        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choices(self)
         parse_projection(self.projection)
         check_range("depth", self.depth, 1, 32)
-        for name in ("width", "stages", "epochs", "batch_size", "step_epochs", "latency_batch"):
+        for name in ("width", "stages", "epochs", "batch_size", "step_epochs", "latency_batch", "rank_images"):
             check_range(name, getattr(self, name), 1)
         check_range("latency_repeats", self.latency_repeats, 2)
+        for name in ("bn_recalibrate", "gradflow_batches"):
+            check_range(name, getattr(self, name), 0)
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size: {self.kernel_size!r} must be odd and >= 1")
-        check_range("lr", self.lr, 0, lo_open=True)
-        check_range("momentum", self.momentum, 0, 1)
-        check_range("weight_decay", self.weight_decay, 0)
+        for prefix in ("", "rank1_", "flat1d_", "dense_"):
+            lr, mom, wd = (getattr(self, prefix + k) for k in PER_ARM)
+            if lr is not None:
+                check_range(prefix + "lr", lr, 0, lo_open=True)
+            if mom is not None:
+                check_range(prefix + "momentum", mom, 0, 1)
+            if wd is not None:
+                check_range(prefix + "weight_decay", wd, 0)
+        defaults = _defaults()
+        for arm, names in ARM_SPECIFIC.items():
+            if arm in self.arms:
+                continue
+            for name in names:
+                if getattr(self, name) != getattr(defaults, name):
+                    raise ConfigError(
+                        f"{name}: set to {getattr(self, name)!r} for the {arm} arm, which is not trained "
+                        f"(arm: {self.arm!r} trains {', '.join(self.arms)}); drop it or train the {arm} arm"
+                    )
         check_range("warmup_epochs", self.warmup_epochs, 0)
         check_range("gamma", self.gamma, 0, 1, lo_open=True)
         check_range("val_fraction", self.val_fraction, 0, 1, lo_open=True)
@@ -152,6 +206,25 @@ class TrainConfig:
     def arms(self) -> tuple[str, ...]:
         return ARM_CHOICES[self.arm]
 
+    def optim(self, arm: str) -> tuple[float, float, float]:
+        """``(lr, momentum, weight_decay)`` of ``arm``: its own where set, else the shared ones."""
+        return tuple(  # type: ignore[return-value]
+            v if (v := getattr(self, f"{arm}_{k}")) is not None else getattr(self, k) for k in PER_ARM)
+
+    @property
+    def same_start(self) -> bool:
+        """Whether every arm starts as the same function (the paired design's premise)."""
+        return self.flat1d_init == "shared" and self.rank1_start == "rank1"
+
+    def start_note(self) -> str | None:
+        """Why the arms do not start from the same function, when they do not."""
+        why = []
+        if self.rank1_start != "rank1" and len(self.arms) > 1:
+            why.append(f"rank1_start={self.rank1_start} (the rank1 and dense arms start full rank)")
+        if self.flat1d_init != "shared" and "flat1d" in self.arms and len(self.arms) > 1:
+            why.append(f"flat1d_init={self.flat1d_init} (the flat1d arm initialises its own factors)")
+        return ("the arms do not start from the same function: " + "; ".join(why)) if why else None
+
     def check_environment(self) -> None:
         """What can only be checked on this machine: the dataset files and the device."""
         try:
@@ -165,6 +238,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+_DEFAULTS: list[TrainConfig] = []
+
+
+def _defaults() -> TrainConfig:
+    """The default config (built once: comparing fields against it needs no re-validation)."""
+    if not _DEFAULTS:
+        _DEFAULTS.append(object.__new__(TrainConfig))
+        for f in dataclasses.fields(TrainConfig):
+            setattr(_DEFAULTS[0], f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    return _DEFAULTS[0]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,7 +288,12 @@ class TrainCallback:
 
 @dataclass
 class ArmResult:
-    """Everything one arm produced. ``status``: finished, diverged, stopped or failed."""
+    """Everything one arm produced. ``status``: finished, diverged, stopped or failed.
+
+    ``gradflow``: per-element gradient flow (:func:`rank1.gradstats.measure_gradient_flow`)
+    at ``init``, after ``epoch1`` and at the ``end``; ``lowrank``: effective ranks of the
+    shipped network's outputs (:func:`rank1.lowrank.output_ranks`).
+    """
 
     arm: str
     status: str = "running"
@@ -215,7 +305,10 @@ class ArmResult:
     history: list[dict[str, float]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     inference: dict[str, Any] = field(default_factory=dict)
+    gradflow: dict[str, dict[str, float]] = field(default_factory=dict)
+    lowrank: dict[str, float] = field(default_factory=dict)
     train_time_s: float = 0.0
+    bn_recal_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,11 +321,12 @@ class PairResult:
     arms: dict[str, ArmResult]
     paired: dict[str, float]
     time_s: float
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config, "data": self.data, "arms": {k: v.to_dict() for k, v in self.arms.items()},
-            "paired": self.paired, "time_s": self.time_s,
+            "paired": self.paired, "time_s": self.time_s, "notes": self.notes,
         }
 
 
@@ -252,6 +346,59 @@ def _accuracy_loss(model: nn.Module, loader: TensorLoader) -> tuple[float, float
     return loss, acc, out
 
 
+def _bare_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without the forward hooks of the training monitor."""
+    net = copy.deepcopy(model)
+    for m in net.modules():
+        m._forward_hooks.clear()
+    return net
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Recompute every batch norm's running mean and variance of ``model`` on ``batches``.
+
+    After a projection the running statistics belong to weights that no longer exist.
+    They are reset and re-estimated as the plain average over the batches (momentum
+    ``None``: each batch's mean and unbiased variance count equally), in train mode and
+    without gradients; then each layer's momentum and the model's mode are restored.
+    Returns the number of batches used (0 when the model has no batch norm).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m, m.momentum) for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    n = 0
+    try:
+        for x, _ in batches:
+            model(x)
+            n += 1
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was_training)
+    return n
+
+
+def _take(loader: TensorLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for batch in loader:
+        if len(out) == n:
+            break
+        out.append(batch)
+    return out
+
+
+# Salts of the dedicated generators: every fixed batch comes from its own stream, so
+# measuring never shifts the training data order.
+_GRADFLOW_SALT, _RECAL_SALT = 7919, 104729
+
+
 class ArmTrainer:
     """Trains one arm one epoch at a time; its whole state is checkpointable."""
 
@@ -262,6 +409,7 @@ class ArmTrainer:
             config.model, arm=arm, depth=config.depth, width=config.width, stages=config.stages,
             batchnorm=config.batchnorm, kernel_size=config.kernel_size, in_channels=data.in_channels,
             num_classes=data.num_classes, init=config.init, projection_norm=config.projection_norm,
+            flat1d_init=config.flat1d_init, rank1_start=config.rank1_start,
         ).to(device)
         self.generator = torch.Generator().manual_seed(config.seed)  # same data order in every arm
         self.train_loader = TensorLoader(
@@ -271,6 +419,7 @@ class ArmTrainer:
         eval_batch = max(256, config.batch_size)
         self.val_loader = TensorLoader(data.val, eval_batch, data.mean, data.std, device)
         self.test_loader = TensorLoader(data.test, eval_batch, data.mean, data.std, device)
+        self.lr, self.momentum, self.weight_decay = config.optim(arm)
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -279,18 +428,36 @@ class ArmTrainer:
         self.monitor = GradientMonitor(self.model)
         self.rank1_layers = [m for m in self.model.modules() if isinstance(m, Rank1Conv2d)]
         self.projection = parse_projection(config.projection) if arm == "rank1" else ("none", 0)
+        self.has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.result = ArmResult(arm)
         self._residuals: dict[str, float] = {}
+        # rank1: optimiser steps since the last projection (0: the weights are rank-1; a
+        # rank1_start=full network is not until its first projection) and whether the
+        # batch-norm statistics still belong to the weights before the last projection.
+        self._steps_since_projection = 0 if config.rank1_start == "rank1" else 1
+        self._bn_stale = False
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "sgd":
-            return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        return torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(c.momentum, 0.999), weight_decay=c.weight_decay)
+            return torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(self.momentum, 0.999),
+                                 weight_decay=self.weight_decay)
 
     @property
     def running(self) -> bool:
         return self.result.status == "running"
+
+    def _fixed_batches(self, n: int, salt: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` training batches from a generator of their own (the training order is untouched):
+        the same batches in every arm for the same seed and salt."""
+        d, c, t = self.data, self.config, self.train_loader
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + salt)
+        # The training loader's tensors are on the device already: no copy of the dataset.
+        loader = TensorLoader(ImageData(t.x, t.y), c.batch_size, d.mean, d.std, self.device, shuffle=True,
+                              generator=g, augment=c.augment, flip=d.flip)
+        return _take(loader, n)
 
     # -- projection ---------------------------------------------------------------------------
 
@@ -299,14 +466,58 @@ class ArmTrainer:
         residuals = {n: float(m.project_()) for n, m in zip(names, self.rank1_layers)}
         self.result.n_projections += 1
         self._residuals = residuals
-        if self.config.reset_momentum:
-            for m in self.rank1_layers:
+        self._steps_since_projection = 0
+        self._bn_stale = True
+        mode = self.config.projection_momentum
+        for m in self.rank1_layers:
+            if mode == "reset":  # every state of the projected weight: momentum, Adam's moments, its step
+                self.optimizer.state.pop(m.weight, None)
+            elif mode == "tangent":
                 state = self.optimizer.state.get(m.weight, {})
                 for key in ("momentum_buffer", "exp_avg"):
-                    if isinstance(state.get(key), torch.Tensor):
-                        state[key].zero_()
+                    buf = state.get(key)
+                    if isinstance(buf, torch.Tensor):
+                        buf.copy_(tangent_project(buf, *m.factors))
         for cb in callbacks:
             cb.on_projection(self.arm, self.result.epochs_run + 1, self.result.steps, residuals)
+
+    # -- the network the arm is scored as ------------------------------------------------------------
+
+    def _recalibrate(self, model: nn.Module) -> None:
+        if not (self.has_batchnorm and self.config.bn_recalibrate):
+            return
+        t0 = time.perf_counter()
+        batches = self._fixed_batches(self.config.bn_recalibrate, _RECAL_SALT + self.result.steps)
+        recalibrate_batchnorm(model, batches)
+        self.result.bn_recal_s += time.perf_counter() - t0
+
+    def evaluated_model(self) -> nn.Module:
+        """The network this arm is scored as, now. For rank1 that is the *projected* network:
+        the model itself right after a projection, else a projected copy (training has moved
+        the weights off rank-1 since, or a ``projection: end`` run has not projected yet); its
+        batch-norm statistics recomputed for the projected weights (``bn_recalibrate``). The
+        training state is never changed, but for statistics that belonged to weights that no
+        longer exist."""
+        if self.arm != "rank1":
+            return self.model
+        if self._steps_since_projection == 0:
+            if self._bn_stale:
+                self._recalibrate(self.model)
+                self._bn_stale = False
+            return self.model
+        net = _bare_copy(self.model)
+        project_model_(net)
+        self._recalibrate(net)
+        return net
+
+    def _gradflow(self, model: nn.Module) -> dict[str, float]:
+        n = self.config.gradflow_batches
+        return measure_gradient_flow(model, self._fixed_batches(n, _GRADFLOW_SALT)) if n else {}
+
+    def _probe(self) -> torch.Tensor:
+        x, _ = next(iter(TensorLoader(self.data.val, self.config.rank_images, self.data.mean, self.data.std,
+                                      self.device)))
+        return x
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -314,8 +525,11 @@ class ArmTrainer:
         """One epoch; returns its metrics, or None when the arm diverged."""
         c, res = self.config, self.result
         unit, every = self.projection
+        if "init" not in res.gradflow and c.gradflow_batches:
+            res.gradflow["init"] = self._gradflow(self.evaluated_model())
         self.model.train()
         t0 = time.perf_counter()
+        recal0 = res.bn_recal_s
         total_loss, correct, seen = 0.0, 0, 0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=c.bf16 and self.device.type == "cuda")
         for x, y in self.train_loader:
@@ -336,6 +550,7 @@ class ArmTrainer:
             self.optimizer.step()
             self.scheduler.step()
             res.steps += 1
+            self._steps_since_projection += 1
             total_loss += loss_value * len(y)
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
@@ -346,7 +561,9 @@ class ArmTrainer:
         epoch_time = time.perf_counter() - t0
         res.epochs_run += 1
         res.train_time_s += epoch_time
-        val_loss, val_acc, _ = _accuracy_loss(self.model, self.val_loader)
+        train_summary = self.monitor.summary()
+        scored = self.evaluated_model()
+        val_loss, val_acc, _ = _accuracy_loss(scored, self.val_loader)
         if not math.isfinite(val_loss):
             res.status, res.diverged_epoch = "diverged", res.epochs_run
             res.reason = f"validation loss became {val_loss} at epoch {res.epochs_run}"
@@ -359,11 +576,20 @@ class ArmTrainer:
             "val_acc": val_acc,
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_time_s": epoch_time,
-            **self.monitor.summary(),
+            **train_summary,
             **{f"residual.{k}": v for k, v in self._residuals.items()},
         }
+        if scored is not self.model:  # rank1 between projections: what the trained weights score as they are
+            metrics["val_acc_unprojected"] = _accuracy_loss(self.model, self.val_loader)[1]
+        if self.arm == "rank1" and self.has_batchnorm:
+            metrics["bn_recal_s"] = res.bn_recal_s - recal0
         if self._residuals:
             metrics["residual.mean"] = sum(self._residuals.values()) / len(self._residuals)
+        if res.epochs_run == 1 and c.gradflow_batches:
+            res.gradflow["epoch1"] = self._gradflow(scored)
+            metrics.update({f"gradflow.{k}": v for k, v in res.gradflow["epoch1"].items()})
+        if c.effective_rank == "epoch":
+            metrics.update({f"lowrank.{k}": v for k, v in output_ranks(scored, self._probe()).items()})
         self._residuals = {}
         res.history.append(metrics)
         return metrics
@@ -384,6 +610,7 @@ class ArmTrainer:
                 # How far training had moved the weights off rank-1 since the last projection.
                 final["final_residual_mean"] = sum(self._residuals.values()) / max(1, len(self._residuals))
                 self._residuals = {}
+                self.evaluated_model()  # recomputes the batch-norm statistics for the final weights
             _, final["projected_val_acc"], ref_logits = _accuracy_loss(self.model, self.val_loader)
             shipped = decompose_model(self.model).to(self.device)
             _, final["decomposed_val_acc"], logits = _accuracy_loss(shipped, self.val_loader)
@@ -398,7 +625,13 @@ class ArmTrainer:
                 )
         final["val_loss"], final["val_acc"], _ = _accuracy_loss(shipped, self.val_loader)
         final["test_loss"], final["test_acc"], _ = _accuracy_loss(shipped, self.test_loader)
+        if self.arm == "rank1" and self.has_batchnorm:
+            final["bn_recal_s"] = res.bn_recal_s
         res.final = final
+        if c.gradflow_batches:
+            res.gradflow["end"] = self._gradflow(self.model)
+        if c.effective_rank != "off":
+            res.lowrank = output_ranks(self.model, self._probe())
         res.inference = self._inference(dense_form, shipped) if c.measure_latency else self._sizes(dense_form, shipped)
         self.shipped = shipped
         if res.status == "running":
@@ -443,6 +676,8 @@ class ArmTrainer:
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "result": self.result.to_dict(),
+            "since_projection": self._steps_since_projection,
+            "bn_stale": self._bn_stale,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -451,6 +686,8 @@ class ArmTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.result = ArmResult(**state["result"])
+        self._steps_since_projection = state["since_projection"]
+        self._bn_stale = state["bn_stale"]
 
 
 class PairTrainer:
@@ -527,13 +764,18 @@ class PairTrainer:
     def result(self) -> PairResult:
         arms = {arm: t.result for arm, t in self.trainers.items()}
         paired: dict[str, float] = {}
-        r, f = arms.get("rank1"), arms.get("flat1d")
+        r, f, d = arms.get("rank1"), arms.get("flat1d"), arms.get("dense")
         if r and f and r.history and f.history:
             key = "decomposed_val_acc"
             if key in r.final and key in f.final:
                 paired["val_acc_diff"] = r.final[key] - f.final[key]
             paired["last_epoch_val_acc_diff"] = r.history[-1]["val_acc"] - f.history[-1]["val_acc"]
-        return PairResult(self.config.to_dict(), self.data.summary(), arms, paired, self.time_s)
+        for name, a in (("rank1", r), ("flat1d", f)):
+            if a and d and "val_acc" in a.final and "val_acc" in d.final:
+                paired[f"{name}_minus_dense_val_acc"] = a.final["val_acc"] - d.final["val_acc"]
+        note = self.config.start_note()
+        return PairResult(self.config.to_dict(), self.data.summary(), arms, paired, self.time_s,
+                          [note] if note else [])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here (at an epoch boundary)."""

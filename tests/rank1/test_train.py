@@ -129,7 +129,7 @@ def test_divergence_is_a_status_not_an_exception(digits):
 
 
 def test_resume_from_a_checkpoint_is_bit_identical(digits):
-    cfg = TrainConfig(**{**FAST, "epochs": 3}, projection="step:10", reset_momentum=True)
+    cfg = TrainConfig(**{**FAST, "epochs": 3}, projection="step:10", projection_momentum="reset")
     full = train_pair(cfg, data=digits)
     stopper = Recorder(stop_after=1)
     partial = train_pair(cfg, [stopper], data=digits)
