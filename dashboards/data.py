@@ -57,6 +57,8 @@ class StudyData:
     optuna_order: list[tuple[int, str, list[float] | None]]  # (number, state, values) in ask order
     importances: dict[str, float] | None
     importance_note: str = ""
+    confirms: list[TrialRecord] = field(default_factory=list)  # the confirmation phase's runs
+    confirm_seeds: int | None = None
 
     @property
     def finished(self) -> list[TrialRecord]:
@@ -94,6 +96,8 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
     if not parents:
         raise ValueError(f"experiment {cfg.name!r} has no study parent run")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'trial'", max_results=10000)
+    confirm_runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'",
+                                      max_results=10000)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
@@ -101,24 +105,9 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
     except KeyError:
         study, otrials = None, []
     by_ray = {t.user_attrs.get("ray_trial_id"): t for t in otrials}
-    trials = []
-    for r in runs:
-        tid = r.data.tags.get("rank1.trial_id", r.info.run_id)
-        params = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
-        rec = TrialRecord(tid, r.info.run_id, r.data.tags.get("rank1.status", "unknown"),
-                          r.data.tags.get("rank1.reason"), params, dict(r.data.params), dict(r.data.metrics))
-        ot = by_ray.get(tid)
-        if ot is not None:
-            rec.params = dict(ot.params)  # typed
-            rec.optuna_state, rec.values = ot.state.name, ot.values
-            rec.intermediate = dict(ot.intermediate_values)
-        if rec.status in ("finished", "diverged", "failed"):
-            try:
-                with tempfile.TemporaryDirectory() as d:
-                    rec.results = json.loads(Path(client.download_artifacts(r.info.run_id, "trial_result.json", d)).read_text())
-            except Exception:
-                rec.results = None
-        trials.append(rec)
+    trials = [_record(client, r, by_ray) for r in runs]
+    confirms = sorted((_record(client, r, {}) for r in confirm_runs),
+                      key=lambda t: (t.config.get("arm", ""), int(t.config.get("seed", 0))))
     trials.sort(key=lambda t: (by_ray[t.trial_id].number if t.trial_id in by_ray else 1 << 30, t.trial_id))
     importances, note = None, ""
     complete = [t for t in otrials if t.state.name == "COMPLETE"]
@@ -132,5 +121,25 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
     return StudyData(
         cfg.name, exp.experiment_id, parents[0].info.run_id, tracking_uri, trials, cfg.n_trials,
         cfg.seeds_per_trial, cfg.model_name, _champion(client, cfg.model_name),
-        [(t.number, t.state.name, t.values) for t in otrials], importances, note,
+        [(t.number, t.state.name, t.values) for t in otrials], importances, note, confirms, cfg.confirm_seeds,
     )
+
+
+def _record(client, r, by_ray: dict) -> TrialRecord:
+    """A trial (or confirmation) run as a record, with its per-seed results once it ended."""
+    tid = r.data.tags.get("rank1.trial_id", r.info.run_id)
+    params = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
+    rec = TrialRecord(tid, r.info.run_id, r.data.tags.get("rank1.status", "unknown"),
+                      r.data.tags.get("rank1.reason"), params, dict(r.data.params), dict(r.data.metrics))
+    ot = by_ray.get(tid)
+    if ot is not None:
+        rec.params = dict(ot.params)  # typed
+        rec.optuna_state, rec.values = ot.state.name, ot.values
+        rec.intermediate = dict(ot.intermediate_values)
+    if rec.status in ("finished", "diverged", "failed"):
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                rec.results = json.loads(Path(client.download_artifacts(r.info.run_id, "trial_result.json", d)).read_text())
+        except Exception:
+            rec.results = None
+    return rec

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Verdict", "mean_ci", "paired_verdict"]
+__all__ = ["BestVsBest", "Verdict", "best_vs_best", "mean_ci", "paired_verdict", "welch_ci"]
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float, int]:
@@ -78,3 +78,72 @@ def paired_verdict(diffs: list[float], n_trials: int, seed: int = 0, n_boot: int
     else:
         tail = " The interval includes zero: no difference between the arms can be claimed from this study."
     return Verdict(n, n_trials, mean, lo, hi, p, test, head + tail, enough)
+
+
+def welch_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float, float | None]:
+    """``(mean(a) - mean(b), low, high, p)``: Welch's t interval and test for a difference of
+    means of two independent samples (unequal variances, Welch-Satterthwaite degrees of
+    freedom); ``low = high = diff`` and ``p = None`` when either sample has fewer than 2."""
+    x = np.asarray([v for v in a if v is not None and math.isfinite(v)], dtype=float)
+    y = np.asarray([v for v in b if v is not None and math.isfinite(v)], dtype=float)
+    if len(x) == 0 or len(y) == 0:
+        return float("nan"), float("nan"), float("nan"), None
+    diff = float(x.mean() - y.mean())
+    if len(x) < 2 or len(y) < 2:
+        return diff, diff, diff, None
+    from scipy import stats
+
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(vx + vy)
+    if se == 0:
+        return diff, diff, diff, None
+    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df) * se)
+    p = float(2 * stats.t.sf(abs(diff) / se, df))
+    return diff, diff - half, diff + half, p
+
+
+@dataclass
+class BestVsBest:
+    """The best configuration of arm ``a`` against that of arm ``b``, each retrained with fresh
+    seeds and scored on test."""
+
+    a: str
+    b: str
+    n_a: int
+    n_b: int
+    mean_a: float | None
+    mean_b: float | None
+    diff: float | None
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    sentence: str
+    enough: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def best_vs_best(a: str, acc_a: list[float], b: str, acc_b: list[float], min_seeds: int = 3) -> BestVsBest:
+    """Welch's 95% interval of ``mean(test acc of a) - mean(test acc of b)`` over the
+    confirmation seeds, in one quotable sentence."""
+    diff, lo, hi, p = welch_ci(acc_a, acc_b)
+    na = sum(1 for v in acc_a if v is not None and math.isfinite(v))
+    nb = sum(1 for v in acc_b if v is not None and math.isfinite(v))
+    if not (na and nb):
+        return BestVsBest(a, b, na, nb, None, None, None, None, None, None,
+                          f"No confirmation run of {a if not na else b} finished: nothing to compare.", False)
+    ma = float(np.mean([v for v in acc_a if v is not None and math.isfinite(v)]))
+    mb = float(np.mean([v for v in acc_b if v is not None and math.isfinite(v)]))
+    ptxt = f"Welch p = {p:.3g}" if p is not None else "no test"
+    head = (f"Tuned best vs best on test: {a} {ma:.3f} ({na} seeds) vs {b} {mb:.3f} ({nb} seeds), "
+            f"difference {diff:+.3f} (95% Welch CI [{lo:+.3f}, {hi:+.3f}]; {ptxt}).")
+    enough = min(na, nb) >= min_seeds
+    if not enough:
+        tail = f" Too few seeds to conclude anything (at least {min_seeds} per arm are needed)."
+    elif lo > 0 or hi < 0:
+        tail = f" The interval excludes zero: the best {a if diff > 0 else b} network is better on test."
+    else:
+        tail = f" The interval includes zero: the best {a} and {b} networks cannot be told apart on test."
+    return BestVsBest(a, b, na, nb, ma, mb, diff, lo, hi, p, head + tail, enough)

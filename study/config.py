@@ -16,12 +16,13 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from rank1.config import ConfigError, check_choice, check_range, from_dict, load_yaml, to_dict
+from rank1.config import ConfigError, check_choices, check_range, from_dict, load_yaml, to_dict
 from rank1.config import doc_field as _f
-from rank1.train import TrainConfig
+from rank1.train import ARM_SPECIFIC, TrainConfig
+from study.samplers import SAMPLERS
 
 __all__ = [
     "Range",
@@ -31,9 +32,14 @@ __all__ = [
     "load_study",
 ]
 
-SAMPLERS = ("tpe", "gp", "nsga2", "random")
-SCHEDULERS = ("none", "asha")
-OBJECTIVES = ("single", "multi")
+# What a study maximises. A single arm's decomposed validation accuracy (the dense arm:
+# its own), both rank-1 arms' at once (two objectives: each arm tuned with the same
+# budget), or the rank1 arm's accuracy against its decomposed latency. "single" is the
+# old name of "rank1".
+OBJECTIVE_ARMS: dict[str, tuple[str, ...]] = {
+    "rank1": ("rank1",), "flat1d": ("flat1d",), "dense": ("dense",), "pair": ("rank1", "flat1d"),
+    "multi": ("rank1",), "single": ("rank1",),
+}
 # Searching these would change what a trial *is*, not how it trains.
 _NOT_SEARCHABLE = {"seed", "dataset", "root", "download", "device", "arm", "threads", "split_seed"}
 
@@ -94,14 +100,18 @@ class StudyConfig:
     name: str = _f("", "study name = MLflow experiment name = Optuna study name")
     train: dict = _f({}, "fixed training settings: any rank1 train option")
     search: dict = _f({}, "searched options: FIELD: [choices] or FIELD: {low, high, log, step}")
-    objective: str = _f("single", "single: max rank1 decomposed val acc; multi: also min decomposed latency")
+    objective: Literal["rank1", "flat1d", "dense", "pair", "multi", "single"] = _f(
+        "rank1", "rank1 / flat1d / dense: max that arm's decomposed val acc; pair: both rank-1 arms' (two "
+                 "objectives); multi: rank1's and min its decomposed latency; single: old name of rank1")
     pareto_tolerance: float = _f(0.01, "multi: the champion is the fastest Pareto trial within this accuracy of the best")
     latency_batch: int = _f(1, "multi: batch size of the latency objective (1 or train.latency_batch)")
-    sampler: str = _f("tpe", "Optuna sampler: tpe, gp, nsga2 or random")
+    confirm_seeds: int | None = _f(None, "retrain the best configuration of each arm (by its own val acc) with this "
+                                         "many fresh seeds and score it on test (unset: no confirmation)")
+    sampler: str = _f("tpe", "Optuna sampler", choices=lambda: SAMPLERS)
     seed: int = _f(0, "sampler seed")
     n_trials: int = _f(8, "trials in the study")
     max_concurrent: int = _f(2, "trials running at once")
-    scheduler: str = _f("none", "none or asha (stops weak trials early on rank1 val acc)")
+    scheduler: Literal["none", "asha"] = _f("none", "none or asha (stops weak trials early on the objective)")
     grace_period: int = _f(1, "asha: epochs before a trial can be stopped")
     reduction_factor: float = _f(2.0, "asha: keep 1/reduction_factor of trials at each rung")
     seeds_per_trial: int = _f(1, "seeds per trial; the trial's value is the mean over them")
@@ -119,13 +129,13 @@ class StudyConfig:
             raise ConfigError(
                 f"name: {self.name!r} is not allowed (allowed: 1-64 letters, digits, '_', '.', '-')"
             )
-        check_choice("objective", self.objective, OBJECTIVES)
+        check_choices(self)
         check_no_secret("tracking_uri", self.tracking_uri, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
         check_no_secret("storage", self.storage, "PGPASSWORD (or ~/.pgpass) for PostgreSQL")
-        check_choice("sampler", self.sampler, SAMPLERS)
-        check_choice("scheduler", self.scheduler, SCHEDULERS)
         for name in ("n_trials", "max_concurrent", "seeds_per_trial", "grace_period", "latency_batch"):
             check_range(name, getattr(self, name), 1)
+        if self.confirm_seeds is not None:
+            check_range("confirm_seeds", self.confirm_seeds, 1)
         check_range("max_failures", self.max_failures, 0)
         check_range("pareto_tolerance", self.pareto_tolerance, 0)
         check_range("reduction_factor", self.reduction_factor, 1, lo_open=True)
@@ -139,12 +149,43 @@ class StudyConfig:
             raise ConfigError("train.measure_latency: must be true for objective 'multi' (latency is an objective)")
         if self.scheduler == "asha" and self.grace_period > self.base.epochs:
             raise ConfigError(f"grace_period: {self.grace_period} must be <= train.epochs ({self.base.epochs})")
+        missing = [a for a in self.objective_arms if a not in self.base.arms]
+        if missing:
+            need = "two arms, rank1 and flat1d" if self.objective == "pair" else f"the {missing[0]} arm"
+            raise ConfigError(
+                f"objective: {self.objective!r} needs {need} trained in every trial, but train.arm is "
+                f"{self.base.arm!r} ({', '.join(self.base.arms)}); set train.arm: "
+                f"{'pair or all' if self.objective == 'pair' else 'all'} or choose another objective"
+            )
+        if self.objective == "pair" and self.scheduler == "asha":
+            raise ConfigError("scheduler: 'asha' stops trials on one objective, which would tune one arm and "
+                              "not the other under objective 'pair' (allowed with pair: 'none')")
 
     # -- the training config and the space -------------------------------------------------------
 
+    @property
+    def objective_arms(self) -> tuple[str, ...]:
+        """The arms whose accuracy the search maximises (the first is the Tune metric's)."""
+        return OBJECTIVE_ARMS[self.objective]
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """``(result key, direction)`` per Optuna objective: ``objective`` (the first arm's
+        accuracy, which Tune and ASHA see), then ``objective.flat1d`` (pair) or ``latency_ms`` (multi)."""
+        out = [("objective", "maximize")]
+        if self.objective == "pair":
+            out.append(("objective.flat1d", "maximize"))
+        if self.objective == "multi":
+            out.append(("latency_ms", "minimize"))
+        return out
+
+    @property
+    def shipped_arm(self) -> str | None:
+        """The arm whose decomposed model the registry gets (None: only the dense arm is tuned)."""
+        arm = self.objective_arms[0]
+        return None if arm == "dense" else arm
+
     def _base_train(self) -> TrainConfig:
-        if "arm" in self.train and self.train["arm"] not in ("pair", "all"):
-            raise ConfigError(f"train.arm: {self.train['arm']!r} is not allowed in a study (allowed: 'pair', 'all')")
         return from_dict(TrainConfig, self.train, prefix="train.")
 
     def _space(self) -> dict[str, list[Any] | Range]:
@@ -196,6 +237,30 @@ class StudyConfig:
             data["seed"] = seed
         return from_dict(TrainConfig, data)
 
+    def value_arms(self, config: TrainConfig) -> tuple[str, ...]:
+        """The arms a trial of ``config`` is scored on (its Optuna values, in order)."""
+        return self.objective_arms
+
+    def shipped_arm_of(self, config: TrainConfig) -> str | None:
+        """The arm of a trial of ``config`` whose decomposed model may be registered."""
+        return self.shipped_arm
+
+    def confirm_config(self, arm: str, params: dict[str, Any], seed: int) -> TrainConfig:
+        """The confirmation run of ``arm`` at a trial's ``params``: that arm alone, a fresh
+        ``seed``; the other arms' own settings (their learning rates, rank1's projection, ...)
+        are dropped, since they would not change this arm."""
+        data = {**self.train, **params, "arm": arm, "seed": seed}
+        for other, names in ARM_SPECIFIC.items():
+            if other != arm:
+                for name in names:
+                    data.pop(name, None)
+        return from_dict(TrainConfig, data)
+
+    @property
+    def confirm_seed_list(self) -> list[int]:
+        """Fresh seeds for the confirmation phase: disjoint from the search's ``seed + i``."""
+        return [self.base.seed + 1000 + i for i in range(self.confirm_seeds or 0)]
+
     # -- places ------------------------------------------------------------------------------------
 
     @property
@@ -217,7 +282,7 @@ class StudyConfig:
     @property
     def metric(self) -> str:
         """What the registry compares champions on."""
-        return "rank1.decomposed_val_acc"
+        return f"{self.shipped_arm}.decomposed_val_acc"
 
     def fingerprint(self) -> str:
         """Identifies the search (not its locations): a resumed study must match it."""

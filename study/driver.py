@@ -47,6 +47,7 @@ class StudyOutcome:
     model_uri: str | None = None
     model_version: str | None = None
     alias: str | None = None
+    confirm: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -325,18 +326,12 @@ def _tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
     from ray.tune.schedulers import ASHAScheduler
 
     from study.searcher import OptunaRDBSearcher
-    from study.trial import run_trial
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
-    )
+    trainable = _trainable(cfg, ctx)
     path = str(Path(str(cfg.tune_path)) / "tune")
     if restore and tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    objectives = [("objective", "maximize")]
-    if cfg.objective == "multi":
-        objectives.append(("latency_ms", "minimize"))
-    searcher = OptunaRDBSearcher(cfg.storage_url, cfg.name, cfg.space, cfg.sampler, cfg.seed, objectives)
+    searcher = OptunaRDBSearcher(cfg.storage_url, cfg.name, cfg.space, cfg.sampler, cfg.seed, cfg.objectives)
     scheduler = None
     if cfg.scheduler == "asha":
         # max_t one past the last epoch: the trial's final report (decomposition, speed)
@@ -355,6 +350,91 @@ def _tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
+
+
+def _trainable(cfg: StudyConfig, ctx: dict[str, Any]):
+    from ray import tune
+
+    from study.trial import run_trial
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    )
+
+
+def best_per_arm(cfg: StudyConfig, client, exp_id: str) -> dict[str, dict[str, Any]]:
+    """Each trained arm's best search trial by that arm's own validation accuracy (mean over
+    seeds; ties: the earlier Optuna trial): ``{arm: {trial_id, number, params, val_acc}}``."""
+    import optuna
+
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    by_ray = {t.user_attrs.get("ray_trial_id"): t for t in study.get_trials(deepcopy=False)}
+    best: dict[str, dict[str, Any]] = {}
+    for tid, runs in _trial_runs(client, exp_id).items():
+        t = by_ray.get(tid)
+        if t is None or t.state.name != "COMPLETE":
+            continue
+        m = runs[0].data.metrics
+        for arm in ("rank1", "flat1d", "dense"):
+            acc = m.get(f"{arm}.decomposed_val_acc", m.get(f"{arm}.shipped_val_acc"))
+            if acc is None or not math.isfinite(acc):
+                continue
+            key = (acc, -t.number)
+            if arm not in best or key > best[arm]["key"]:
+                best[arm] = {"trial_id": tid, "number": t.number, "params": dict(t.params), "val_acc": acc, "key": key}
+    return {arm: {k: v for k, v in b.items() if k != "key"} for arm, b in sorted(best.items())}
+
+
+def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Best versus best: each arm's best configuration retrained with ``confirm_seeds`` fresh
+    seeds, that arm alone, scored on the test split. A Tune experiment of its own (``confirm``
+    under the trial storage), so a killed driver resumes it like the search: every run once."""
+    from ray import tune
+
+    best = best_per_arm(cfg, client, exp_id)
+    cells = [{"arm": arm, "params": b["params"], "seed": seed, "source": b["trial_id"]}
+             for arm, b in best.items() for seed in cfg.confirm_seed_list]
+    summary: dict[str, Any] = {"best": best, "seeds": cfg.confirm_seed_list, "runs": {}}
+    if not cells:
+        return summary
+    path = str(Path(str(cfg.tune_path)) / "confirm")
+    param_space = {"confirm": tune.grid_search(cells)}
+    trainable = _trainable(cfg, ctx)
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
+                                        metric="objective", mode="max"),
+            run_config=tune.RunConfig(name="confirm", storage_path=str(cfg.tune_path), verbose=0,
+                                      callbacks=[_progress_callback()],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+        )
+    print(f"confirmation: the best configuration of {', '.join(best)} retrained with seeds "
+          f"{cfg.confirm_seed_list}, scored on test ({len(cells)} runs)", flush=True)
+    results = tuner.fit()
+    runs = {r.data.tags.get(TAG_TRIAL): r for r in client.search_runs(
+        [exp_id], filter_string="tags.`rank1.role` = 'confirm'", max_results=5000)}
+    for res in results:
+        tid = (res.metrics or {}).get("trial_id")
+        run = runs.get(tid)
+        if run is not None and res.error is not None and run.data.tags.get(TAG_STATUS) != "failed":
+            client.set_tag(run.info.run_id, TAG_STATUS, "failed")
+            client.set_tag(run.info.run_id, "rank1.reason", str(res.error)[:5000])
+            client.set_terminated(run.info.run_id, "FAILED")
+    for run in client.search_runs([exp_id], filter_string="tags.`rank1.role` = 'confirm'", max_results=5000):
+        arm = run.data.tags.get("rank1.arm")
+        summary["runs"].setdefault(arm, []).append({
+            "seed": int(run.data.tags.get("rank1.seed", -1)), "status": run.data.tags.get(TAG_STATUS),
+            "test_acc": run.data.metrics.get(f"{arm}.test_acc"), "run_id": run.info.run_id})
+    for arm_runs in summary["runs"].values():
+        arm_runs.sort(key=lambda r: r["seed"])
+    client.log_text(parent_id, json.dumps(summary, indent=2), "confirm.json")
+    (cfg.home_path / "confirm.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def _write_home(cfg: StudyConfig, study_text: str) -> None:
@@ -403,6 +483,8 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
             results = tuner.fit()
             t_end = time.perf_counter()
             outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
+            if cfg.confirm_seeds:
+                outcome.confirm = confirm_phase(cfg, client, exp_id, parent_id, ctx)
             _report(cfg, uri)
             outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
                                "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
@@ -507,6 +589,9 @@ def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str
     if best is None:
         client.set_tag(parent_id, "rank1.champion", "none: no trial finished")
         return outcome
+    if cfg.shipped_arm is None:
+        client.set_tag(parent_id, "rank1.champion", "none: the study tunes the dense arm only")
+        return outcome
     tid = best.user_attrs.get("ray_trial_id")
     res = by_trial.get(tid)
     if res is None or res.checkpoint is None:
@@ -546,7 +631,7 @@ def pick_best(cfg: StudyConfig, study):
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     if not done:
         return None
-    if cfg.objective == "single":
+    if cfg.objective != "multi":  # the first objective's arm (pair: rank1) ships
         return max(done, key=lambda t: (t.values[0], -t.number))
     front = study.best_trials
     top = max(t.values[0] for t in front)
@@ -569,6 +654,8 @@ def print_summary(outcome: StudyOutcome, keep_ui: bool) -> None:
         t.add_row("best config", " ".join(f"{k}={v}" for k, v in sorted(b["params"].items())))
         t.add_row("rank1 decomposed val acc", _f3(m.get("rank1.decomposed_val_acc")))
         t.add_row("flat1d decomposed val acc", _f3(m.get("flat1d.decomposed_val_acc")))
+        if "dense.shipped_val_acc" in m:
+            t.add_row("dense val acc (the control)", _f3(m.get("dense.shipped_val_acc")))
         for key, label in (("rank1.speedup_b1", "speedup vs dense, batch 1"),):
             if key in m:
                 t.add_row(label, f"{m[key]:.2f}x")
@@ -578,6 +665,17 @@ def print_summary(outcome: StudyOutcome, keep_ui: bool) -> None:
         t.add_row("model", f"{outcome.model_uri} (version {outcome.model_version}, alias {outcome.alias})")
     else:
         t.add_row("best trial", "none finished")
+    runs = outcome.confirm.get("runs", {}) if outcome.confirm else {}
+    if runs:
+        from dashboards.stats import best_vs_best
+
+        accs = {a: [r["test_acc"] for r in rs if r["status"] == "finished"] for a, rs in runs.items()}
+        for a, b in (("rank1", "flat1d"), ("rank1", "dense")):
+            if a in accs and b in accs:
+                v = best_vs_best(a, accs[a], b, accs[b])
+                t.add_row(f"best vs best, test: {a} − {b}",
+                          f"{v.diff:+.3f} (95% CI [{v.ci_low:+.3f}, {v.ci_high:+.3f}]; {a} {v.mean_a:.3f}, {b} "
+                          f"{v.mean_b:.3f}; {v.n_a} + {v.n_b} fresh seeds)" if v.diff is not None else v.sentence)
     t.add_row("study home", outcome.home)
     ui = outcome.tracking_uri if keep_ui else f"rank1 ui --home {outcome.home}"
     t.add_row("MLflow UI", ui)

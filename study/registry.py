@@ -46,16 +46,24 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
     """Decompose, re-check, log and register the best trial's model; set its alias."""
     import mlflow
 
-    accs = state["rank1_val_acc"]
+    (arm, models), = state["models"].items()
+    accs = state["val_acc"][arm]
     idx = max(range(len(accs)), key=lambda i: (accs[i], -i))  # the best seed of the trial ships
     train_cfg = cfg.trial_config(state["params"], seed=cfg.base.seed + idx)
+    existing = _registered(client, cfg.model_name, cfg.name, best["trial_id"], train_cfg.seed)
+    if existing is not None:  # a resumed study that had registered it already: the same version
+        alias = _set_alias(client, cfg.model_name, existing, train_cfg.dataset, cfg.metric,
+                           float(existing.tags["value"]))
+        return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": existing.version, "alias": alias,
+                "val_acc": float(existing.tags["value"])}
     data = load_dataset(train_cfg.dataset, train_cfg.root, train_cfg.image_size, False, train_cfg.val_fraction,
                         train_cfg.split_seed)
-    model = build_model(train_cfg.model, arm="rank1", depth=train_cfg.depth, width=train_cfg.width,
+    model = build_model(train_cfg.model, arm=arm, depth=train_cfg.depth, width=train_cfg.width,
                         stages=train_cfg.stages, batchnorm=train_cfg.batchnorm, kernel_size=train_cfg.kernel_size,
                         in_channels=data.in_channels, num_classes=data.num_classes, init=train_cfg.init,
-                        projection_norm=train_cfg.projection_norm)
-    model.load_state_dict(state["rank1_models"][idx])
+                        projection_norm=train_cfg.projection_norm, flat1d_init=train_cfg.flat1d_init,
+                        rank1_start=train_cfg.rank1_start)
+    model.load_state_dict(models[idx])
     fast = decompose_model(model)
     loader = TensorLoader(data.val, 256, data.mean, data.std)
     acc, _ = _val_accuracy(fast, loader)
@@ -65,7 +73,7 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
         )
     x_example = next(iter(TensorLoader(data.val, 4, data.mean, data.std)))[0]
     card = {
-        "name": cfg.model_name, "study": cfg.name, "trial_id": best["trial_id"], "seed": train_cfg.seed,
+        "name": cfg.model_name, "study": cfg.name, "trial_id": best["trial_id"], "seed": train_cfg.seed, "arm": arm,
         "dataset": train_cfg.dataset, "metric": cfg.metric, "val_acc": acc,
         "trial_value": best["value"], "params": best["params"], "train_config": train_cfg.to_dict(),
         "input": {"channels": data.in_channels, "size": list(data.image_size), "mean": list(data.mean),
@@ -90,11 +98,23 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
                 mlflow.log_artifact(str(Path(d) / f), artifact_path="decomposed_model_card")
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
         "dataset": train_cfg.dataset, "metric": cfg.metric, "value": f"{acc:.6f}", "study": cfg.name,
-        "trial_id": best["trial_id"],
+        "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,
     })
     alias = _set_alias(client, cfg.model_name, version, train_cfg.dataset, cfg.metric, acc)
     return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": version.version, "alias": alias,
             "val_acc": acc}
+
+
+def _registered(client, name: str, study: str, trial_id: str, seed: int):
+    """The version registered from this study's trial and seed, if there is one."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except Exception:  # no such model yet
+        return None
+    for v in versions:
+        if v.tags.get("study") == study and v.tags.get("trial_id") == trial_id and v.tags.get("seed") == str(seed):
+            return v
+    return None
 
 
 def _set_alias(client, name: str, version, dataset: str, metric: str, value: float) -> str:

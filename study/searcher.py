@@ -11,31 +11,19 @@ as PRUNED; trials that diverged or failed as FAIL with the reason.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 from ray.tune.search import Searcher
 
 from study.config import Range
+from study.samplers import make_sampler
 
-__all__ = ["RAY_TRIAL_ID", "OptunaRDBSearcher", "make_sampler"]
+__all__ = ["RAY_TRIAL_ID", "OptunaRDBSearcher"]
 
 log = logging.getLogger(__name__)
 
 RAY_TRIAL_ID = "ray_trial_id"
-
-
-def make_sampler(name: str, seed: int):
-    import optuna
-
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"sampler must be one of tpe, gp, nsga2, random; got {name!r}")
 
 
 class OptunaRDBSearcher(Searcher):
@@ -84,7 +72,7 @@ class OptunaRDBSearcher(Searcher):
                 storage=self.storage_url,
                 study_name=self.study_name,
                 directions=[d for _, d in self.objectives],
-                sampler=make_sampler(self.sampler_name, self.seed),
+                sampler=make_sampler(self.sampler_name, SimpleNamespace(seed=self.seed, space=self.space)),
                 load_if_exists=True,
             )
         return self._study

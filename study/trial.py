@@ -55,16 +55,24 @@ def aggregate_epoch(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, fl
     return agg
 
 
+def _numbers(prefix: str, d: dict[str, Any]) -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def final_metrics(results: list[dict[str, Any]], latency_batch: int) -> dict[str, float]:
-    """End-of-trial figures over seeds: accuracy, size, speed, paired difference."""
+    """End-of-trial figures over seeds: accuracy, size, speed, paired difference, gradient
+    flow at init / epoch 1 / end (``ARM.gradflow.WHEN.KEY``), effective ranks (``ARM.lowrank.KEY``)."""
     out: dict[str, list[float]] = {}
     for res in results:
         for arm, r in res["arms"].items():
-            for k, v in {**r["final"], **r["inference"]}.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    # val_acc / val_loss are also per-epoch keys: the shipped model's get their own name.
-                    out.setdefault(f"{arm}.{_FINAL_RENAME.get(k, k)}", []).append(float(v))
-            out.setdefault(f"{arm}.epochs_run", []).append(float(r["epochs_run"]))
+            # val_acc / val_loss are also per-epoch keys: the shipped model's get their own name.
+            flat = _numbers(f"{arm}.", {_FINAL_RENAME.get(k, k): v for k, v in {**r["final"], **r["inference"]}.items()})
+            for when, g in r.get("gradflow", {}).items():
+                flat.update(_numbers(f"{arm}.gradflow.{when}.", g))
+            flat.update(_numbers(f"{arm}.lowrank.", r.get("lowrank", {})))
+            flat[f"{arm}.epochs_run"] = float(r["epochs_run"])
+            for k, v in flat.items():
+                out.setdefault(k, []).append(v)
         for k, v in res["paired"].items():
             out.setdefault(f"paired.{k}", []).append(float(v))
     agg = {k: _mean(v) for k, v in out.items()}
@@ -72,21 +80,29 @@ def final_metrics(results: list[dict[str, Any]], latency_batch: int) -> dict[str
     return agg
 
 
-def trial_value(results: list[dict[str, Any]]) -> tuple[str, str | None, float]:
-    """``(status, reason, value)``: the mean rank1 decomposed val acc over seeds."""
-    statuses = [r["arms"]["rank1"]["status"] for r in results]
+def arm_accuracy(arm_result: dict[str, Any], split: str = "val") -> float | None:
+    """An arm's score: its shipped (decomposed) model's validation or test accuracy."""
+    f = arm_result["final"]
+    return f.get("decomposed_val_acc", f.get("val_acc")) if split == "val" else f.get("test_acc")
+
+
+def trial_value(results: list[dict[str, Any]], arms: tuple[str, ...] = ("rank1",),
+                split: str = "val") -> tuple[str, str | None, dict[str, float]]:
+    """``(status, reason, {arm: mean accuracy over seeds})`` of the objective ``arms``: failed or
+    diverged when one of them did in any seed (another arm's trouble does not fail the trial)."""
     for bad in ("failed", "diverged"):
-        if bad in statuses:
-            reasons = [r["arms"]["rank1"]["reason"] for r in results if r["arms"]["rank1"]["status"] == bad]
-            return bad, reasons[0], float("nan")
-    return "finished", None, _mean([r["arms"]["rank1"]["final"]["decomposed_val_acc"] for r in results])
+        for arm in arms:
+            reasons = [r["arms"][arm]["reason"] for r in results if r["arms"][arm]["status"] == bad]
+            if reasons:
+                return bad, f"{arm}: {reasons[0]}", {a: float("nan") for a in arms}
+    return "finished", None, {a: _mean([arm_accuracy(r["arms"][a], split) for r in results]) for a in arms}
 
 
 class _RunLogger:
     """The trial's one MLflow run, found by tag or created under the study's parent run."""
 
     def __init__(self, ctx: dict[str, Any], trial_id: str, run_id: str | None, params: dict[str, Any],
-                 config: TrainConfig) -> None:
+                 config: TrainConfig, role: str = "trial", tags: dict[str, str] | None = None) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(ctx["tracking_uri"])
@@ -99,8 +115,8 @@ class _RunLogger:
         if run_id is None:
             run = self.client.create_run(
                 ctx["experiment_id"], run_name=trial_id,
-                tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, "rank1.role": "trial",
-                      "rank1.study": ctx["study"], TAG_STATUS: "running"},
+                tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, "rank1.role": role,
+                      "rank1.study": ctx["study"], TAG_STATUS: "running", **(tags or {})},
             )
             run_id = run.info.run_id
         self.run_id = run_id
@@ -165,7 +181,13 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 
 def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """The Tune function trainable: ``params`` from the searcher, ``ctx`` from the driver."""
+    """The Tune function trainable: ``params`` from the searcher, ``ctx`` from the driver.
+
+    A search trial trains its configuration with the study's seeds and is scored on
+    validation. A confirmation trial (``params = {"confirm": {arm, params, seed, source}}``,
+    from the driver's confirmation phase) retrains the best configuration of one arm
+    with one fresh seed, that arm alone, and is scored on test.
+    """
     from ray import tune
 
     from rank1.config import from_dict
@@ -174,8 +196,16 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     study = from_dict(StudyConfig, ctx["study_config"])
     trial_id = tune.get_context().get_trial_id()
     torch.set_num_threads(max(1, int(study.resources.cpu)))
-    seeds = [study.base.seed + i for i in range(study.seeds_per_trial)]
-    configs = [study.trial_config(params, seed=s) for s in seeds]
+    confirm = params.get("confirm")
+    if confirm is not None:
+        configs = [study.confirm_config(confirm["arm"], confirm["params"], confirm["seed"])]
+        arms, split, role = (confirm["arm"],), "test", "confirm"
+        logged_params = dict(confirm["params"])
+        tags = {"rank1.arm": confirm["arm"], "rank1.confirm_of": confirm["source"], "rank1.seed": str(confirm["seed"])}
+    else:
+        seeds = [study.base.seed + i for i in range(study.seeds_per_trial)]
+        configs = [study.trial_config(params, seed=s) for s in seeds]
+        arms, split, role, logged_params, tags = study.value_arms(configs[0]), "val", "trial", params, None
     data = load_dataset(configs[0].dataset, configs[0].root, configs[0].image_size, configs[0].download,
                         configs[0].val_fraction, configs[0].split_seed)
     pairs = [PairTrainer(c, data=data) for c in configs]
@@ -187,7 +217,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             state = load_checkpoint(d)
         for p, s in zip(pairs, state["seeds"]):
             p.load_state_dict(s)
-    logger = _RunLogger(ctx, trial_id, state["run_id"] if state else None, params, configs[0])
+    logger = _RunLogger(ctx, trial_id, state["run_id"] if state else None, logged_params, configs[0], role, tags)
     started_at = state["epoch"] if state else 0
     if started_at:
         logger.client.set_tag(logger.run_id, "rank1.resumed_from_epoch", str(started_at))
@@ -197,33 +227,36 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         per_seed = [p.train_epoch([]) for p in pairs]
         epoch = max(p.epoch for p in pairs)
         metrics = aggregate_epoch([m for m in per_seed if m])
-        metrics["objective"] = metrics.get("rank1.val_acc", float("nan"))
+        metrics["objective"] = metrics.get(f"{arms[0]}.val_acc", float("nan"))
         logger.log_epoch(epoch, metrics)
         checkpoint = _save_checkpoint({
             "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id,
             "seeds": [p.state_dict() for p in pairs],
         })
-        report = {k: v for k, v in metrics.items() if not k.startswith(("rank1.grad", "flat1d.grad", "dense.grad",
-                                                                         "rank1.weight", "flat1d.weight",
-                                                                         "dense.weight", "rank1.residual."))}
+        report = {k: v for k, v in metrics.items() if not (".grad" in k or ".weight." in k or ".residual." in k
+                                                            or ".lowrank." in k)}
         report.update({"epoch": epoch, "run_id": logger.run_id, "final": False, "resumed_from": started_at})
         tune.report(report, checkpoint=checkpoint)
 
     results = [p.finish([]).to_dict() for p in pairs]
-    status, reason, value = trial_value(results)
+    status, reason, values = trial_value(results, arms, split)
+    value = values[arms[0]]
     final = final_metrics(results, study.latency_batch)
     final["objective"] = value
     logger.log({**final, "epochs_trained_here": float(epoch - started_at)}, step=epoch)
-    # The shipped (projected) rank1 weights of every seed: the driver registers the best.
-    models = [p.trainers["rank1"].model.state_dict() for p in pairs] if status == "finished" else []
+    # The shipped arm's trained weights of every seed: the driver registers the best.
+    shipped = study.shipped_arm_of(configs[0]) if confirm is None else None
+    models = {shipped: [p.trainers[shipped].model.state_dict() for p in pairs]} if status == "finished" and shipped else {}
     checkpoint = _save_checkpoint({
         "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
-        "seeds": [p.state_dict() for p in pairs], "rank1_models": models,
-        "rank1_val_acc": [r["arms"]["rank1"]["final"].get("decomposed_val_acc") for r in results],
+        "seeds": [p.state_dict() for p in pairs], "models": models,
+        "val_acc": {a: [arm_accuracy(r["arms"][a]) for r in results] for a in models},
         "params": params,
     })
     logger.finish(status, reason, results)
-    tune.report({**{k: v for k, v in final.items() if math.isfinite(v)}, "objective": value if math.isfinite(value) else 0.0,
+    extra = {f"objective.{a}": v for a, v in values.items() if a != arms[0] and math.isfinite(v)}
+    tune.report({**{k: v for k, v in final.items() if math.isfinite(v)}, **extra,
+                 "objective": value if math.isfinite(value) else 0.0,
                  "latency_ms": final["latency_ms"] if math.isfinite(final["latency_ms"]) else 1e9,
                  "final": True, "trial_status": status, "trial_reason": reason or "", "epoch": epoch,
                  "run_id": logger.run_id, "resumed_from": started_at}, checkpoint=checkpoint)

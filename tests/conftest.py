@@ -24,12 +24,19 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.fixture(scope="session")
 def smoke_study(tmp_path_factory):
-    """``studies/smoke.yaml`` run once for the session, end to end, as a user runs it:
-    ``(folder, study file, finished process)``; the home is ``folder / "home"``."""
+    """``studies/smoke.yaml`` (with the dense arm, per-arm learning rates and a confirmation
+    phase) run once for the session, end to end, as a user runs it: ``(folder, study file,
+    finished process)``; the home is ``folder / "home"``."""
     from tests.study.conftest import cli, write_study
 
     tmp = tmp_path_factory.mktemp("smoke")
-    path = write_study(tmp)
+    # The shipped smoke study plus the controls a reviewer asks for: the dense arm, each arm's
+    # own learning rate searched, and a confirmation phase (best of each arm, fresh seeds, test).
+    path = write_study(tmp, train={"arm": "all"}, confirm_seeds=2,
+                       search={"depth": {"low": 1, "high": 2}, "init": ["kaiming", "dirac"],
+                               "projection": ["epoch:1", "step:5", "end"],
+                               "rank1_lr": {"low": 0.02, "high": 0.1, "log": True},
+                               "flat1d_lr": {"low": 0.02, "high": 0.1, "log": True}})
     p = cli("study", "run", str(path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp, path, p

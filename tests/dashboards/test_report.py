@@ -12,7 +12,7 @@ from dashboards.data import StudyData, TrialRecord
 from dashboards.report import build_report
 from tests.study.conftest import REPO, mlflow_client, trial_runs
 
-SECTIONS = ["frontier", "gradients", "projection", "init", "speed", "search", "verdict", "champion"]
+SECTIONS = ["frontier", "gradients", "lowrank", "projection", "init", "speed", "search", "verdict", "champion"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -52,10 +52,24 @@ def test_report_from_the_smoke_study(smoke_study):
         exp = client.get_experiment_by_name("smoke")
         parent = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")[0]
         logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+        confirms = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'")
     assert verdict["n_pairs"] == len(diffs) == 4
     assert verdict["mean_diff"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
     assert f"{verdict['mean_diff']:+.3f}" in verdict["sentence"] and "too few pairs" in verdict["sentence"]
-    assert {"report/report.html", "report/frontier.png", "report/verdict.json"} <= logged
+    assert {"report/report.html", "report/frontier.png", "report/verdict.json", "report/low_rank.png"} <= logged
+    # Best vs best, recomputed from the confirmation runs in MLflow: 2 fresh seeds per arm, on test.
+    from dashboards.stats import best_vs_best
+
+    tests = {a: [r.data.metrics[f"{a}.test_acc"] for r in sorted(confirms, key=lambda r: r.data.tags["rank1.seed"])
+                 if r.data.tags["rank1.arm"] == a] for a in ("rank1", "flat1d", "dense")}
+    assert {a: len(v) for a, v in tests.items()} == {"rank1": 2, "flat1d": 2, "dense": 2}
+    bvb = verdict["best_vs_best"]["rank1 vs flat1d"]
+    ref = best_vs_best("rank1", tests["rank1"], "flat1d", tests["flat1d"])
+    assert bvb["diff"] == pytest.approx(ref.diff, abs=1e-12) and bvb["ci_low"] == pytest.approx(ref.ci_low)
+    assert bvb["mean_a"] == pytest.approx(sum(tests["rank1"]) / 2, abs=1e-12)
+    assert "rank1 vs dense" in verdict["best_vs_best"] and "Too few seeds" in bvb["sentence"]
+    assert "Tuned best vs best answers" in html and "Paired at equal settings answers" in html
+    assert "Low-rank outputs: rank1 vs flat1d vs dense" in html
 
 
 @pytest.mark.slow

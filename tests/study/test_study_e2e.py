@@ -25,9 +25,10 @@ def test_summary_and_home(smoke):
     tmp, path, p = smoke
     home = tmp / "home"
     assert "study smoke: 4 finished" in p.stdout
+    assert "best vs best" in p.stdout
     assert "models:/smoke-decomposed@champion" in p.stdout
     assert "rank1 ui --home" in p.stdout  # how to open the UI
-    for f in ("study.yaml", "resolved.yaml", "state.json", "optuna.db", "mlflow.db", "outcome.json"):
+    for f in ("study.yaml", "resolved.yaml", "state.json", "optuna.db", "mlflow.db", "outcome.json", "confirm.json"):
         assert (home / f).exists(), f
     assert not (home / "mlflow-server.json").exists()  # the embedded server was stopped
 
@@ -52,8 +53,12 @@ def test_one_parent_and_exactly_one_child_run_per_trial(smoke):
             m = r.data.metrics
             for key in ("rank1.val_acc", "flat1d.val_acc", "rank1.grad.out.L00", "flat1d.grad.out.L00",
                         "rank1.decomposed_val_acc", "flat1d.decomposed_val_acc", "paired.val_acc_diff",
-                        "rank1.flop_ratio", "rank1.decomposed_latency_ms_b1", "rank1.speedup_b8", "objective"):
+                        "rank1.flop_ratio", "rank1.decomposed_latency_ms_b1", "rank1.speedup_b8", "objective",
+                        "dense.val_acc", "dense.shipped_val_acc", "dense.grad.out.L00", "paired.rank1_minus_dense_val_acc",
+                        "rank1.gradflow.init.out.ratio", "flat1d.gradflow.epoch1.out.L00", "dense.gradflow.end.out.min",
+                        "rank1.lowrank.mean.entropy_frac", "dense.lowrank.penultimate.energy99"):
                 assert key in m, key
+            assert {"rank1_lr", "flat1d_lr", "search.rank1_lr", "search.flat1d_lr"} <= set(r.data.params)
             hist = client.get_metric_history(r.info.run_id, "rank1.val_acc")
             assert sorted(h.step for h in hist) == [1, 2]  # per epoch, each once
             assert {"depth", "init", "projection", "search.depth"} <= set(r.data.params)
@@ -95,7 +100,7 @@ def test_champion_is_registered_and_pull_predicts_like_the_trial(smoke, tmp_path
     data = load_dataset(tc.dataset, image_size=tc.image_size)
     model = build_model(tc.model, arm="rank1", depth=tc.depth, width=tc.width, stages=tc.stages,
                         init=tc.init, in_channels=1, num_classes=10).eval()
-    model.load_state_dict(state["rank1_models"][0])
+    model.load_state_dict(state["models"]["rank1"][0])
     # ... and the pulled model (torch.export format, no pickle) predict the same classes.
     import mlflow
 
@@ -105,6 +110,31 @@ def test_champion_is_registered_and_pull_predicts_like_the_trial(smoke, tmp_path
         assert torch.equal(pulled(x).argmax(1), model(x).argmax(1))
         acc = float((pulled(x).argmax(1) == data.val.y).float().mean())
     assert acc == pytest.approx(card["val_acc"], abs=1e-9)
+
+
+def test_confirmation_retrains_each_arms_best_with_fresh_seeds_on_test(smoke):
+    tmp, path, p = smoke
+    home = tmp / "home"
+    confirm = json.loads((home / "confirm.json").read_text())
+    with mlflow_client(home) as (client, _):
+        exp = client.get_experiment_by_name("smoke")
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'")
+        by_trial = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "smoke")}
+    assert sorted((r.data.tags["rank1.arm"], r.data.tags["rank1.seed"]) for r in runs) == [
+        (a, s) for a in ("dense", "flat1d", "rank1") for s in ("1000", "1001")]  # fresh seeds: search used 0
+    for arm, best in confirm["best"].items():
+        # the best trial of each arm by that arm's own validation accuracy
+        accs = {tid: r.data.metrics.get(f"{arm}.decomposed_val_acc", r.data.metrics.get(f"{arm}.shipped_val_acc"))
+                for tid, r in by_trial.items()}
+        assert best["val_acc"] == max(accs.values()) == accs[best["trial_id"]]
+    for r in runs:
+        arm = r.data.tags["rank1.arm"]
+        assert r.data.tags["rank1.status"] == "finished" and r.data.params["arm"] == arm
+        assert r.data.tags["rank1.confirm_of"] == confirm["best"][arm]["trial_id"]
+        assert 0 <= r.data.metrics[f"{arm}.test_acc"] <= 1 and r.data.metrics["objective"] == r.data.metrics[f"{arm}.test_acc"]
+        other = {"rank1": "flat1d_lr", "flat1d": "rank1_lr", "dense": "rank1_lr"}[arm]
+        assert r.data.params[other] == "None"  # another arm's own setting does not travel with it
+    assert "confirmation:" in p.stdout
 
 
 def test_status_reads_the_storage(smoke):
