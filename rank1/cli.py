@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import typing
 from collections.abc import Sequence
@@ -197,90 +196,97 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- sweep
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def _parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``FIELD=V1,V2 ...`` -> ``{field: [values]}``, each value read as a YAML scalar (so
+    ``false``, ``0.01`` and ``epoch:1`` are a bool, a float and a string)."""
+    import yaml
 
-
-def _geo(values: list[float]) -> str:
-    import math
-
-    vals = [v for v in values if v > 0 and math.isfinite(v)]
-    if not vals:
-        return "—"
-    return f"{math.exp(statistics.mean(math.log(v) for v in vals)):.3g}"
-
-
-def sweep_markdown(rows: list[dict[str, Any]], arms: Sequence[str], depths: Sequence[int]) -> str:
-    """Mean ± std over seeds of decomposed val accuracy, and the gradient ratio, per depth."""
-    head = "| depth | " + " | ".join(f"{a} val acc" for a in arms) + " | " + \
-        " | ".join(f"{a} grad first/last" for a in arms) + " | rank1 − flat1d |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(arms))]
-    for d in depths:
-        at = [r for r in rows if r["depth"] == d]
-        accs = {a: [r["arms"][a]["acc"] for r in at if r["arms"][a]["acc"] is not None] for a in arms}
-        ratios = {a: [r["arms"][a]["grad_ratio"] for r in at if r["arms"][a]["grad_ratio"] is not None] for a in arms}
-        diffs = [r["diff"] for r in at if r["diff"] is not None]
-        lines.append(f"| {d} | " + " | ".join(_mean_std(accs[a]) for a in arms) + " | "
-                     + " | ".join(_geo(ratios[a]) for a in arms) + f" | {_mean_std(diffs)} |")
-    return "\n".join(lines)
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name or not values:
+            raise CliError(f"--grid: {item!r} is not allowed (allowed: FIELD=VALUE[,VALUE...], e.g. lr=0.01,0.03)")
+        if name in grid:
+            raise CliError(f"--grid: {name} is given twice")
+        grid[name] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Train the arms over depths x seeds; print mean ± std per depth (markdown + JSON)."""
+    """Train the arms over a grid of options x seeds, one arm per run, in parallel and resumable;
+    print each arm's test accuracy at its own best value of --select (markdown + JSON)."""
     import time
 
     from rich.progress import Progress
 
-    from rank1.data import load_dataset
-    from rank1.train import train_pair
+    from rank1.bench import machine_info
+    from rank1.config import from_dict
+    from rank1.sweep import plan, run_sweep, summarise, tables_markdown
+    from rank1.train import TrainConfig
 
     if args.seeds < 1:
         raise CliError(f"--seeds must be >= 1, got {args.seeds}")
-    configs = [train_config_from_args(args, depth=d, seed=s, measure_latency=False)
-               for d in args.depths for s in range(args.seeds)]
-    c0 = configs[0]
-    data = load_dataset(c0.dataset, c0.root, c0.image_size, c0.download, c0.val_fraction, c0.split_seed)
+    if args.jobs < 1:
+        raise CliError(f"--jobs must be >= 1, got {args.jobs}")
+    grid = _parse_grid(args.grid or [])
+    if "depth" not in grid:
+        grid["depth"] = list(args.depths)
+    base = train_config_from_args(args, measure_latency=False)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, values in grid.items():
+        if name not in names or name in ("seed", "arm"):
+            raise CliError(f"--grid: {name!r} is not allowed (allowed: a training option other than seed and arm)")
+        for v in values:  # each value must make a valid config on its own
+            from_dict(TrainConfig, {**base.to_dict(), name: v, "arm": "all"})
+    for name in args.select:
+        if name not in grid or len(grid[name]) < 2:
+            raise CliError(f"--select: {name!r} must be a --grid field with two or more values")
+    try:
+        runs = plan(base, grid, range(base.seed, base.seed + args.seeds))
+    except (ValueError, TypeError) as e:
+        raise CliError(str(e)) from None
+    out = Path(args.out) if args.out else Path("runs") / "sweep"
     console = _console()
-    rows = []
+    console.print(f"[bold]rank1 sweep[/]: {len(runs)} single-arm runs ({', '.join(base.arms)}; "
+                  + " x ".join(f"{k} {v}" for k, v in grid.items()) + f"; {args.seeds} seeds), {args.jobs} at a time, "
+                  f"results in {out}/runs.jsonl")
     t0 = time.perf_counter()
     with Progress(console=console) as progress:
-        task = progress.add_task("sweep", total=len(configs))
-        for cfg in configs:
-            progress.update(task, description=f"depth {cfg.depth} seed {cfg.seed}")
-            res = train_pair(cfg, data=data)
-            arms = {}
-            for a, r in res.arms.items():
-                acc = r.final.get("decomposed_val_acc", r.final.get("val_acc")) if r.status == "finished" else None
-                if r.status == "diverged":
-                    acc = None
-                ratio = r.history[-1].get("grad.out.ratio") if r.history else None
-                arms[a] = {"acc": acc, "grad_ratio": ratio, "status": r.status}
-            diff = res.paired.get("val_acc_diff")
-            rows.append({"depth": cfg.depth, "seed": cfg.seed, "arms": arms, "diff": diff})
-            progress.advance(task)
-    elapsed = time.perf_counter() - t0
-    from rank1.bench import machine_info
+        task = progress.add_task("sweep", total=len(runs))
 
-    md = sweep_markdown(rows, c0.arms, args.depths)
+        def report(done: int, total: int, rec: dict[str, Any] | None) -> None:
+            desc = "sweep" if rec is None else (f"{rec['arm']} depth {rec['config']['depth']} seed {rec['seed']}: "
+                                               f"{rec['status']} {rec['val_acc']:.3f}")
+            progress.update(task, completed=done, description=desc)
+
+        records = run_sweep(runs, out, args.jobs, report)
+    elapsed = time.perf_counter() - t0
+    by = [k for k in grid if k not in args.select and not _arm_only(k)]
+    rows = summarise(records, by, list(args.select))
+    md = tables_markdown(rows, by, list(args.select))
+    info = machine_info(base.device if base.device != "auto" else "cpu")
+    note = (f"{base.dataset}, {base.model} width {base.width}, {base.epochs} epochs, {base.optimizer}, grid "
+            + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in grid.items())
+            + f"; seeds {base.seed}..{base.seed + args.seeds - 1}; {len(runs)} runs; "
+            f"{elapsed / 60:.1f} min here ({sum(r['time_s'] for r in records) / 60:.1f} min of training in all) on "
+            f"{info.get('cpu', info['processor'])}, {args.jobs} job(s), {time.strftime('%Y-%m-%d')}.")
     console.print(md)
-    info = machine_info(c0.device if c0.device != "auto" else "cpu")
-    note = (f"{c0.dataset}, {c0.model}, batchnorm={c0.batchnorm}, {c0.epochs} epochs, {c0.optimizer} lr {c0.lr}, "
-            f"projection {c0.projection} ({c0.projection_norm}), init {c0.init}; {args.seeds} seeds; "
-            f"{elapsed / 60:.1f} min on {info.get('cpu', info['processor'])} ({info['threads']} threads)")
     console.print(note)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.md").write_text(md + "\n\n" + note + "\n")
-        (out / "sweep.json").write_text(json.dumps(
-            {"config": c0.to_dict(), "depths": list(args.depths), "seeds": args.seeds, "rows": rows,
-             "elapsed_s": elapsed, "machine": info}, indent=2))
-        console.print(f"written to {out}/sweep.md and sweep.json")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.md").write_text(md + "\n\n" + note + "\n")
+    (out / "sweep.json").write_text(json.dumps(
+        {"config": base.to_dict(), "grid": grid, "seeds": args.seeds, "select": list(args.select), "by": by,
+         "rows": rows, "elapsed_s": elapsed, "machine": info, "command": "rank1 " + " ".join(sys.argv[1:])},
+        indent=2, default=str))
+    console.print(f"written to {out}/sweep.md, sweep.json and runs.jsonl")
     return 0
+
+
+def _arm_only(field: str) -> bool:
+    from rank1.train import ARM_SPECIFIC
+
+    return any(field in names for names in ARM_SPECIFIC.values())
 
 
 # ---------------------------------------------------------------------------------- bench
@@ -479,9 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
     add_train_options(sweep)
-    sweep.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12, 16], help="depths to train")
-    sweep.add_argument("--seeds", type=int, default=3, help="seeds per depth (0, 1, ...)")
-    sweep.add_argument("--out", help="folder for sweep.md and sweep.json")
+    sweep.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12, 16],
+                       help="depths to train (when --grid has no depth)")
+    sweep.add_argument("--grid", nargs="+", metavar="FIELD=V1,V2",
+                       help="training options to cross, e.g. lr=0.01,0.03,0.1 batchnorm=false,true "
+                            "projection=epoch:1,step:1 flat1d_init=shared,torch (an arm's own option expands that arm only)")
+    sweep.add_argument("--select", nargs="*", default=[], metavar="FIELD",
+                       help="grid fields each arm variant takes at its own best (by mean val acc), e.g. lr")
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds per cell (seed, seed+1, ...)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time (processes sharing the CPU threads)")
+    sweep.add_argument("--out", help="folder for runs.jsonl, sweep.md and sweep.json (default runs/sweep; "
+                                     "running again there trains only what is missing)")
     sweep.set_defaults(func=cmd_sweep)
 
     bench = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)

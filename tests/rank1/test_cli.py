@@ -66,10 +66,48 @@ def test_argparse_errors_exit_2_from_a_real_process():
 def test_sweep_writes_a_markdown_table(tmp_path, capsys):
     assert main(["sweep", "--smoke", "--depths", "1", "2", "--seeds", "2", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "sweep.md").read_text()
-    assert "| depth | rank1 val acc | flat1d val acc |" in md
+    assert "| depth | rank1 | flat1d |" in md
     assert md.count("±") >= 4
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert len(data["rows"]) == 4 and {r["depth"] for r in data["rows"]} == {1, 2}
+
+
+def test_sweep_expands_arm_options_for_their_arm_only_selects_per_arm_and_resumes(tmp_path, capsys):
+    argv = ["sweep", "--smoke", "--arm", "all", "--grid", "lr=0.05,0.2", "projection=epoch:1,step:5",
+            "flat1d_init=shared,torch", "--depths", "2", "--select", "lr", "--seeds", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    # per (lr, seed): rank1 twice (two periods), flat1d twice (two inits), dense once -- nothing repeated
+    assert len(runs) == 2 * 2 * (2 + 2 + 1) and len({r["key"] for r in runs}) == len(runs)
+    assert {r["config"]["flat1d_init"] for r in runs if r["arm"] != "flat1d"} == {"shared"}
+    assert {r["config"]["projection"] for r in runs if r["arm"] != "rank1"} == {"epoch:1"}
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"rank1 (epoch:1)", "rank1 (step:5)", "flat1d (shared)", "flat1d (torch)",
+                                           "dense"}
+    for row in rows:  # each variant at its own best lr, by mean validation accuracy over the seeds
+        mine = [r for r in runs if r["arm"] == row["arm"] and (row["arm"] != "rank1" or row["variant"].endswith(
+            f"({r['config']['projection']})")) and (row["arm"] != "flat1d" or row["variant"].endswith(
+            f"({r['config']['flat1d_init']})"))]
+        means = {lr: sum(r["val_acc"] for r in mine if r["config"]["lr"] == lr) / 2 for lr in (0.05, 0.2)}
+        assert row["lr"] == max(sorted(means), key=lambda k: means[k])
+        tests = [r["test_acc"] for r in mine if r["config"]["lr"] == row["lr"]]
+        assert row["test_acc"] == sum(tests) / 2 and row["n"] == 2
+    # running again trains nothing: every run is in runs.jsonl
+    before = (tmp_path / "runs.jsonl").read_text()
+    assert main(argv) == 0
+    assert (tmp_path / "runs.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--grid", "lr"], "--grid: 'lr' is not allowed (allowed: FIELD=VALUE"),
+    (["sweep", "--grid", "seed=1,2"], "--grid: 'seed' is not allowed"),
+    (["sweep", "--grid", "lr=0.1,-1"], "lr: -1.0 must be > 0"),
+    (["sweep", "--grid", "lr=0.1,0.2", "--select", "momentum"], "--select: 'momentum' must be a --grid field with two"),
+    (["sweep", "--jobs", "0"], "--jobs must be >= 1"),
+])
+def test_bad_sweep_options(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_bench_a_network(tmp_path, capsys):
