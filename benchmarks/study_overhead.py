@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
-    from rank1.bench import machine_info
+    from rank1.measure import machine_info
 
     with tempfile.TemporaryDirectory(prefix="rank1-overhead-") as d:
         tmp = Path(d)

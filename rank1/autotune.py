@@ -1,34 +1,66 @@
-"""Pick the fastest decomposed implementation per layer shape, by measuring once.
+"""``impl="auto"``: choose the decomposed form of a whole network, on its real input, by measuring.
 
-Which of ``chain`` (1x1, kx1, 1xk: fewest FLOPs) and ``dw2d`` (1x1, one depthwise kxk:
-fewest passes over memory), on CUDA with triton installed ``triton`` (1x1, then one
-fused kernel for both 1-D passes), on the CPU ``cpp`` (the whole layer in one fused C++
-call) and ``dense`` (the composed kernel as one conv), is fastest depends on the shape, the batch and the
-device. :func:`pick_impls` times each candidate for every rank-1 layer of a model on
-its real input shape, and caches the choice in a JSON file keyed by device and shape,
-so the next model with the same shapes decides instantly. Every implementation
-computes the same function, so the choice never changes the outputs.
+Which kernel is fastest depends on the layer, the batch, the device, the threads and
+the memory format, and a choice made per layer in isolation can lose on the network:
+it ignores the layout each kernel leaves for the next layer and the conversions
+between them. :func:`plan_model` therefore measures whole networks on the example
+input, candidates being
+
+* every single kernel for every layer (``chain``, ``dw2d``, ``dense``, and ``cpp`` on the
+  CPU or ``triton`` on CUDA where they can run), with the input in NCHW or converted to
+  channels-last once at the network's entry (the parameters converted with it);
+* the greedy pick: per layer the fastest kernel on that layer's own input shape, in
+  either layout;
+* on CUDA, the two fastest of those captured in a CUDA graph for the example's shape
+  (replayed for inputs of that shape; other shapes run eagerly);
+
+and keeps the fastest. Every candidate computes the same function (each kernel is
+tested against ``F.conv2d``), so the choice never changes the outputs. On the CPU,
+deploying also keeps freed memory in glibc's heap for the process
+(:func:`rank1.measure.keep_freed_memory`): without it every activation is a fresh
+``mmap`` and small layers run several times slower, so the speed measured is the
+speed the deployed model then has. The plan is
+cached in a JSON file keyed by device, threads, torch version, the candidate set, the
+model's structure and the input's shape and dtype, so the next identical network
+decides instantly. Without an example, ``auto`` uses :data:`DEFAULTS`, the form that was
+fastest in this project's benchmarks on that device type, and says so.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import platform
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from rank1.layers import IMPLS, Flat1dConv2d, Rank1Conv2d, available_impls
+from rank1.kernels import KERNELS, Geometry
+from rank1.layers import Flat1dConv2d, Rank1Conv2d
+from rank1.measure import keep_freed_memory, machine_info, time_forward
 
-__all__ = ["DENSE", "build_impl", "cache_path", "candidate_impls", "device_key", "layer_key", "pick_impls"]
+__all__ = [
+    "DEFAULTS", "DENSE", "FORMATS", "DeployedModel", "Plan", "assemble", "cache_path", "candidate_impls", "default_plan",
+    "deploy", "device_key", "formatted", "greedy_pick", "in_format", "plan_model", "rank1_layer_table", "record_shapes",
+]
 
-DEFAULT_IMPL = "chain"
-# The layer's own function as one dense conv of the composed kernel: where per-call
-# overhead dominates (few channels, small images, batch 1) it beats every 1-D form, and
-# "auto" is then never slower than the dense model.
 DENSE = "dense"
+# Without an example: the single form that was fastest on most whole networks in this
+# project's benchmarks, per device type (CPU: `rank1 bench --networks`, the fused kernel
+# in channels-last; CUDA: benchmarks/results/gpu/h200_eager_*, eager dw2d in NCHW).
+DEFAULTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "cpu": (("cpp", "channels_last"), ("dw2d", "channels_last")),
+    "cuda": (("dw2d", "nchw"),),
+}
+FORMATS = ("nchw", "channels_last")
+_LayerLike = (Rank1Conv2d, Flat1dConv2d)
 
 
 def cache_path() -> Path:
@@ -41,18 +73,217 @@ def device_key(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        from rank1.bench import machine_info
-
         name = f"{machine_info('cpu').get('cpu', platform.processor())}, {torch.get_num_threads()} threads"
     return f"{device.type}:{name}:torch {torch.__version__}"
 
 
-def layer_key(layer: Rank1Conv2d | Flat1dConv2d, shape: tuple[int, ...], dtype: torch.dtype) -> str:
-    return (f"C{layer.in_channels}-O{layer.out_channels}-k{layer.kernel_size}-s{layer.stride}-p{layer.padding}"
-            f"-d{layer.dilation}-{layer.padding_mode}-in{tuple(shape)}-{dtype}".replace(" ", ""))
+def candidate_impls(device: torch.device) -> tuple[str, ...]:
+    """The kernels ``auto`` measures on ``device``: those registered for it that can run there
+    (``triton`` only on CUDA, even under the interpreter: it exists there for tests, not
+    speed; ``cpp`` on the CPU where a compiler can build it, the first use compiling it)."""
+    return tuple(n for n, k in KERNELS.items() if k.auto_candidate(device))
 
 
-def _load(path: Path) -> dict[str, dict[str, str]]:
+@dataclass
+class Plan:
+    """The decomposed form ``auto`` chose for one network and input shape."""
+
+    impls: dict[str, str]  # rank-1 layer name -> kernel
+    memory_format: str = "nchw"  # the input is converted to this once, at the network's entry
+    cuda_graph: bool = False  # replay a CUDA graph for inputs of ``shape``
+    candidate: str = ""  # which candidate won, e.g. "cpp, channels_last" or "greedy, nchw"
+    shape: list[int] = field(default_factory=list)
+    times_ms: dict[str, float] = field(default_factory=dict)  # every candidate measured on the example
+    measured: bool = True  # False: a device default, nothing measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """E.g. ``cpp x6, dense x2; channels_last`` (``+ CUDA graph``)."""
+        counts: dict[str, int] = {}
+        for v in self.impls.values():
+            counts[v] = counts.get(v, 0) + 1
+        s = ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "no rank-1 layer"
+        return s + f"; {self.memory_format}" + (" + CUDA graph" if self.cuda_graph else "")
+
+
+class DeployedModel(nn.Module):
+    """A decomposed network and its :class:`Plan`: the input converted once at entry (where
+    the plan says channels-last), and on CUDA a captured graph replayed for the planned shape.
+
+    Attributes it does not have come from the wrapped network (``deployed.features``...).
+    """
+
+    def __init__(self, net: nn.Module, plan: Plan) -> None:
+        super().__init__()
+        self.net = net
+        self.plan = plan
+        self._graph: _Graphed | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("net"), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plan.memory_format == "channels_last" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        g = self._graph
+        if g is not None and g.fits(x) and not (x.requires_grad and torch.is_grad_enabled()):
+            return g(x)
+        return self.net(x)
+
+    def capture(self, example: torch.Tensor) -> DeployedModel:
+        """Capture the network in a CUDA graph for ``example``'s shape (CUDA only)."""
+        if self.plan.memory_format == "channels_last":
+            example = example.contiguous(memory_format=torch.channels_last)
+        self._graph = _Graphed(self.net, example)
+        self.plan.cuda_graph = True
+        return self
+
+    def extra_repr(self) -> str:
+        return f"plan: {self.plan.summary()}"
+
+
+class _Graphed:
+    """``net`` captured once for one input shape: copy in, replay, copy out."""
+
+    def __init__(self, net: nn.Module, example: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = tuple(example.shape), example.dtype, example.device
+        self.static_in = example.clone()
+        side = torch.cuda.Stream(example.device)
+        side.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(3):  # cuDNN's algorithm search and Triton's compile happen here, not in the graph
+                net(self.static_in)
+        torch.cuda.current_stream(example.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.static_out = net(self.static_in)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return tuple(x.shape) == self.shape and x.dtype == self.dtype and x.device == self.device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out.clone()
+
+
+# ----------------------------------------------------------------------------- assembling
+
+
+@dataclass
+class _Layer:
+    name: str
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    bias: torch.Tensor | None
+    geometry: Geometry
+    in_shape: tuple[int, ...] | None = None
+
+
+def rank1_layer_table(model: nn.Module) -> list[_Layer]:
+    """Every rank-1 layer's factors (projected once, for a :class:`Rank1Conv2d`), bias and geometry."""
+    out = []
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, _LayerLike):
+                bias = None if m.bias is None else m.bias.detach()
+                out.append(_Layer(name, m._current_factors(), bias,
+                                  Geometry(m.stride, m.padding, m.dilation, m.padding_mode)))
+    return out
+
+
+def assemble(model: nn.Module, table: list[_Layer], impls: dict[str, str]) -> nn.Module:
+    """A copy of ``model`` (eval mode) with each rank-1 layer built by its kernel in ``impls``."""
+    out = copy.deepcopy(model)
+    for layer in table:
+        new = KERNELS[impls[layer.name]].build(*layer.factors, layer.bias, layer.geometry).eval()
+        if not layer.name:  # the model is a single rank-1 layer
+            return new
+        parent, _, child = layer.name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child, new)
+    return out.eval()
+
+
+def formatted(net: nn.Module, fmt: str) -> nn.Module:
+    return net.to(memory_format=torch.channels_last) if fmt == "channels_last" else net
+
+
+def in_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if fmt == "channels_last" and x.dim() == 4 else x
+
+
+def record_shapes(model: nn.Module, table: list[_Layer], example: torch.Tensor) -> None:
+    modules = dict(model.named_modules())
+    hooks = []
+
+    def record(layer: _Layer) -> Callable[..., None]:
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if layer.in_shape is None:
+                layer.in_shape = tuple(inp[0].shape)
+
+        return hook
+
+    for layer in table:
+        hooks.append(modules[layer.name].register_forward_hook(record(layer)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"example: a batch of shape {tuple(example.shape)} ({example.dtype}, {example.device}) "
+                         f"does not fit the model ({lines[0] if lines else type(e).__name__})") from None
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _time(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, budget_s: float) -> float:
+    return time_forward(fn, x, warmup=2, repeats=5, min_time_s=budget_s).median_ms
+
+
+@torch.inference_mode()
+def greedy_pick(table: list[_Layer], candidates: tuple[str, ...], fmt: str, device: torch.device,
+            dtype: torch.dtype) -> dict[str, str]:
+    """Per layer, the fastest kernel on that layer's own input shape in layout ``fmt``."""
+    best: dict[tuple, str] = {}
+    out = {}
+    for layer in table:
+        key = (layer.in_shape, layer.geometry, tuple(f.shape for f in layer.factors), layer.bias is None)
+        if key not in best:
+            x = in_format(torch.randn(*layer.in_shape, device=device, dtype=dtype), fmt)
+            times = {}
+            for name in candidates:
+                try:
+                    m = formatted(KERNELS[name].build(*layer.factors, layer.bias, layer.geometry).eval(), fmt)
+                    times[name] = _time(m, x, 0.02)
+                except Exception:  # an accelerator kernel that fails to build here is just not picked
+                    if KERNELS[name].exportable:
+                        raise
+            best[key] = min(times, key=times.get)
+        out[layer.name] = best[key]
+    return out
+
+
+def _signature(model: nn.Module, example: torch.Tensor, candidates: tuple[str, ...]) -> str:
+    """The cache key: device (threads and torch version included), candidates, the model's
+    structure (its repr: every layer's shape and settings, no weights), the input."""
+    structure = hashlib.sha1(repr(model).encode()).hexdigest()[:16]
+    layout = "nchw" if example.is_contiguous() else "strided"
+    return (f"{device_key(example.device)}|{','.join(candidates)}|{type(model).__name__}:{structure}|"
+            f"{tuple(example.shape)}|{example.dtype}|{layout}")
+
+
+def _load(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
@@ -60,84 +291,97 @@ def _load(path: Path) -> dict[str, dict[str, str]]:
         return {}
 
 
-def candidate_impls(device: torch.device) -> tuple[str, ...]:
-    """What :func:`pick_impls` measures on ``device``: the portable :data:`IMPLS` and
-    ``"dense"`` (the composed kernel as one conv), plus ``"triton"`` on CUDA where triton
-    is installed (never on CPU, even under the interpreter: it exists there for tests,
-    not speed), and ``"cpp"`` on the CPU where a compiler can build it (the first
-    measurement compiles it, once per machine)."""
-    base = (*IMPLS, DENSE)
-    if device.type == "cuda" and "triton" in available_impls(device):
-        return (*base, "triton")
-    if device.type == "cpu" and "cpp" in available_impls(device):
-        return (*base, "cpp")
-    return base
-
-
-def build_impl(layer: Rank1Conv2d | Flat1dConv2d, impl: str) -> nn.Module:
-    """The inference module of ``layer`` for one of :func:`candidate_impls`."""
-    return layer.dense_conv().eval() if impl == DENSE else layer.decompose(impl=impl)
-
-
-def _measure(layer, shape, device, dtype, repeats: int) -> str:
-    from rank1.bench import time_forward
-
-    x = torch.randn(*shape, device=device, dtype=dtype)
-    times = {}
-    for impl in candidate_impls(device):
-        try:
-            m = build_impl(layer, impl).to(device=device, dtype=dtype).eval()
-            times[impl] = time_forward(m, x, warmup=2, repeats=repeats).median_ms
-        except Exception:  # an accelerator impl that fails to compile here is just not picked
-            if impl in (*IMPLS, DENSE):
-                raise
-    return min(times, key=times.get)
-
-
-@torch.no_grad()
-def pick_impls(model: nn.Module, example: torch.Tensor, path: Path | None = None,
-               repeats: int = 10) -> dict[str, str]:
-    """``{layer name: impl}`` for every rank-1 layer, measured on ``example``'s shapes."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-
-    def record(name: str):
-        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            shapes.setdefault(name, tuple(inp[0].shape))  # returns None: the output is untouched
-
-        return hook
-
-    for name, m in model.named_modules():
-        if isinstance(m, (Rank1Conv2d, Flat1dConv2d)):
-            hooks.append(m.register_forward_hook(record(name)))
-    was_training = model.training
-    model.eval()
+def _store(path: Path, key: str, plan: Plan) -> None:
     try:
-        model(example)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+        cache = _load(path)
+        cache[key] = plan.to_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:  # a read-only home only costs the next run a re-measurement
+        pass
+
+
+@torch.inference_mode()
+def plan_model(model: nn.Module, example: torch.Tensor, path: Path | None = None,
+               budget_s: float = 0.2) -> tuple[Plan, list[_Layer]]:
+    """Measure the candidate forms of ``model`` on ``example`` (its device and dtype) and
+    return the fastest :class:`Plan` (from the cache when this network was planned before)
+    with the layers' factors. ``budget_s``: minimum measured time per candidate network."""
+    table = rank1_layer_table(model)
+    record_shapes(model, table, example)
+    device = example.device
+    candidates = candidate_impls(device)
     path = path or cache_path()
-    cache = _load(path)
-    # The candidate set is part of the key: a choice made among fewer candidates is made again.
-    dev = f"{device_key(example.device)}|{','.join(candidate_impls(example.device))}"
-    entry = cache.setdefault(dev, {})
-    choices = {}
-    changed = False
-    modules = dict(model.named_modules())
-    for name, shape in shapes.items():
-        key = layer_key(modules[name], shape, example.dtype)
-        if entry.get(key) not in candidate_impls(example.device):
-            entry[key] = _measure(modules[name], shape, example.device, example.dtype, repeats)
-            changed = True
-        choices[name] = entry[key]
-    if changed:
+    key = _signature(model, example, candidates)
+    cached = _load(path).get(key)
+    if isinstance(cached, dict):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-            tmp.replace(path)
-        except OSError:  # a read-only home only costs the next run a re-measurement
+            plan = Plan(**cached)
+            if set(plan.impls) == {t.name for t in table} and set(plan.impls.values()) <= set(candidates):
+                return plan, table
+        except TypeError:  # an entry of another version: measured again
             pass
-    return choices
+    options: dict[str, tuple[dict[str, str], str]] = {}
+    for name in candidates:
+        for fmt in FORMATS:
+            options[f"{name}, {fmt}"] = ({t.name: name for t in table}, fmt)
+    for fmt in FORMATS:
+        options[f"greedy, {fmt}"] = (greedy_pick(table, candidates, fmt, device, example.dtype), fmt)
+    times: dict[str, float] = {}
+    built: dict[str, nn.Module] = {}
+    for label, (impls, fmt) in options.items():
+        try:
+            net = formatted(assemble(model, table, impls), fmt).to(device)
+            x = in_format(example, fmt)
+            times[label] = _time(net, x, budget_s)
+            built[label] = net
+        except Exception:  # an accelerator kernel that fails here is just not picked
+            if all(KERNELS[v].exportable for v in impls.values()):
+                raise
+    # Ties go to the earlier option (min keeps the first): library forms before fused kernels.
+    best = min(times, key=times.get)
+    plan = Plan(options[best][0], options[best][1], False, best, list(example.shape))
+    best_ms = times[best]
+    if device.type == "cuda":  # launches cost more than small kernels: a graph replays them all at once
+        for label in sorted(times, key=times.get)[:2]:
+            graphed = DeployedModel(built[label], Plan(*options[label])).capture(example)
+            t = times[f"{label} + CUDA graph"] = _time(graphed, example, budget_s)
+            if t < best_ms:
+                best_ms, plan = t, Plan(options[label][0], options[label][1], True, label, list(example.shape))
+    plan.times_ms = times
+    _store(path, key, plan)
+    return plan, table
+
+
+def default_plan(model: nn.Module, device: torch.device) -> tuple[Plan, list[_Layer]]:
+    """The device's :data:`DEFAULTS` form, nothing measured (``auto`` without an example)."""
+    table = rank1_layer_table(model)
+    for name, fmt in DEFAULTS.get(device.type, ()) + (("dw2d", "nchw"),):
+        if name in KERNELS and KERNELS[name].available(device):
+            return Plan({t.name: name for t in table}, fmt, False, f"{name}, {fmt} (default)", measured=False), table
+    raise AssertionError("dw2d is always available")  # pragma: no cover
+
+
+def deploy(model: nn.Module, example: torch.Tensor | None = None, cache: Path | None = None,
+           device: torch.device | None = None) -> DeployedModel:
+    """``model``'s fastest decomposed form on ``example`` (or the device default, said in a
+    warning), as a :class:`DeployedModel`. ``model`` is not changed."""
+    if example is None:
+        dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+        plan, table = default_plan(model, dev)
+        warnings.warn(
+            f"decompose_model(impl='auto') without example=: using {plan.candidate.replace(' (default)', '')} for "
+            f"every layer, the fastest single form on {dev.type} in rank1's benchmarks; pass example= (a batch of "
+            "the real input) to measure this network", stacklevel=3)
+        net = formatted(assemble(model, table, plan.impls), plan.memory_format)
+        return DeployedModel(net, plan)
+    if example.device.type == "cpu":
+        keep_freed_memory()  # what the measurements assume: see rank1.measure.keep_freed_memory
+    plan, table = plan_model(model, example, cache)
+    net = formatted(assemble(model, table, plan.impls), plan.memory_format).to(example.device)
+    deployed = DeployedModel(net, plan)
+    if plan.cuda_graph:
+        deployed.capture(example)
+    return deployed

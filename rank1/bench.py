@@ -1,191 +1,45 @@
-"""Inference measurement: FLOPs, parameters and latency of dense vs decomposed forms.
-
-Timing follows the usual rules: warm-up first, many repeats, the median with the
-10th-90th percentile spread, CUDA synchronised around each call, and the thread
-count recorded with every result. Nothing here asserts a speed: it measures.
+"""Inference experiments: one layer, the layer grid with its roofline, whole networks
+(every single kernel, the greedy pick and ``auto``, against dense), and the cost of
+projection. The measuring tools themselves live in :mod:`rank1.measure`; the kernels
+compared come from the registry (:mod:`rank1.kernels`).
 """
 
 from __future__ import annotations
 
-import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rank1 import cpp_conv
+from rank1.autotune import (
+    FORMATS,
+    assemble,
+    candidate_impls,
+    deploy,
+    formatted,
+    greedy_pick,
+    in_format,
+    rank1_layer_table,
+    record_shapes,
+)
+from rank1.convert import dense_model
+from rank1.data import load_dataset
+from rank1.kernels import KERNELS
 from rank1.layers import Flat1dConv2d, Rank1Conv2d
+from rank1.measure import count_flops, layer_flops, time_forward
+from rank1.models import build_model
+from rank1.roofline import bound_ms, bound_with_calls_ms, impl_cost
+from rank1.train import ArmTrainer, TrainConfig
 
 __all__ = [
-    "Timing",
-    "bench_layer",
-    "count_flops",
-    "count_params",
-    "layer_flops",
-    "keep_freed_memory",
-    "machine_info",
-    "time_forward",
+    "GRID_BATCHES", "GRID_CHANNELS", "GRID_KERNELS", "GRID_SIZES", "NET_GRID", "bench_grid_point", "bench_layer",
+    "bench_network", "grid_markdown", "networks_markdown", "projection_cost", "time_side_by_side",
 ]
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latency of one forward pass in milliseconds."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    repeats: int
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def time_forward(
-    fn: Callable[[torch.Tensor], Any],
-    x: torch.Tensor,
-    warmup: int = 3,
-    repeats: int = 20,
-    min_time_s: float = 0.0,
-) -> Timing:
-    """Median and 10/90 percentiles of ``fn(x)`` over ``repeats`` calls after warm-up.
-
-    With ``min_time_s`` the repeats grow until that much time was measured (fast
-    calls get more samples), capped at 100x ``repeats``.
-    """
-    for _ in range(warmup):
-        fn(x)
-    _sync(x.device)
-    times: list[float] = []
-    total = 0.0
-    while len(times) < repeats or (total < min_time_s and len(times) < 100 * repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        _sync(x.device)
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        total += dt
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
-    return Timing(statistics.median(times), q[0], q[-1], len(times))
-
-
-_ALLOCATOR_NOTE = "glibc default"
-
-
-def keep_freed_memory() -> str:
-    """Stop glibc from returning freed tensors to the OS on every call.
-
-    glibc serves blocks over its mmap threshold with fresh ``mmap`` pages and
-    unmaps them on free, so every forward pass pays page faults for its
-    activations. On this project's 2-core VMs that multiplied the time of two
-    consecutive small depthwise convolutions by 10 (1.0 ms instead of 0.2 ms).
-    Raising the mmap and trim thresholds to their maximum (32 MiB) keeps freed
-    blocks in the heap, as jemalloc/tcmalloc would. Returns what was done (it is
-    recorded next to benchmark results).
-    """
-    global _ALLOCATOR_NOTE
-    import ctypes
-    import ctypes.util
-
-    m_trim_threshold, m_mmap_threshold, limit = -1, -3, 32 * 1024 * 1024
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(m_mmap_threshold, limit) == 1 and libc.mallopt(m_trim_threshold, 2 * limit) == 1
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        ok = False
-    if ok:
-        _ALLOCATOR_NOTE = "glibc, mmap/trim thresholds raised to 32/64 MiB"
-    return _ALLOCATOR_NOTE
-
-
-def count_params(model: nn.Module) -> int:
-    """Parameters of ``model`` (buffers such as kept factors are not counted)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass of ``model`` on ``x``.
-
-    Counts convolutions (any groups; a :class:`Rank1Conv2d` as the dense conv it
-    trains, a :class:`Flat1dConv2d` as its three 1-D passes) and linear layers,
-    which dominate every network here; elementwise work is ignored.
-    """
-    total = 0
-
-    def conv(m: nn.Module, inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = m.kernel_size
-        total += out.numel() * (m.in_channels // getattr(m, "groups", 1)) * kh * kw
-
-    def flat1d(m: Flat1dConv2d, inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
-        nonlocal total
-        n, _, h_in, w_in = inp[0].shape
-        h_out, w_out = out.shape[-2:]
-        # 1x1 at input resolution, vertical pass to (h_out x w_in), horizontal to the output.
-        total += n * m.out_channels * (
-            m.in_channels * h_in * w_in + m.kernel_size[0] * h_out * w_in + m.kernel_size[1] * h_out * w_out
-        )
-
-    def linear(m: nn.Module, inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    hooks = {nn.Conv2d: conv, Rank1Conv2d: conv, Flat1dConv2d: flat1d, nn.Linear: linear}
-    handles = [
-        m.register_forward_hook(hooks[type(m)]) for m in model.modules() if type(m) in hooks
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
-def layer_flops(
-    in_channels: int, out_channels: int, kernel: int, height: int, width: int, batch: int = 1
-) -> tuple[int, int]:
-    """``(dense, decomposed)`` multiply-accumulates of one stride-1 "same" layer."""
-    pixels = batch * height * width
-    dense = pixels * in_channels * out_channels * kernel * kernel
-    decomposed = pixels * (in_channels * out_channels + 2 * kernel * out_channels)
-    return dense, decomposed
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """What a benchmark number depends on: processor, threads, torch, device."""
-    device = torch.device(device)
-    info: dict[str, Any] = {
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "allocator": _ALLOCATOR_NOTE,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def bench_layer(
@@ -197,32 +51,27 @@ def bench_layer(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     repeats: int = 20,
-    channels_last: bool = False,
 ) -> dict[str, Any]:
-    """Dense ``nn.Conv2d`` vs the decomposed 1-D chain for one stride-1 "same" layer."""
+    """One stride-1 "same" layer with an NCHW input, as a user calls it: dense ``nn.Conv2d``
+    (the best of NCHW and channels-last) against the deployable decomposed form
+    (``decompose_model(layer, "auto", example=x)``) and the exportable ``chain``."""
     device = torch.device(device)
-    layer = Rank1Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, device=device, dtype=dtype)
-    dense, fast = layer.dense_conv().eval(), layer.decompose().eval()
+    layer = Flat1dConv2d(in_channels, out_channels, kernel, padding=kernel // 2, device=device, dtype=dtype)
     x = torch.randn(batch, in_channels, size, size, device=device, dtype=dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-        dense = dense.to(memory_format=torch.channels_last)
-        fast = fast.to(memory_format=torch.channels_last)
-    t_dense = time_forward(dense, x, repeats=repeats, min_time_s=0.2)
-    t_fast = time_forward(fast, x, repeats=repeats, min_time_s=0.2)
+    dense = layer.dense_conv().eval()
+    with tempfile.TemporaryDirectory() as d:
+        auto = deploy(layer, x, cache=Path(d) / "cache.json")
+    nets = {"dense": dense, "dense-cl": formatted(layer.dense_conv().eval(), "channels_last"), "auto": auto,
+            "chain": layer.decompose("chain").eval()}
+    xs = {k: in_format(x, "channels_last") if k.endswith("-cl") else x for k in nets}
+    t = time_side_by_side(nets, xs, rounds=2, min_time_s=0.1 if repeats > 5 else 0.02)
     f_dense, f_fast = layer_flops(in_channels, out_channels, kernel, size, size, batch)
-    speedup = t_dense.median_ms / t_fast.median_ms
+    dense_ms = min(t["dense"], t["dense-cl"])
+    speedup = dense_ms / t["auto"]
     return {
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "kernel": kernel,
-        "size": size,
-        "batch": batch,
-        "memory_format": "channels_last" if channels_last else "nchw",
-        "dense": t_dense.to_dict(),
-        "decomposed": t_fast.to_dict(),
-        "speedup": speedup,
-        "flop_ratio": f_dense / f_fast,
+        "in_channels": in_channels, "out_channels": out_channels, "kernel": kernel, "size": size, "batch": batch,
+        "dense_ms": dense_ms, "auto_ms": t["auto"], "chain_ms": t["chain"], "auto_plan": auto.plan.summary(),
+        "times_ms": t, "speedup": speedup, "chain_speedup": dense_ms / t["chain"], "flop_ratio": f_dense / f_fast,
         "fraction_of_flop_ratio": speedup / (f_dense / f_fast),
     }
 
@@ -234,15 +83,18 @@ GRID_BATCHES = (1, 32)
 
 
 def _variants(layer: Rank1Conv2d, compile_: bool, peer: bool) -> dict[str, tuple[nn.Module, bool]]:
-    """``{name: (module, channels_last)}``: the implementations compared at one shape."""
-    dense = layer.dense_conv().eval()
-    out: dict[str, tuple[nn.Module, bool]] = {"dense": (dense, False), "dense-cl": (dense, True)}
-    for impl in ("chain", "dw2d"):
-        m = layer.decompose(impl=impl).eval()
-        out[impl] = (m, False)
-        out[f"{impl}-cl"] = (m, True)
-    if cpp_conv.available(dense.weight.device):  # the fused C++ kernel works in channels-last
-        out["cpp"] = (layer.decompose(impl="cpp").eval(), True)
+    """``{name: (module, channels_last)}``: every registered kernel that can run here, in NCHW
+    and channels-last (a channels-last kernel in its own layout only), plus optional
+    ``torch.compile``d library forms and the tensorly-torch CP peer."""
+    device = layer.weight.device
+    out: dict[str, tuple[nn.Module, bool]] = {}
+    for name, k in KERNELS.items():
+        if not k.auto_candidate(device):
+            continue
+        m = layer.dense_conv().eval() if name == "dense" else layer.decompose(impl=name).eval()
+        if k.layout != "channels_last":
+            out[name] = (m, False)
+        out[name if k.layout == "channels_last" else f"{name}-cl"] = (m, True)
     if compile_:
         out["chain-compiled"] = (torch.compile(layer.decompose(impl="chain").eval()), False)
         out["dw2d-compiled"] = (torch.compile(layer.decompose(impl="dw2d").eval()), False)
@@ -257,7 +109,7 @@ def _variants(layer: Rank1Conv2d, compile_: bool, peer: bool) -> dict[str, tuple
             cp = tltorch.FactorizedConv(layer.in_channels, layer.out_channels, layer.kernel_size, order=2,
                                         padding=layer.padding, bias=True, factorization="cp",
                                         rank=layer.out_channels, implementation="factorized",
-                                        device=dense.weight.device).eval()
+                                        device=device).eval()
             cp.weight.normal_(0.0, 0.02)
             out["tltorch-cp"] = (cp, False)
     return out
@@ -266,8 +118,6 @@ def _variants(layer: Rank1Conv2d, compile_: bool, peer: bool) -> dict[str, tuple
 def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch.device | str = "cpu",
                      compile_: bool = False, peer: bool = True, repeats: int = 5) -> dict[str, Any]:
     """Every implementation at one (C=O, k, size, batch), with roofline bounds."""
-    from rank1.roofline import bound_ms, bound_with_calls_ms, impl_cost
-
     device = torch.device(device)
     layer = Rank1Conv2d(c, c, k, padding=k // 2, device=device)
     x = torch.randn(batch, c, size, size, device=device)
@@ -280,10 +130,10 @@ def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch
             xi = x.contiguous(memory_format=torch.channels_last)
         times[name] = time_forward(m, xi, warmup=3 if "compiled" not in name else 2, repeats=repeats,
                                    min_time_s=0.3).median_ms
-    costs = {impl: impl_cost(impl, c, c, k, size, size, batch) for impl in ("dense", "chain", "dw2d", "cpp", "cp")}
+    costs = {impl: impl_cost(impl, c, c, k, size, size, batch) for impl in (*KERNELS, "cp")}
     bounds = {impl: bound_ms(*costs[impl], peaks) for impl in costs}
     dense_best = min(times["dense"], times["dense-cl"])
-    decomposed = {n: t for n, t in times.items() if n.startswith(("chain", "dw2d", "cpp"))}
+    decomposed = {n: t for n, t in times.items() if n.split("-")[0] in KERNELS and KERNELS[n.split("-")[0]].decomposed}
     best_name = min(decomposed, key=decomposed.get)
     best_impl = best_name.split("-")[0]
     flop_ratio = costs["dense"][0] / costs["chain"][0]
@@ -320,16 +170,14 @@ def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> st
                  f"{1e3 * peaks.call_ms:.1f} µs per conv call (a 1x1 conv on one pixel). "
                  "speedup: best dense (NCHW or channels-last) / best decomposed; "
                  "of roofline: the decomposed implementation's lower bound / its measured time; "
-                 "+ calls: the bound plus the fixed cost of its calls (3 chain, 2 dw2d, 1 cpp).")
+                 "+ calls: the bound plus the fixed cost of its calls ("
+                 + ", ".join(f"{k.calls} {n}" for n, k in KERNELS.items() if k.decomposed) + ").")
     return "\n".join(lines)
 
 
 def projection_cost(depth: int = 16, width: int = 128, repeats: int = 3) -> dict[str, float]:
     """Time to project every layer of a ``vgg`` (warm start, as in training) vs one
     training epoch of its rank1 arm on ``digits`` (the paper projects once per epoch)."""
-    from rank1.data import load_dataset
-    from rank1.train import ArmTrainer, TrainConfig
-
     cfg = TrainConfig(depth=depth, width=width, epochs=1, projection="end", measure_latency=False)
     data = load_dataset("digits")
     trainer = ArmTrainer(cfg, "rank1", data, torch.device("cpu"))
@@ -348,3 +196,92 @@ def projection_cost(depth: int = 16, width: int = 128, repeats: int = 3) -> dict
         best = min(best, time.perf_counter() - t0)
     return {"depth": depth, "width": width, "layers": len(layers), "projection_s": best, "epoch_s": epoch_s,
             "fraction_of_epoch": best / epoch_s}
+
+
+# ----------------------------------------------------------------------------- whole networks
+
+# The whole-network grid of the "auto" goal: vgg depth x width x batch x image side (x threads).
+NET_GRID = dict(depths=(4, 8, 16), widths=(16, 32, 64, 128), batches=(1, 32), sizes=(16, 32))
+
+
+def time_side_by_side(fns: dict[str, Callable[[torch.Tensor], Any]], xs: dict[str, torch.Tensor],
+                      rounds: int = 3, min_time_s: float = 0.1) -> dict[str, float]:
+    """Median over ``rounds`` of each function's median time, the functions interleaved round
+    by round so that a drifting machine (frequency, other load) touches them alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(time_forward(fn, xs[k], warmup=2, repeats=5, min_time_s=min_time_s).median_ms)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+@torch.inference_mode()
+def bench_network(depth: int, width: int, batch: int, size: int, device: torch.device | str = "cpu",
+                  rounds: int = 3, min_time_s: float = 0.1, model_name: str = "vgg",
+                  batchnorm: bool = False) -> dict[str, Any]:
+    """One network (3 input channels, 10 classes; flat1d factors, so no projection is needed)
+    with an NCHW input: dense (NCHW and channels-last), every single kernel for all layers in
+    both layouts, the greedy per-layer pick in both, and ``auto`` (planned from scratch here),
+    timed side by side."""
+    device = torch.device(device)
+    torch.manual_seed(depth * 1000 + width)
+    model = build_model(model_name, arm="flat1d", depth=depth, width=width, in_channels=3,
+                        batchnorm=batchnorm).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    table = rank1_layer_table(model)
+    record_shapes(model, table, x)
+    dense = dense_model(model).to(device)
+    nets: dict[str, nn.Module] = {"dense": dense, "dense-cl": formatted(dense_model(model).to(device), "channels_last")}
+    candidates = candidate_impls(device)
+    for name in candidates:
+        for fmt in FORMATS:
+            nets[f"{name}{'-cl' if fmt == 'channels_last' else ''}"] = formatted(
+                assemble(model, table, {t.name: name for t in table}), fmt).to(device)
+    for fmt in FORMATS:
+        impls = greedy_pick(table, candidates, fmt, device, x.dtype)
+        nets[f"greedy{'-cl' if fmt == 'channels_last' else ''}"] = formatted(assemble(model, table, impls), fmt)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        auto = deploy(model, x, cache=Path(d) / "cache.json")
+    plan_s = time.perf_counter() - t0
+    nets["auto"] = auto
+    xs = {k: in_format(x, "channels_last") if k.endswith("-cl") else x for k in nets}
+    times = time_side_by_side(nets, xs, rounds, min_time_s)
+    dense_best = min(times["dense"], times["dense-cl"])
+    singles = {k: v for k, v in times.items() if k.split("-")[0] in candidates}
+    best_single = min(singles, key=singles.get)
+    flop_ratio = count_flops(dense, x) / count_flops(nets["chain"], x)
+    return {
+        "model": model_name, "depth": depth, "width": width, "batch": batch, "size": size, "device": str(device),
+        "threads": torch.get_num_threads(), "times_ms": times, "dense_ms": dense_best, "best_single": best_single,
+        "auto_ms": times["auto"], "auto_plan": auto.plan.summary(), "auto_impls": auto.plan.impls,
+        "auto_vs_best_single": times["auto"] / singles[best_single], "speedup": dense_best / times["auto"],
+        "flop_ratio": flop_ratio, "fraction_of_flop_ratio": dense_best / times["auto"] / flop_ratio,
+        "plan_s": plan_s,
+    }
+
+
+def networks_markdown(rows: list[dict[str, Any]]) -> str:
+    """The whole-network table: dense, every single form, greedy, auto, and auto's margin to the best single form."""
+    forms = [k for k in rows[0]["times_ms"] if k not in ("dense", "dense-cl", "auto")] if rows else []
+    head = ["threads", "model", "depth", "width", "batch", "HxW", "dense ms", *forms, "auto ms", "auto plan",
+            "auto / best single", "speedup vs dense", "FLOP ratio", "of FLOP ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        t = r["times_ms"]
+        cells = [r["threads"], r["model"], r["depth"], r["width"], r["batch"], f"{r['size']}x{r['size']}", f"{r['dense_ms']:.3f}",
+                 *(f"{t[f]:.3f}" for f in forms), f"{r['auto_ms']:.3f}", r["auto_plan"],
+                 f"{r['auto_vs_best_single']:.3f}", f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x",
+                 f"{r['fraction_of_flop_ratio']:.0%}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if rows:
+        worst = max(rows, key=lambda r: r["auto_vs_best_single"])
+        slow = [r for r in rows if r["speedup"] < 1]
+        lines += ["", f"auto within {100 * (worst['auto_vs_best_single'] - 1):.1f}% of the best single form at worst "
+                      f"(vgg depth {worst['depth']} width {worst['width']} batch {worst['batch']} "
+                      f"{worst['size']}x{worst['size']}, {worst['threads']} threads); the decomposed network is "
+                  + ("faster than dense at every shape" if not slow else
+                     f"slower than dense at {len(slow)} of {len(rows)}: " + "; ".join(
+                         f"d{r['depth']} w{r['width']} b{r['batch']} {r['size']}px {r['threads']}t "
+                         f"({r['speedup']:.2f}x)" for r in slow)) + "."]
+    return "\n".join(lines)

@@ -220,8 +220,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from rich.progress import Progress
 
-    from rank1.bench import machine_info
     from rank1.config import from_dict
+    from rank1.measure import machine_info
     from rank1.sweep import plan, run_sweep, summarise, tables_markdown
     from rank1.train import TrainConfig
 
@@ -302,36 +302,71 @@ def _device(name: str) -> str:
     return name
 
 
+def _network_row(r: dict[str, Any]) -> list[str]:
+    return [str(r["batch"]), f"{r['dense_ms']:.2f}", f"{r['auto_ms']:.2f}", r["auto_plan"],
+            f"{r['times_ms']['chain']:.2f}", f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x",
+            f"{r['fraction_of_flop_ratio']:.0%}"]
+
+
+_NETWORK_COLUMNS = ("batch", "dense ms", "auto ms", "auto plan", "chain ms", "speedup", "FLOP ratio", "of FLOP ratio")
+
+
 def _bench_model(args: argparse.Namespace, device: str, console) -> dict[str, Any]:
-    """Dense vs decomposed inference of one network (trained weights don't matter for speed)."""
-    import torch
+    """One network: dense against the form a user deploys (auto) and every single form."""
     from rich.table import Table
 
-    from rank1.bench import count_flops, count_params, time_forward
-    from rank1.convert import decompose_model, dense_model
-    from rank1.models import build_model
+    from rank1.bench import bench_network
 
-    in_ch = 3
-    model = build_model(args.model, arm="rank1", depth=args.depth, width=args.width, in_channels=in_ch,
-                        batchnorm=args.batchnorm).to(device)
-    dense, fast = dense_model(model).to(device), decompose_model(model).to(device)
-    rows = []
-    table = Table(title=f"{args.model} depth {args.depth} width {args.width}, {args.size}x{args.size}, {device}")
-    for col in ("batch", "dense ms", "1-D ms", "speedup", "FLOPs/", "params dense", "params 1-D"):
+    table = Table(title=f"{args.model} depth {args.depth} width {args.width}, {args.size}x{args.size}, {device}, "
+                        f"{torch_threads()} threads")
+    for col in _NETWORK_COLUMNS:
         table.add_column(col, justify="right")
+    table.caption = ("dense: the best of NCHW and channels-last; auto: decompose_model(model, 'auto', example=x), "
+                     "what a user deploys; chain: the exportable form")
+    rows = []
     for batch in ([args.batch] if args.batch else [1, 32]):
-        x = torch.randn(batch, in_ch, args.size, args.size, device=device)
-        td = time_forward(dense, x, repeats=args.repeats, min_time_s=0.5)
-        tf = time_forward(fast, x, repeats=args.repeats, min_time_s=0.5)
-        r = {"batch": batch, "dense": td.to_dict(), "decomposed": tf.to_dict(),
-             "speedup": td.median_ms / tf.median_ms,
-             "flop_ratio": count_flops(dense, x) / count_flops(fast, x),
-             "dense_params": count_params(dense), "decomposed_params": count_params(fast)}
+        r = bench_network(args.depth, args.width, batch, args.size, device, model_name=args.model,
+                          batchnorm=args.batchnorm, rounds=2 if args.repeats <= 5 else 3,
+                          min_time_s=0.02 if args.repeats <= 5 else 0.1)
         rows.append(r)
-        table.add_row(str(batch), f"{td.median_ms:.2f}", f"{tf.median_ms:.2f}", f"{r['speedup']:.2f}x",
-                      f"{r['flop_ratio']:.2f}x", str(r["dense_params"]), str(r["decomposed_params"]))
+        table.add_row(*_network_row(r))
     console.print(table)
     return {"model": args.model, "depth": args.depth, "width": args.width, "size": args.size, "rows": rows}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _bench_networks(args: argparse.Namespace, device: str, console) -> dict[str, Any]:
+    """The whole-network grid: every shape of NET_GRID at each thread count."""
+    import time
+
+    import torch
+    from rich.progress import Progress
+
+    from rank1.bench import NET_GRID, bench_network, networks_markdown
+
+    grid = NET_GRID if not args.smoke else dict(depths=(2,), widths=(8,), batches=(1, 4), sizes=(16,))
+    threads = args.thread_counts or [1, torch.get_num_threads()]
+    plan = [(t, d, w, b, s) for t in dict.fromkeys(threads) for d in grid["depths"] for w in grid["widths"]
+            for b in grid["batches"] for s in grid["sizes"]]
+    rows = []
+    t0 = time.perf_counter()
+    with Progress(console=console) as progress:
+        task = progress.add_task("networks", total=len(plan))
+        for t, d, w, b, s in plan:
+            progress.update(task, description=f"{t} threads: vgg d{d} w{w} b{b} {s}x{s}")
+            torch.set_num_threads(t)
+            rows.append(bench_network(d, w, b, s, device, rounds=2 if args.smoke else 3,
+                                      min_time_s=0.01 if args.smoke else 0.1))
+            progress.advance(task)
+    md = networks_markdown(rows) + (f"\n\nCommand: `rank1 bench --networks --out DIR`, {time.strftime('%Y-%m-%d')}, "
+                                    f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
+    console.print(md)
+    return {"networks": rows, "markdown": md}
 
 
 def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any]:
@@ -339,7 +374,6 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
     import time
     import warnings
 
-    import torch
     from rich.progress import Progress
 
     from rank1.bench import (
@@ -348,15 +382,12 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
         GRID_KERNELS,
         GRID_SIZES,
         bench_grid_point,
-        count_flops,
+        bench_network,
         grid_markdown,
-        machine_info,
+        networks_markdown,
         projection_cost,
-        time_forward,
     )
-    from rank1.convert import decompose_model, dense_model
-    from rank1.layers import available_impls
-    from rank1.models import build_model
+    from rank1.measure import machine_info
     from rank1.roofline import measure_peaks
 
     warnings.filterwarnings("ignore", module="tensorly")
@@ -379,35 +410,18 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
     networks = []
     for name, depth, width in ([("vgg", 2, 16)] if args.smoke else [("vgg", 8, 64), ("vgg", 8, 128),
                                                                      ("vgg", 16, 64), ("resnet", 4, 64)]):
-        model = build_model(name, arm="rank1", depth=depth, width=width, in_channels=3).to(device).eval()
-        x = torch.randn(32, 3, 32, 32, device=device)
-        forms = {"dense": dense_model(model), "chain": decompose_model(model, "chain"),
-                 "dw2d": decompose_model(model, "dw2d"), "auto": decompose_model(model, "auto", example=x)}
-        if "cpp" in available_impls(device):
-            forms["cpp"] = decompose_model(model, "cpp")
-        t = {}
-        for form, m in forms.items():
-            for cl in (False, True):
-                mm = m.to(memory_format=torch.channels_last) if cl else m
-                xx = x.contiguous(memory_format=torch.channels_last) if cl else x
-                t[form + ("-cl" if cl else "")] = time_forward(mm, xx, repeats=args.repeats, min_time_s=0.5).median_ms
-        dense_best = min(t["dense"], t["dense-cl"])
-        best = min((k for k in t if not k.startswith("dense")), key=t.get)
-        networks.append({"model": name, "depth": depth, "width": width, "batch": 32, "size": 32, "times_ms": t,
-                         "best": best, "speedup": dense_best / t[best],
-                         "flop_ratio": count_flops(forms["dense"], x) / count_flops(forms["chain"], x)})
-        console.print(f"{name} depth {depth} width {width}, batch 32, 32x32: dense {dense_best:.1f} ms, "
-                      f"best decomposed ({best}) {t[best]:.1f} ms: {dense_best / t[best]:.2f}x")
+        n = bench_network(depth, width, 32, 32, device, model_name=name, rounds=2 if args.smoke else 3,
+                          min_time_s=0.01 if args.smoke else 0.2)
+        networks.append(n)
+        console.print(f"{name} depth {depth} width {width}, batch 32, 32x32: dense {n['dense_ms']:.1f} ms, "
+                      f"auto ({n['auto_plan']}) {n['auto_ms']:.1f} ms: {n['speedup']:.2f}x")
     proj = projection_cost(depth=4 if args.smoke else 16, width=16 if args.smoke else 128)
     console.print(f"projecting all {proj['layers']} layers of vgg depth {proj['depth']} width {proj['width']}: "
                   f"{proj['projection_s'] * 1e3:.1f} ms = {proj['fraction_of_epoch']:.2%} of one digits epoch "
                   f"({proj['epoch_s']:.1f} s)")
     info = machine_info(device)
     md = grid_markdown(rows, info, peaks)
-    md += "\n\n| network (batch 32, 32x32) | dense ms | best decomposed | ms | speedup | FLOP ratio |\n|---|---|---|---|---|---|\n"
-    for n in networks:
-        md += (f"| {n['model']} depth {n['depth']} width {n['width']} | {min(n['times_ms']['dense'], n['times_ms']['dense-cl']):.1f} "
-               f"| {n['best']} | {n['times_ms'][n['best']]:.1f} | {n['speedup']:.2f}x | {n['flop_ratio']:.2f}x |\n")
+    md += "\n\nWhole networks (batch 32, 32x32, NCHW input):\n\n" + networks_markdown(networks) + "\n"
     md += (f"\nProjection of all {proj['layers']} layers of vgg depth {proj['depth']} width {proj['width']} "
            f"(warm start): {proj['projection_s'] * 1e3:.1f} ms, {proj['fraction_of_epoch']:.2%} of one training "
            f"epoch on digits ({proj['epoch_s']:.2f} s).\n")
@@ -417,11 +431,14 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Dense vs decomposed inference latency (layer shapes, or a network with --model)."""
+    """Dense vs the decomposed form a user deploys (auto): layer shapes, a network (--model),
+    the whole-network grid (--networks) or everything with the roofline (--grid)."""
     import torch
     from rich.table import Table
 
-    from rank1.bench import bench_layer, keep_freed_memory, machine_info
+    from rank1.bench import bench_layer
+    from rank1.kernels import describe
+    from rank1.measure import keep_freed_memory, machine_info
 
     device = _device(args.device)
     keep_freed_memory()
@@ -429,19 +446,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     console = _console()
     info = machine_info(device)
-    result: dict[str, Any] = {"machine": info}
+    result: dict[str, Any] = {"machine": info, "kernels": describe()}
     if args.grid:
         result.update(_bench_grid(args, device, console))
+    elif args.networks:
+        result.update(_bench_networks(args, device, console))
     elif args.model:
         result["network"] = _bench_model(args, device, console)
     else:
         shapes = _SMOKE_SHAPES if args.smoke else _LAYER_SHAPES
         batches = [args.batch] if args.batch else ([8] if args.smoke else [1, 32])
-        table = Table(title=f"rank-1 3-D conv: dense vs decomposed 1-D chain ({info.get('cpu', info['device'])}, "
+        table = Table(title=f"rank-1 layer: dense vs decomposed ({info.get('cpu', info['device'])}, "
                             f"{info['threads']} threads, torch {info['torch']})")
-        for col in ("C->O", "k", "HxW", "batch", "dense ms", "1-D ms", "speedup", "FLOPs/", "of FLOPs/"):
+        for col in ("C->O", "k", "HxW", "batch", "dense ms", "auto ms", "auto plan", "chain ms", "speedup",
+                    "FLOPs/", "of FLOPs/"):
             table.add_column(col, justify="right", no_wrap=True)
-        table.caption = "speedup = dense / 1-D chain latency (median); FLOPs/ = dense / decomposed MACs"
+        table.caption = ("NCHW input; dense: best of NCHW and channels-last; auto: what decompose_model(..., 'auto', "
+                         "example=x) deploys; speedup = dense / auto (median); FLOPs/ = dense / decomposed MACs")
         rows = []
         with console.status("measuring...") as status:
             for batch in batches:
@@ -450,20 +471,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     r = bench_layer(c_in, c_out, k, size, batch, device=device, repeats=args.repeats)
                     rows.append(r)
                     table.add_row(
-                        f"{c_in}->{c_out}", str(k), f"{size}x{size}", str(batch),
-                        f"{r['dense']['median_ms']:.3f}", f"{r['decomposed']['median_ms']:.3f}",
-                        f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x", f"{r['fraction_of_flop_ratio']:.0%}",
+                        f"{c_in}->{c_out}", str(k), f"{size}x{size}", str(batch), f"{r['dense_ms']:.3f}",
+                        f"{r['auto_ms']:.3f}", r["auto_plan"], f"{r['chain_ms']:.3f}", f"{r['speedup']:.2f}x",
+                        f"{r['flop_ratio']:.2f}x", f"{r['fraction_of_flop_ratio']:.0%}",
                     )
         console.print(table)
         result["layers"] = rows
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = "grid" if args.grid else ("network" if args.model else "layers")
+        stem = "grid" if args.grid else ("networks" if args.networks else ("network" if args.model else "layers"))
         path = out / f"{stem}.json"
         path.write_text(json.dumps(result, indent=2))
-        if args.grid:
-            (out / "grid.md").write_text(result["markdown"])
+        if args.grid or args.networks:
+            (out / f"{stem}.md").write_text(result["markdown"])
         console.print(f"results written to {path}")
     return 0
 
@@ -511,12 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     bench.add_argument("--grid", action="store_true",
                        help="every implementation over the layer grid, with the roofline, networks and projection cost")
+    bench.add_argument("--networks", action="store_true",
+                       help="whole vgg networks (depth 4/8/16, width 16-128, batch 1/32, 16/32 px): dense, every single "
+                            "form, greedy and auto")
+    bench.add_argument("--thread-counts", type=int, nargs="+", default=None, metavar="N",
+                       help="with --networks: thread counts to measure at (default: 1 and torch's)")
     bench.add_argument("--batches", type=int, nargs="+", default=None, help="with --grid: batch sizes (default 1 32)")
     bench.add_argument("--max-gmac", type=float, default=8.0,
                        help="with --grid: skip shapes whose dense layer needs more giga-MACs (default 8)")
     bench.add_argument("--compile", action="store_true", help="with --grid: add torch.compile'd variants (slow)")
     bench.add_argument("--no-peer", action="store_true", help="with --grid: skip the tensorly-torch CP peer")
-    bench.add_argument("--out", default=None, help="folder for layers.json / network.json / grid.json + grid.md")
+    bench.add_argument("--out", default=None, help="folder for layers.json / network.json / networks.json + .md / "
+                       "grid.json + grid.md")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rank1.autotune import deploy
+from rank1.kernels import get_kernel
 from rank1.layers import ALL_IMPLS, Flat1dConv2d, Rank1Conv2d
 
 __all__ = [
@@ -100,34 +102,29 @@ def decompose_model(
     example: torch.Tensor | None = None,
     cache: Path | None = None,
 ) -> nn.Module:
-    """A copy of ``model`` with every rank-1 layer replaced by its 1-D form.
+    """A copy of ``model`` with every rank-1 layer replaced by its 1-D form; ``model`` is not
+    changed (a :class:`Rank1Conv2d` is decomposed from the rank-1 projection of its weight).
 
-    With ``"chain"`` or ``"dw2d"`` the result contains only standard torch modules
-    (it traces, exports and converts to ONNX); it is in eval mode. A
-    :class:`Rank1Conv2d` is decomposed from the rank-1 projection of its current
-    weight, without changing ``model``.
-
-    ``impl``: ``"chain"`` (1x1, kx1, 1xk), ``"dw2d"`` (1x1, one depthwise kxk),
-    ``"triton"`` (1x1, then both depthwise passes in one fused Triton kernel: CUDA
-    inference only, not exportable), ``"cpp"`` (the whole layer in one call of a fused
-    C++ CPU kernel, compiled on first use: inference only, not exportable) or
-    ``"auto"``: the fastest available one per layer shape, measured once on ``example``
-    (on its device) and cached (:mod:`rank1.autotune`; ``"triton"`` is a candidate only
-    on CUDA, ``"cpp"`` only on the CPU), including the
-    composed kernel as one dense conv where that is fastest (small layers at batch 1),
-    so "auto" is never slower than the dense model; without ``example``, "auto" falls
-    back to ``"chain"``. Every choice computes the same function. "auto" may pick
-    ``"triton"`` or ``"cpp"``, which do not export: pass ``"chain"`` or ``"dw2d"`` to export.
+    ``impl``: a kernel of :data:`rank1.kernels.KERNELS` for every layer — ``"chain"`` (1x1,
+    kx1, 1xk) or ``"dw2d"`` (1x1, one depthwise kxk), both standard torch modules that
+    trace, export and convert to ONNX; ``"cpp"`` (a fused C++ CPU kernel) or ``"triton"`` (a
+    fused Triton kernel, CUDA), inference only — or ``"auto"``: the fastest form of *this
+    network* on ``example`` (its device, dtype and shape), measured and cached
+    (:func:`rank1.autotune.plan_model`), returned as a :class:`rank1.autotune.DeployedModel`
+    that carries its plan (which kernel each layer got, the memory format, a CUDA graph).
+    Without ``example``, "auto" uses the device's measured default (:data:`rank1.autotune.DEFAULTS`)
+    and warns that it did. "auto" may pick kernels that do not export: pass ``"chain"`` or
+    ``"dw2d"`` to export. Every choice computes the same function, in eval mode.
     """
-    if impl not in (*ALL_IMPLS, "auto"):
-        raise ValueError(f"impl must be one of {(*ALL_IMPLS, 'auto')}, got {impl!r}")
-    from rank1.autotune import build_impl, pick_impls
-
-    choices = pick_impls(model, example, cache) if impl == "auto" and example is not None else {}
-    default = "chain" if impl == "auto" else impl
+    allowed = (*ALL_IMPLS, "auto")
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+    if impl == "auto":
+        return deploy(model, example, cache)
+    get_kernel(impl)  # unavailable here (triton without CUDA, cpp without a compiler): a ValueError
     out = copy.deepcopy(model)
     for name, layer in list(rank1_layers(out)):
-        new = build_impl(layer, choices.get(name, default))
+        new = layer.decompose(impl=impl)
         if not name:  # the model is a single rank-1 layer
             return new.eval()
         parent_name, _, child = name.rpartition(".")

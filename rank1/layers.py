@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from rank1 import cpp_conv, triton_dw  # torch-only at import time: triton / the C++ build happen on first use
 from rank1 import functional as R
 from rank1.init import INIT_SCHEMES, init_factors
+from rank1.kernels import KERNELS, Geometry, available_kernels, get_kernel, kernel_names
+from rank1.kernels.library import empty_conv
 
 __all__ = [
-    "ACCEL_IMPLS", "ALL_IMPLS", "FACTOR_INITS", "IMPLS", "STARTS", "Flat1dConv2d", "Rank1Conv2d", "available_impls", "decomposed_chain",
+    "ACCEL_IMPLS", "ALL_IMPLS", "FACTOR_INITS", "IMPLS", "STARTS", "Flat1dConv2d", "Rank1Conv2d", "available_impls",
+    "decomposed_chain",
     "empty_conv",
 ]
 
@@ -42,17 +44,6 @@ def _pair(name: str, value: Any, minimum: int) -> tuple[int, int]:
     if min(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum} on both axes, got {tuple(value)}")
     return int(value[0]), int(value[1])
-
-
-def empty_conv(*args: Any, device: Any = None, dtype: Any = None, **kwargs: Any) -> nn.Conv2d:
-    """An ``nn.Conv2d`` with uninitialised weights, built without touching the RNG.
-
-    Building on the meta device skips ``reset_parameters``, so converting or
-    decomposing a model mid-training never shifts the random stream of the run.
-    """
-    with torch.random.fork_rng(devices=[]):
-        conv = nn.Conv2d(*args, device="meta", **kwargs)
-    return conv.to_empty(device=device or "cpu").to(dtype=dtype)
 
 
 class _Rank1ConvBase(nn.Module):
@@ -119,17 +110,9 @@ class _Rank1ConvBase(nn.Module):
 
     def dense_conv(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing this layer's current rank-1 function."""
-        a, b, c = self._current_factors()
-        conv = empty_conv(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
-            device=a.device, dtype=a.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(R.compose(a, b, c))
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        bias = None if self.bias is None else self.bias.detach()
+        return decomposed_chain(*self._current_factors(), bias, self.stride, self.padding, self.dilation,
+                                self.padding_mode, "dense")
 
     def _current_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError  # pragma: no cover
@@ -143,23 +126,18 @@ class _Rank1ConvBase(nn.Module):
 STARTS = ("rank1", "full")  # Rank1Conv2d(start=...): rank-1 from the init scheme, or a full-rank He filter
 FACTOR_INITS = ("scheme", "torch", "he")  # Flat1dConv2d(factor_init=...)
 
-IMPLS = ("chain", "dw2d")  # standard torch modules only: portable, traceable, exportable
-# Fused inference kernels: Triton on CUDA (rank1.triton_dw), C++ on the CPU (rank1.cpp_conv).
-ACCEL_IMPLS = ("triton", "cpp")
-ALL_IMPLS = IMPLS + ACCEL_IMPLS
+# The implementations of the decomposed form live in the kernel registry (rank1.kernels).
+ALL_IMPLS = kernel_names(decomposed_only=True)
+IMPLS = tuple(n for n in ALL_IMPLS if KERNELS[n].exportable)  # standard torch modules only: exportable
+ACCEL_IMPLS = tuple(n for n in ALL_IMPLS if not KERNELS[n].exportable)  # fused kernels: inference only
 
 
 def available_impls(device: torch.device | str | None = None) -> tuple[str, ...]:
-    """The implementations that can run here: :data:`IMPLS`, plus ``"triton"`` when
-    triton is installed and ``device`` is CUDA (or the Triton interpreter is on), plus
-    ``"cpp"`` when ``device`` is the CPU (or None) and the C++ kernel can be built.
-
-    With ``device=None``: any device this process has. Never imports triton or builds
-    the C++ kernel itself.
-    """
-    cpu = device is None or torch.device(device).type == "cpu"
-    return (IMPLS + (("triton",) if triton_dw.available(device) else ())
-            + (("cpp",) if cpu and cpp_conv.available() else ()))
+    """The decomposed implementations that can run on ``device`` (None: any device this
+    process has): the library ones everywhere, ``triton`` where triton and CUDA are (or the
+    Triton interpreter is on), ``cpp`` on the CPU where the C++ kernel can be built. Never
+    imports triton or builds the C++ kernel itself."""
+    return available_kernels(device)
 
 
 def decomposed_chain(
@@ -172,84 +150,21 @@ def decomposed_chain(
     dilation: tuple[int, int],
     padding_mode: str = "zeros",
     impl: str = "chain",
-) -> nn.Sequential:
-    """Standard torch modules computing ``conv2d_chain`` with these factors.
+) -> nn.Module:
+    """The inference module of these factors under implementation ``impl`` (a name in
+    :data:`rank1.kernels.KERNELS`: ``chain``, ``dw2d``, ``cpp``, ``triton`` or ``dense``).
 
-    ``impl="chain"``: ``Conv2d 1x1 (C->O) -> depthwise Conv2d (kh x 1) -> depthwise
-    Conv2d (1 x kw)`` — the fewest FLOPs. ``impl="dw2d"``: ``Conv2d 1x1 -> one depthwise
-    Conv2d (kh x kw)`` carrying the rank-1 spatial kernel ``b (x) c`` — ``kh*kw`` instead
-    of ``kh+kw`` multiply-adds per output, but one pass over the activation instead of
-    two, which wins where the layer is memory-bound. Only ``nn.Conv2d`` inside either
-    way, so both trace, export and convert to ONNX, and both compute the same function.
-
-    ``impl="triton"``: ``Conv2d 1x1 ->`` :class:`rank1.triton_dw.TritonDepthwise1d`, both
-    depthwise 1-D passes fused into one Triton kernel (one pass over memory). For
-    inference benchmarks on CUDA only (no backward kernel, not exportable); asking for
-    it where triton or CUDA is missing raises a ``ValueError`` naming what is available.
-
-    ``impl="cpp"``: one :class:`rank1.cpp_conv.CppRank1Conv2d`, the whole layer in one
-    call of a fused C++ CPU kernel (compiled on first use). Inference only, not exportable;
-    where no compiler can build it, a ``ValueError`` says why.
+    ``chain`` and ``dw2d`` are standard ``nn.Conv2d`` modules (they trace, export and
+    convert to ONNX); ``cpp`` (the whole layer in one call of a fused C++ CPU kernel) and
+    ``triton`` (1x1, then both depthwise passes in one Triton kernel on CUDA) are for
+    inference only. Every one computes the same function. One that cannot run where the
+    factors are raises a ``ValueError`` naming why and what is allowed.
     """
-    if impl not in ALL_IMPLS:
+    if impl not in KERNELS:
         raise ValueError(f"impl must be one of {ALL_IMPLS}, got {impl!r}")
-    o, ch = a.shape
-    kh, kw = b.shape[1], c.shape[1]
-    kw_args = dict(device=a.device, dtype=a.dtype)
-    if impl == "triton":
-        reason = triton_dw.unavailable_reason()
-        if reason is not None:
-            raise ValueError(f"impl='triton' is unavailable here ({reason}); allowed: {available_impls()}")
-    if impl == "cpp":
-        reason = cpp_conv.unavailable_reason()
-        if reason is not None:
-            raise ValueError(f"impl='cpp' is unavailable here ({reason}); allowed: {available_impls()}")
-        seq = nn.Sequential()
-        seq.add_module("fused", cpp_conv.CppRank1Conv2d(a, b, c, bias, stride, padding, dilation, padding_mode))
-        return seq
-    pointwise = empty_conv(ch, o, 1, bias=False, **kw_args)
-    if impl == "triton":
-        with torch.no_grad():
-            pointwise.weight.copy_(a.reshape(o, ch, 1, 1))
-        seq = nn.Sequential()
-        seq.add_module("pointwise", pointwise)
-        seq.add_module("spatial", triton_dw.TritonDepthwise1d(b, c, bias, stride, padding, dilation, padding_mode))
-        return seq
-    if impl == "dw2d":
-        spatial = empty_conv(o, o, (kh, kw), stride=stride, padding=padding, dilation=dilation, groups=o,
-                             bias=bias is not None, padding_mode=padding_mode, **kw_args)
-        with torch.no_grad():
-            pointwise.weight.copy_(a.reshape(o, ch, 1, 1))
-            spatial.weight.copy_(torch.einsum("oh,ow->ohw", b, c).reshape(o, 1, kh, kw))
-            if bias is not None:
-                spatial.bias.copy_(bias)
-        seq = nn.Sequential()
-        seq.add_module("pointwise", pointwise)
-        seq.add_module("spatial", spatial)
-        return seq
-    if isinstance(padding, str):
-        ph = pw = padding
-    else:
-        ph, pw = (padding[0], 0), (0, padding[1])
-    vertical = empty_conv(
-        o, o, (kh, 1), stride=(stride[0], 1), padding=ph, dilation=(dilation[0], 1), groups=o,
-        bias=False, padding_mode=padding_mode, **kw_args,
-    )
-    horizontal = empty_conv(
-        o, o, (1, kw), stride=(1, stride[1]), padding=pw, dilation=(1, dilation[1]), groups=o,
-        bias=bias is not None, padding_mode=padding_mode, **kw_args,
-    )
-    with torch.no_grad():
-        pointwise.weight.copy_(a.reshape(o, ch, 1, 1))
-        vertical.weight.copy_(b.reshape(o, 1, kh, 1))
-        horizontal.weight.copy_(c.reshape(o, 1, 1, kw))
-        if bias is not None:
-            horizontal.bias.copy_(bias)
-    seq = nn.Sequential()
-    seq.add_module("pointwise", pointwise)
-    seq.add_module("vertical", vertical)
-    seq.add_module("horizontal", horizontal)
-    return seq
+    # Checked for any device of this process: factors built on the CPU may run on CUDA later.
+    kernel = get_kernel(impl)
+    return kernel.build(a, b, c, bias, Geometry(stride, padding, dilation, padding_mode))
 
 
 class Rank1Conv2d(_Rank1ConvBase):

@@ -11,7 +11,7 @@ function (the dense arm holds the composed weight, free to leave rank-1).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from rank1.layers import Flat1dConv2d, Rank1Conv2d, empty_conv
 
-__all__ = ["ARMS_ALL", "FLAT1D_INITS", "MODELS", "build_model", "conv_layer", "register_model"]
+__all__ = ["ARMS_ALL", "FLAT1D_INITS", "MODELS", "build_model", "conv_layer", "model_for", "register_model"]
 
 ARMS_ALL = ("rank1", "flat1d", "dense")
 
@@ -48,6 +48,17 @@ def build_model(name: str, arm: str = "rank1", **kwargs: Any) -> nn.Module:
 
 
 FLAT1D_INITS = ("shared", "torch", "he")
+
+
+def model_for(config: Mapping[str, Any], arm: str, in_channels: int, num_classes: int) -> nn.Module:
+    """The network a training config describes, for ``arm``: ``config`` holds
+    :class:`rank1.train.TrainConfig`'s fields (the dataclass or its dict, e.g. from a model
+    card). The one place a config becomes a model: training, the registry and serving."""
+    get = config.get if isinstance(config, Mapping) else lambda k: getattr(config, k)
+    return build_model(get("model"), arm=arm, depth=get("depth"), width=get("width"), stages=get("stages"),
+                       batchnorm=get("batchnorm"), kernel_size=get("kernel_size"), in_channels=in_channels,
+                       num_classes=num_classes, init=get("init"), projection_norm=get("projection_norm"),
+                       flat1d_init=get("flat1d_init"), rank1_start=get("rank1_start"))
 
 
 def conv_layer(

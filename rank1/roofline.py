@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rank1.cpp_conv import fused_path
+from rank1.kernels import KERNELS
 
 __all__ = ["CALLS", "Peaks", "bound_with_calls_ms", "impl_cost", "measure_call_floor", "measure_peaks"]
 
@@ -35,8 +35,9 @@ class Peaks:
         return asdict(self)
 
 
-# Framework calls (convolutions) per forward of each implementation.
-CALLS = {"dense": 1, "chain": 3, "dw2d": 2, "triton": 2, "cpp": 1, "cp": 4}
+# Framework calls per forward of each implementation (the registry's), and of the
+# tensorly-torch CP peer the grid compares with (1x1, two depthwise 1-D, 1x1).
+CALLS = {**{name: k.calls for name, k in KERNELS.items()}, "cp": 4}
 
 
 def _best_time(fn, repeats: int, device: torch.device) -> float:
@@ -93,35 +94,17 @@ def bound_with_calls_ms(impl: str, bound: float, peaks: Peaks) -> float:
 
 def impl_cost(impl: str, c_in: int, c_out: int, k: int, h: int, w: int, batch: int,
               bytes_per: int = 4) -> tuple[float, float]:
-    """``(FLOPs, bytes moved)`` of one stride-1 "same" layer under ``impl``.
-
-    ``dense``: one pass. ``chain``: 1x1 then two depthwise 1-D passes (three reads,
-    three writes). ``dw2d``: 1x1 then one depthwise kxk pass. ``triton``: 1x1 then both
-    1-D passes fused in one kernel (the chain's FLOPs, dw2d's bytes). ``cpp``: the same
-    work in one call; on its fused path (:func:`rank1.cpp_conv.fused_path`: small layers,
-    batch ≥ threads) the 1x1 output never leaves the cache, so one read and one write,
-    else a library GEMM writes it and one fused pass reads it (triton's bytes). ``cp``: tensorly-torch's
-    factorized CP convolution at rank ``c_out``: 1x1 in, two depthwise 1-D passes, 1x1 out.
-    """
-    px = batch * h * w
-    x_in, x_out = px * c_in, px * c_out
-    if impl == "dense":
-        macs, acts, weights = px * c_in * c_out * k * k, x_in + x_out, c_in * c_out * k * k
-    elif impl == "chain":
-        macs, acts, weights = px * (c_in * c_out + 2 * k * c_out), x_in + 5 * x_out, c_out * (c_in + 2 * k)
-    elif impl == "dw2d":
-        macs, acts, weights = px * (c_in * c_out + k * k * c_out), x_in + 3 * x_out, c_out * (c_in + k * k)
-    elif impl == "cpp" and fused_path(c_in, c_out, h, w, batch):  # the 1x1 output stays in cache
-        macs, acts, weights = px * (c_in * c_out + 2 * k * c_out), x_in + x_out, c_out * (c_in + 2 * k)
-    elif impl in ("triton", "cpp"):
-        macs, acts, weights = px * (c_in * c_out + 2 * k * c_out), x_in + 3 * x_out, c_out * (c_in + 2 * k)
-    elif impl == "cp":
-        r = c_out
+    """``(FLOPs, bytes moved)`` of one stride-1 "same" layer under ``impl``: a registered
+    kernel's own cost (:attr:`rank1.kernels.Kernel.cost`), or ``cp``, tensorly-torch's
+    factorized CP convolution at rank ``c_out`` (1x1 in, two depthwise 1-D passes, 1x1 out)."""
+    if impl in KERNELS:
+        return KERNELS[impl].cost(c_in, c_out, k, h, w, batch, bytes_per)
+    if impl == "cp":
+        px, r = batch * h * w, c_out
         macs = px * (c_in * r + 2 * k * r + r * c_out)
-        acts, weights = x_in + 6 * px * r + x_out, r * (c_in + 2 * k + c_out)
-    else:
-        raise ValueError(f"impl must be one of dense, chain, dw2d, triton, cpp, cp; got {impl!r}")
-    return 2.0 * macs, float((acts + weights) * bytes_per)
+        acts, weights = px * c_in + 6 * px * r + px * c_out, r * (c_in + 2 * k + c_out)
+        return 2.0 * macs, float((acts + weights) * bytes_per)
+    raise ValueError(f"impl must be one of {', '.join([*KERNELS, 'cp'])}; got {impl!r}")
 
 
 def bound_ms(flops: float, nbytes: float, peaks: Peaks) -> float:

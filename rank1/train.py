@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rank1.bench import count_flops, count_params, time_forward
+from rank1.autotune import FORMATS, formatted, in_format
 from rank1.config import ConfigError, check_choice, check_choices, check_range, to_dict
 from rank1.config import doc_field as _f
 from rank1.convert import decompose_model, dense_model, project_model_
@@ -34,7 +34,8 @@ from rank1.gradstats import GradientMonitor, measure_gradient_flow
 from rank1.init import INIT_SCHEMES
 from rank1.layers import Rank1Conv2d
 from rank1.lowrank import output_ranks
-from rank1.models import MODELS, build_model
+from rank1.measure import count_flops, count_params, time_forward
+from rank1.models import MODELS, model_for
 
 __all__ = [
     "ARM_CHOICES",
@@ -405,12 +406,7 @@ class ArmTrainer:
     def __init__(self, config: TrainConfig, arm: str, data: DataBundle, device: torch.device) -> None:
         self.config, self.arm, self.data, self.device = config, arm, data, device
         torch.manual_seed(config.seed)  # same seed -> same initial factors in every arm
-        self.model = build_model(
-            config.model, arm=arm, depth=config.depth, width=config.width, stages=config.stages,
-            batchnorm=config.batchnorm, kernel_size=config.kernel_size, in_channels=data.in_channels,
-            num_classes=data.num_classes, init=config.init, projection_norm=config.projection_norm,
-            flat1d_init=config.flat1d_init, rank1_start=config.rank1_start,
-        ).to(device)
+        self.model = model_for(config, arm, data.in_channels, data.num_classes).to(device)
         self.generator = torch.Generator().manual_seed(config.seed)  # same data order in every arm
         self.train_loader = TensorLoader(
             data.train, config.batch_size, data.mean, data.std, device, shuffle=True,
@@ -652,19 +648,32 @@ class ArmTrainer:
         return out
 
     def _inference(self, dense_form: nn.Module, shipped: nn.Module) -> dict[str, Any]:
+        """Latency as a user gets it: the dense form (the best of NCHW and channels-last) against
+        the form ``decompose_model(model, "auto", example=x)`` deploys on this device, and the
+        exportable ``chain`` form; the deployed plan (a kernel per layer) with them."""
         out = self._sizes(dense_form, shipped)
         out["device"] = str(self.device)
         out["threads"] = torch.get_num_threads()
+        reps = self.config.latency_repeats
         for batch in sorted({1, self.config.latency_batch}):
             x = self._example(batch)
-            t = time_forward(dense_form, x, repeats=self.config.latency_repeats)
+            t = min((time_forward(formatted(copy.deepcopy(dense_form), fmt), in_format(x, fmt), repeats=reps)
+                     for fmt in FORMATS), key=lambda t: t.median_ms)
             out[f"dense_latency_ms_b{batch}"] = t.median_ms
             out[f"dense_latency_spread_ms_b{batch}"] = [t.p10_ms, t.p90_ms]
-            if shipped is not dense_form:
-                t2 = time_forward(shipped, x, repeats=self.config.latency_repeats)
-                out[f"decomposed_latency_ms_b{batch}"] = t2.median_ms
-                out[f"decomposed_latency_spread_ms_b{batch}"] = [t2.p10_ms, t2.p90_ms]
-                out[f"speedup_b{batch}"] = t.median_ms / t2.median_ms
+            if shipped is dense_form:
+                continue
+            deployed = decompose_model(self.model, "auto", example=x)
+            t2 = time_forward(deployed, x, repeats=reps)
+            t3 = time_forward(shipped, x, repeats=reps)
+            out[f"decomposed_latency_ms_b{batch}"] = t2.median_ms
+            out[f"decomposed_latency_spread_ms_b{batch}"] = [t2.p10_ms, t2.p90_ms]
+            out[f"speedup_b{batch}"] = t.median_ms / t2.median_ms
+            out[f"fraction_of_flop_ratio_b{batch}"] = out[f"speedup_b{batch}"] / out["flop_ratio"]
+            out[f"chain_latency_ms_b{batch}"] = t3.median_ms
+            out[f"chain_speedup_b{batch}"] = t.median_ms / t3.median_ms
+            out[f"deploy_b{batch}"] = deployed.plan.summary()
+            out[f"deploy_impls_b{batch}"] = dict(deployed.plan.impls)
         return out
 
     # -- checkpoint -----------------------------------------------------------------------------

@@ -185,9 +185,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     t.add_row("input", f"{card['input']['channels']} x {card['input']['size'][0]} x {card['input']['size'][1]}, "
                        f"{card['input']['classes']} classes")
     t.add_row("fresh-process check", f"{result['correct']}/{result['batch']} of an example batch correct")
+    for b, r in result["timing"].items():
+        t.add_row(f"on this machine, batch {b}", f"{r['plan']}: {r['deployed_ms']:.3f} ms vs dense {r['dense_ms']:.3f} ms "
+                                                 f"= {r['speedup']:.2f}x")
+    t.caption = (f"{result['machine']}, {result['threads']} threads: the fastest decomposed form of this machine, "
+                 "planned when the model loaded")
     Console().print(t)
-    print(f"model in {Path(args.out) / 'model'} (load with mlflow.pytorch.load_model); card in "
-          f"{Path(args.out) / 'model_card.json'}")
+    print(f"model in {Path(args.out) / 'model'} (mlflow.pyfunc.load_model: the fast form of the machine that loads "
+          f"it; the exportable chain form is {Path(args.out) / 'model' / 'artifacts' / 'exportable.pt2'}, "
+          f"torch.export.load); card in {Path(args.out) / 'model_card.json'}")
     return 0
 
 

@@ -1,12 +1,14 @@
 """The model registry: the best decomposed model, its aliases, and ``rank1 pull``.
 
-The best trial's projected rank1 weights come from its final checkpoint; they are
-decomposed into 1-D convolutions, evaluated again (the accuracy must equal what the
-trial recorded), logged with ``mlflow.pytorch.log_model`` (torch.export ``pt2``
-format, signature and input example) to the trial's run and registered as
-``<study>-decomposed``. Alias ``champion`` moves only to a version that beats the
-current champion on the same dataset and metric; otherwise the version is the
-``challenger``. Aliases, not stages (stages are deprecated in MLflow).
+The best trial's trained weights come from its final checkpoint. The network is
+rebuilt, decomposed into 1-D convolutions and evaluated again (the accuracy must
+equal what the trial recorded), and registered as ``<study>-decomposed``: the version
+is the servable pyfunc of :mod:`study.serving`, which plans the fastest decomposed
+form for the machine that loads it, and holds the exportable ``chain`` form as a
+``torch.export`` program. Its model card is the version's description in the UI.
+Alias ``champion`` moves only to a version that beats the current champion on the
+same dataset and metric; otherwise the version is the ``challenger``. Aliases, not
+stages (stages are deprecated in MLflow).
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from typing import Any
 
 import torch
 
+import rank1
 from rank1 import decompose_model
 from rank1.config import ConfigError
 from rank1.data import TensorLoader, load_dataset
-from rank1.models import build_model
+from rank1.models import model_for
 
 __all__ = ["parse_model_ref", "pull", "register_champion"]
 
 CARD = "model_card.json"
 EXAMPLE = "example_batch.pt"
-WEIGHTS = "decomposed_state_dict.pt"
+WEIGHTS = "state_dict.pt"  # the trained arm's weights (serving.py rebuilds and decomposes them)
+EXPORTABLE = "exportable.pt2"  # the chain form as a torch.export program
+SERVING = Path(__file__).with_name("serving.py")  # the registered pyfunc, logged as a model from code
 
 
 def _val_accuracy(model: torch.nn.Module, loader: TensorLoader) -> tuple[float, torch.Tensor]:
@@ -43,7 +48,11 @@ def _val_accuracy(model: torch.nn.Module, loader: TensorLoader) -> tuple[float, 
 
 
 def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
-    """Decompose, re-check, log and register the best trial's model; set its alias."""
+    """Rebuild, re-check, log and register the best trial's model; set its alias.
+
+    The registered version is the servable pyfunc of :mod:`study.serving` (the fastest
+    decomposed form of the puller's machine), holding the exportable ``chain`` form too.
+    """
     import mlflow
 
     (arm, models), = state["models"].items()
@@ -58,51 +67,95 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
                 "val_acc": float(existing.tags["value"])}
     data = load_dataset(train_cfg.dataset, train_cfg.root, train_cfg.image_size, False, train_cfg.val_fraction,
                         train_cfg.split_seed)
-    model = build_model(train_cfg.model, arm=arm, depth=train_cfg.depth, width=train_cfg.width,
-                        stages=train_cfg.stages, batchnorm=train_cfg.batchnorm, kernel_size=train_cfg.kernel_size,
-                        in_channels=data.in_channels, num_classes=data.num_classes, init=train_cfg.init,
-                        projection_norm=train_cfg.projection_norm, flat1d_init=train_cfg.flat1d_init,
-                        rank1_start=train_cfg.rank1_start)
+    card = {
+        "name": cfg.model_name, "study": cfg.name, "trial_id": best["trial_id"], "seed": train_cfg.seed, "arm": arm,
+        "dataset": train_cfg.dataset, "metric": cfg.metric, "trial_value": best["value"], "params": best["params"],
+        "train_config": train_cfg.to_dict(), "latency_batch": train_cfg.latency_batch,
+        "input": {"channels": data.in_channels, "size": list(data.image_size), "mean": list(data.mean),
+                  "std": list(data.std), "classes": data.num_classes},
+        "arch": "per rank-1 layer: 1x1 conv -> depthwise kx1 -> depthwise 1xk (decomposed); served in the fastest "
+                "implementation of the machine that loads it",
+        "metrics": {k: v for k, v in best.get("metrics", {}).items()
+                    if isinstance(v, (int, float)) and k.startswith((f"{arm}.", "paired."))
+                    and ".gradflow." not in k and ".lowrank." not in k},
+    }
+    model = model_for(train_cfg, arm, data.in_channels, data.num_classes)
     model.load_state_dict(models[idx])
-    fast = decompose_model(model)
+    exportable = decompose_model(model)
     loader = TensorLoader(data.val, 256, data.mean, data.std)
-    acc, _ = _val_accuracy(fast, loader)
+    acc, _ = _val_accuracy(exportable, loader)
     if not math.isclose(acc, accs[idx], abs_tol=1e-9):
         raise RuntimeError(
             f"the decomposed champion scores {acc:.6f} on validation, but its trial recorded {accs[idx]:.6f}"
         )
+    card["val_acc"] = acc
     x_example = next(iter(TensorLoader(data.val, 4, data.mean, data.std)))[0]
-    card = {
-        "name": cfg.model_name, "study": cfg.name, "trial_id": best["trial_id"], "seed": train_cfg.seed, "arm": arm,
-        "dataset": train_cfg.dataset, "metric": cfg.metric, "val_acc": acc,
-        "trial_value": best["value"], "params": best["params"], "train_config": train_cfg.to_dict(),
-        "input": {"channels": data.in_channels, "size": list(data.image_size), "mean": list(data.mean),
-                  "std": list(data.std), "classes": data.num_classes},
-        "arch": "1x1 conv -> depthwise kx1 -> depthwise 1xk per rank-1 layer (decomposed)",
-        "metrics": {k: v for k, v in best.get("metrics", {}).items()
-                    if isinstance(v, (int, float)) and k.startswith(("rank1.", "flat1d.", "paired."))},
-    }
     run_id = best["run_id"]
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            fast, name="decomposed_model", input_example=x_example.numpy(), serialization_format="pt2",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
+        d = Path(d)
+        (d / CARD).write_text(json.dumps(card, indent=2, default=str))
+        torch.save(model.state_dict(), d / WEIGHTS)
+        xs, ys = next(iter(TensorLoader(data.val, 16, data.mean, data.std)))
+        torch.save({"x": xs, "y": ys}, d / EXAMPLE)
+        torch.export.save(torch.export.export(exportable, (x_example,)), d / EXPORTABLE)
+        for f in (CARD, WEIGHTS, EXAMPLE):
+            mlflow.log_artifact(str(d / f), artifact_path="decomposed_model_card")
+        with torch.no_grad():
+            logits = exportable(x_example).numpy()
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(SERVING), code_paths=[str(Path(rank1.__file__).parent)],
+            artifacts={"card": str(d / CARD), "weights": str(d / WEIGHTS), "exportable": str(d / EXPORTABLE)},
+            signature=mlflow.models.infer_signature(x_example.numpy(), logits), input_example=x_example.numpy(),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
         )
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / CARD).write_text(json.dumps(card, indent=2, default=str))
-            torch.save(fast.state_dict(), Path(d) / WEIGHTS)
-            xs, ys = next(iter(TensorLoader(data.val, 16, data.mean, data.std)))
-            torch.save({"x": xs, "y": ys}, Path(d) / EXAMPLE)
-            for f in (CARD, WEIGHTS, EXAMPLE):
-                mlflow.log_artifact(str(Path(d) / f), artifact_path="decomposed_model_card")
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
         "dataset": train_cfg.dataset, "metric": cfg.metric, "value": f"{acc:.6f}", "study": cfg.name,
         "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,
     })
     alias = _set_alias(client, cfg.model_name, version, train_cfg.dataset, cfg.metric, acc)
+    describe_version(client, cfg, card, version.version)
     return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": version.version, "alias": alias,
             "val_acc": acc}
+
+
+def card_markdown(card: dict[str, Any], version: str | None = None) -> str:
+    """The model card as the registry shows it: what the model is, how good, how fast, how to pull."""
+    m, arm = card.get("metrics", {}), card.get("arm", "rank1")
+    c = card["train_config"]
+    speed = "; ".join(
+        f"batch {k.rsplit('_b', 1)[1]}: {v:.2f}x ({m.get(f'{arm}.deploy_b' + k.rsplit('_b', 1)[1], '')})"
+        for k, v in sorted(m.items()) if k.startswith(f"{arm}.speedup_b"))
+    frac = ", ".join(f"{v:.0%}" for k, v in sorted(m.items()) if k.startswith(f"{arm}.fraction_of_flop_ratio_b"))
+    ref = f"{card['name']}/{version}" if version else f"{card['name']}@champion"
+    lines = [
+        f"**{card['name']}**: the {arm} arm of study `{card['study']}` (trial {card['trial_id']}, seed {card['seed']}), "
+        f"a decomposed rank-1 {c['model']} (depth {c['depth']}, width {c['width']}, batch norm "
+        f"{'on' if c['batchnorm'] else 'off'}) trained on {card['dataset']}.",
+        "",
+        f"- validation accuracy (decomposed): {card.get('val_acc', float('nan')):.4f}; test accuracy: "
+        f"{m.get(f'{arm}.test_acc', float('nan')):.4f}",
+        f"- speedup over its dense form where it was trained ({m.get(f'{arm}.threads', '?'):.0f} threads): "
+        f"{speed or 'not measured'}; FLOP ratio {m.get(f'{arm}.flop_ratio', float('nan')):.2f}x"
+        + (f" (reached: {frac})" if frac else ""),
+        "- config: " + " ".join(f"{k}={v}" for k, v in sorted(card.get("params", {}).items())),
+        f"- input: float32 N x {card['input']['channels']} x {card['input']['size'][0]} x {card['input']['size'][1]}, "
+        f"normalised with mean {[round(v, 4) for v in card['input']['mean']]} and std "
+        f"{[round(v, 4) for v in card['input']['std']]}; output: logits of {card['input']['classes']} classes",
+        "",
+        f"Pull it: `rank1 pull {ref} --out model/`, or serve it: `mlflow models serve -m models:/{ref} "
+        "--env-manager local`. Loading it plans the fastest decomposed form for that machine; the exportable "
+        "chain form is the artifact `exportable.pt2` (`torch.export.load`).",
+    ]
+    return "\n".join(lines)
+
+
+def describe_version(client, cfg, card: dict[str, Any], version: str) -> None:
+    """The model card as the registered model's and the version's description in the UI."""
+    client.update_model_version(cfg.model_name, version, description=card_markdown(card, version))
+    client.update_registered_model(cfg.model_name, description=(
+        f"Decomposed rank-1 networks from the study `{cfg.name}`; alias `champion` is the best on {cfg.metric}. "
+        f"Each version's description is its model card.\n\n" + card_markdown(card)))
 
 
 def _registered(client, name: str, study: str, trial_id: str, seed: int):
@@ -178,16 +231,34 @@ def pull(ref: str, out: str | Path, tracking_uri: str) -> dict[str, Any]:
 
 
 def check_pulled(out: str | Path) -> dict[str, Any]:
-    """Load a pulled model (torch.export's format; no pickle) and run its example batch."""
+    """Load a pulled model as a user does (``mlflow.pyfunc.load_model``: the fastest form of
+    this machine is planned while loading), run its example batch, and time the deployed
+    form against its dense form here."""
     import mlflow
+    import numpy as np
+
+    from rank1.convert import dense_model
+    from rank1.measure import keep_freed_memory, machine_info, time_forward
 
     out = Path(out)
-    model = mlflow.pytorch.load_model(str(out / "model"))
+    model = mlflow.pyfunc.load_model(str(out / "model"))
     batch = torch.load(out / "decomposed_model_card" / EXAMPLE, weights_only=True)
-    with torch.no_grad():
-        pred = model(batch["x"]).argmax(1)
-    return {"predicted": pred.tolist(), "labels": batch["y"].tolist(),
-            "correct": int((pred == batch["y"]).sum()), "batch": len(batch["y"])}
+    pred = np.asarray(model.predict(batch["x"].numpy())).argmax(1)
+    served = model.unwrap_python_model()
+    keep_freed_memory()
+    timing = {}
+    for b, deployed in sorted(served.deployed.items()):
+        x = torch.randn(b, *batch["x"].shape[1:], device=served.device)
+        dense = dense_model(served.net)
+        td = time_forward(dense, x, repeats=10, min_time_s=0.2).median_ms
+        tf = time_forward(deployed, x, repeats=10, min_time_s=0.2).median_ms
+        timing[b] = {"plan": deployed.plan.summary(), "deployed_ms": tf, "dense_ms": td, "speedup": td / tf,
+                     "impls": deployed.plan.impls}
+    labels = batch["y"].numpy()
+    info = machine_info(served.device)
+    return {"predicted": pred.tolist(), "labels": labels.tolist(), "correct": int((pred == labels).sum()),
+            "batch": len(labels), "timing": timing, "machine": info.get("cpu", info.get("gpu", str(served.device))),
+            "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":  # python -m study.registry DIR: the fresh-process check of `rank1 pull`

@@ -151,11 +151,35 @@ class _RunLogger:
         self.client.set_tag(self.run_id, TAG_STATUS, status)
         if reason:
             self.client.set_tag(self.run_id, "rank1.reason", reason[:5000])
+        # Which kernel each layer got in the deployed form, per arm and batch size (first seed).
+        plans = {arm: {k: v for k, v in r.get("inference", {}).items() if k.startswith("deploy_")}
+                 for arm, r in results[0]["arms"].items()} if results else {}
+        for arm, plan in plans.items():
+            for k, v in plan.items():
+                if isinstance(v, str):
+                    self.client.set_tag(self.run_id, f"rank1.{arm}.{k}", v)
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "trial_result.json"
             path.write_text(json.dumps(results, indent=1, default=str))
             self.client.log_artifact(self.run_id, str(path))
+            if any(plans.values()):
+                path = Path(d) / "deploy_plan.json"
+                path.write_text(json.dumps(plans, indent=1))
+                self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def _busy_trials() -> int:
+    """Other trial workers of this node in the middle of a trial (Ray titles a busy function
+    trainable's process ``ray::ImplicitFunc.train``): the load a latency measured now shares the CPU with."""
+    import psutil
+
+    me, n = os.getpid(), 0
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if p.info["pid"] != me and cmd and cmd[0].startswith("ray::") and cmd[0].endswith(".train"):
+            n += 1
+    return n
 
 
 def _node_id() -> str:
@@ -238,11 +262,16 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         report.update({"epoch": epoch, "run_id": logger.run_id, "final": False, "resumed_from": started_at})
         tune.report(report, checkpoint=checkpoint)
 
+    busy = _busy_trials()  # the latencies below are measured with these other trials running on the node
     results = [p.finish([]).to_dict() for p in pairs]
+    busy = max(busy, _busy_trials())
     status, reason, values = trial_value(results, arms, split)
     value = values[arms[0]]
     final = final_metrics(results, study.latency_batch)
     final["objective"] = value
+    if any(r["arms"][a].get("inference", {}).get("threads") for r in results for a in r["arms"]):
+        final["latency.threads"] = float(torch.get_num_threads())
+        final["latency.other_trials_running"] = float(busy)
     logger.log({**final, "epochs_trained_here": float(epoch - started_at)}, step=epoch)
     # The shipped arm's trained weights of every seed: the driver registers the best.
     shipped = study.shipped_arm_of(configs[0]) if confirm is None else None

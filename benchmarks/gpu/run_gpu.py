@@ -17,7 +17,11 @@ after every step (a crash or a kill leaves everything measured so far):
    channels-last), dw2d (NCHW and channels-last) and the fused Triton kernel; each checked
    against an fp32 dense reference (max relative error) and timed; plus the depthwise
    stage alone (two 1-D convs vs one kxk vs the fused kernel) on the 1x1 conv's output;
-3. whole ``vgg`` networks (depth 8/16, width 64/128, batch 32, 32x32) dense vs decomposed.
+3. whole ``vgg`` networks (depth 8/16, width 64/128, batch 32, 32x32) dense vs decomposed;
+4. with ``--deploy-s``: a pair trained for one epoch through the trial's code path (fp32 and
+   bf16 autocast), and the deployed form (``decompose_model(model, "auto", example=x)``: the
+   whole-network plan, CUDA graphs included) of vgg depth 8/16 width 64/128 at batch 32, 256
+   and 1 against cuDNN eager and cuDNN in a CUDA graph, outputs checked against fp32 dense.
 
 Timing: warm-up (the first call, which includes cuDNN's algorithm search and Triton's
 compile, is recorded separately), then ``--repeats`` samples of back-to-back calls
@@ -53,31 +57,42 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from rank1 import triton_dw  # noqa: E402
-from rank1.bench import count_flops  # noqa: E402
 from rank1.convert import decompose_model, dense_model  # noqa: E402
+from rank1.kernels import KERNELS  # noqa: E402
+from rank1.kernels import triton as triton_dw  # noqa: E402
 from rank1.layers import Flat1dConv2d  # noqa: E402
+from rank1.measure import count_flops  # noqa: E402
 from rank1.models import build_model  # noqa: E402
 from rank1.roofline import Peaks, bound_ms, impl_cost, measure_peaks  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# name -> (decompose impl or "dense", channels_last, TF32 on). "dense-tf32*" run only for fp32
-# with --tf32 off: PyTorch's own default lets cuDNN use TF32 for fp32 convs, so they show what
-# an untouched setup gets; the speedups use true-fp32 "dense"/"dense-cl".
-IMPLS: dict[str, tuple[str, bool, bool]] = {
-    "dense": ("dense", False, False), "dense-cl": ("dense", True, False),
-    "dense-tf32": ("dense", False, True), "dense-tf32-cl": ("dense", True, True),
-    "chain": ("chain", False, False), "chain-cl": ("chain", True, False),
-    "dw2d": ("dw2d", False, False), "dw2d-cl": ("dw2d", True, False),
-    "triton": ("triton", False, False),
-}
+
+
+def _impls() -> dict[str, tuple[str, bool, bool]]:
+    """name -> (kernel, channels_last, TF32 on), from the registry: dense in both layouts, with
+    TF32 too ("dense-tf32*" run only for fp32 with --tf32 off: PyTorch's own default lets cuDNN
+    use TF32 for fp32 convs, so they show what an untouched setup gets; the speedups use true-fp32
+    "dense"/"dense-cl"), then every decomposed kernel registered for CUDA in NCHW and channels-last
+    (a channels-last kernel in its own layout only)."""
+    out = {"dense": ("dense", False, False), "dense-cl": ("dense", True, False),
+           "dense-tf32": ("dense", False, True), "dense-tf32-cl": ("dense", True, True)}
+    for name, k in KERNELS.items():
+        if k.decomposed and "cuda" in k.devices:
+            if k.layout != "channels_last":
+                out[name] = (name, False, False)
+            out[f"{name}-cl" if k.layout != "channels_last" else name] = (name, True, False)
+    return out
+
+
+IMPLS = _impls()
 DENSE = ("dense", "dense-cl")
 DENSE_TF32 = ("dense-tf32", "dense-tf32-cl")
 DECOMPOSED = tuple(n for n, (impl, _, _) in IMPLS.items() if impl != "dense")
 FULL = dict(channels=(64, 128, 256, 512), sizes=(8, 16, 32, 56), kernels=(3, 5), batches=(32, 1),
-            networks=[(8, 64), (8, 128), (16, 64), (16, 128)], net_batch=32, net_size=32)
+            networks=[(8, 64), (8, 128), (16, 64), (16, 128)], net_batch=32, net_size=32,
+            deploy_networks=[(8, 64), (8, 128), (16, 64), (16, 128)], deploy_batches=(32, 256, 1))
 QUICK = dict(channels=(8, 16), sizes=(8, 12), kernels=(3, 5), batches=(2, 1),
-             networks=[(4, 8)], net_batch=2, net_size=16)
+             networks=[(4, 8)], net_batch=2, net_size=16, deploy_networks=[(2, 8)], deploy_batches=(2,))
 
 
 def log(msg: str) -> None:
@@ -264,10 +279,8 @@ def peaks(device: torch.device, quick: bool, tf32: bool) -> dict[str, Any]:
 
 
 def impl_available(name: str, device: torch.device) -> str | None:
-    """None if ``name`` can run on ``device``, else why not."""
-    if IMPLS[name][0] == "triton":
-        return triton_dw.unavailable_reason(device)
-    return None
+    """None if ``name`` can run on ``device``, else why not (the registry says)."""
+    return KERNELS[IMPLS[name][0]].unavailable_reason(device)
 
 
 def impls_for(dname: str, tf32_flag: bool, device: torch.device) -> list[str]:
@@ -290,7 +303,7 @@ def grid_point(c: int, k: int, s: int, batch: int, dname: str, device: torch.dev
     with tf32_mode(False):
         ref = layer.dense_conv()(x.float())  # the same (rounded) input, fp32 weights, true fp32
     bpe = torch.finfo(dtype).bits // 8
-    costs = {impl: impl_cost(impl, c, c, k, s, s, batch, bytes_per=bpe) for impl in ("dense", "chain", "dw2d", "triton")}
+    costs = {impl: impl_cost(impl, c, c, k, s, s, batch, bytes_per=bpe) for impl in {i for i, _, _ in IMPLS.values()}}
     row: dict[str, Any] = {"channels": c, "kernel": k, "size": s, "batch": batch, "dtype": dname,
                            "flop_ratio": costs["dense"][0] / costs["chain"][0],
                            "bound_ms": {i: bound_ms(*costs[i], pk) for i in costs},
@@ -517,6 +530,24 @@ def markdown(d: dict[str, Any]) -> str:
             cells += [n["best"], f"{n['speedup']:.2f}x"] if "speedup" in n else ["—", "—"]
             cells.append(f"{n['flop_ratio']:.1f}x" if "flop_ratio" in n else "—")
             lines.append("| " + " | ".join(cells) + " |")
+    for t in d.get("training", []):
+        lines += ["", f"Training through the trial's code path, one epoch on digits, bf16 autocast {t['bf16']}: "
+                  + "; ".join(f"{a} {r['status']}, decomposed val acc {r['decomposed_val_acc']}, epoch "
+                              f"{r['epoch_s']:.1f} s, deployed {r.get('deploy_b32', '?')} at batch 32 "
+                              f"({r.get('speedup_b32', float('nan')):.2f}x over dense)" for a, r in t["arms"].items())]
+    dep = d.get("deployed", [])
+    if dep:
+        head = ["dtype", "depth", "width", "batch", "cuDNN eager ms", "cuDNN graph ms", "auto ms", "auto plan",
+                "vs eager", "vs graph", "rel err auto"]
+        lines += ["", "## The deployed form (decompose_model 'auto') against cuDNN", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in dep:
+            t = r.get("times", {})
+            ms = [f"{t[k]['median_ms']:.3f}" if k in t else "—" for k in ("cudnn", "cudnn-graph", "auto")]
+            lines.append("| " + " | ".join([r["dtype"], str(r["depth"]), str(r["width"]), str(r["batch"]), *ms,
+                                             r.get("plan", "—"), f"{r.get('speedup_vs_eager', float('nan')):.2f}x",
+                                             f"{r.get('speedup_vs_graph', float('nan')):.2f}x",
+                                             f"{r.get('max_rel_err', {}).get('auto', float('nan')):.1e}"]) + " |")
     errors = [(f"C={r['channels']} k={r['kernel']} {r['size']}x{r['size']} b{r['batch']} {r['dtype']}"
                if "channels" in r else f"vgg {r['depth']}/{r['width']} {r['dtype']}", n, e)
               for r in rows + nets for n, e in r.get("errors", {}).items() if not e.startswith("skipped")]
@@ -560,6 +591,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-dense-ms", type=float, default=200.0,
                    help="skip a grid point whose dense fp32 conv would take longer than this at the fp32 peak")
     p.add_argument("--max-mem-gb", type=float, default=8.0, help="skip a grid point needing more activation memory")
+    p.add_argument("--deploy-s", type=float, default=0.0,
+                   help="after the networks: seconds for training a pair on the device (fp32, bf16) and timing the "
+                        "deployed form (decompose_model 'auto') of vgg d8/16 w64/128 at batch 32/256/1 against cuDNN "
+                        "eager and in a CUDA graph (0: skip)")
     return p.parse_args(argv)
 
 
@@ -681,6 +716,108 @@ def run(args: argparse.Namespace, device: torch.device, cfg: dict[str, Any], rec
                 raise RuntimeError(f"the CUDA context is lost at {where} ({fatal}); results so far are written")
             log(f"{where}: dense {n['dense_ms']:.2f} ms, best {n['best']} {n['best_ms']:.2f} ms "
                 f"({n['speedup']:.2f}x)" if "speedup" in n else f"{where}: errors {n['errors']}")
+    if args.deploy_s > 0:
+        deploy_phase(args, device, cfg, rec)
+
+
+# --------------------------------------------------------------------------- training and the deployed form
+
+
+def train_phase(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    """A pair (rank1, flat1d) for one epoch on digits through the trial's own code path
+    (``rank1.train.train_pair``), in fp32 and with bf16 autocast: statuses, accuracy, time,
+    and the deployed form the end-of-training measurement chose."""
+    from rank1.train import TrainConfig, train_pair
+
+    out = []
+    for bf16 in ((False,) if device.type != "cuda" else (False, True)):
+        cfg = TrainConfig(depth=2 if quick else 8, width=8 if quick else 32, epochs=1, device=device.type, bf16=bf16,
+                          latency_batch=32, latency_repeats=5)
+        t = time.perf_counter()
+        res = train_pair(cfg)
+        arms = {a: {"status": r.status, "reason": r.reason, "decomposed_val_acc": r.final.get("decomposed_val_acc"),
+                    "epoch_s": r.train_time_s, **{k: v for k, v in r.inference.items() if isinstance(v, (int, float, str))}}
+                for a, r in res.arms.items()}
+        out.append({"bf16": bf16, "time_s": time.perf_counter() - t, "arms": arms})
+        log(f"train pair, bf16 {bf16}: " + ", ".join(f"{a} {r['status']} {r['decomposed_val_acc']}" for a, r in arms.items()))
+    return out
+
+
+@torch.inference_mode()
+def deployed_network(depth: int, width: int, batch: int, size: int, dname: str, device: torch.device, repeats: int,
+                     sample_ms: float) -> dict[str, Any]:
+    """``decompose_model(model, "auto", example=x)`` (what a user deploys) against cuDNN eager and
+    cuDNN in a CUDA graph, every output checked against the fp32 dense form."""
+    dtype = DTYPES[dname]
+    torch.manual_seed(depth * 1000 + width + batch)
+    model = build_model("vgg", arm="flat1d", depth=depth, width=width, in_channels=3).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    dense32 = dense_model(model).to(device)
+    with tf32_mode(False):
+        ref = dense32(x.to(dtype).float())
+    xd = x.to(dtype)
+    row: dict[str, Any] = {"depth": depth, "width": width, "batch": batch, "size": size, "dtype": dname, "times": {},
+                           "max_rel_err": {}, "errors": {}}
+    dense = copy.deepcopy(dense32).to(dtype)
+    global CUDA_GRAPHS
+    for name, graphs in (("cudnn", False), ("cudnn-graph", True)):
+        if graphs and device.type != "cuda":
+            continue
+        saved, CUDA_GRAPHS = CUDA_GRAPHS, graphs
+        try:
+            row["max_rel_err"][name] = rel_err(dense(xd), ref)
+            row["times"][name] = time_call(lambda: dense(xd), device, repeats, sample_ms)
+        except Exception as e:
+            row["errors"][name] = _err(e)
+        finally:
+            CUDA_GRAPHS = saved
+    try:
+        t = time.perf_counter()
+        auto = decompose_model(model.to(dtype), "auto", example=xd)
+        row["plan_s"] = time.perf_counter() - t
+        row["plan"] = auto.plan.summary()
+        row["max_rel_err"]["auto"] = rel_err(auto(xd), ref)
+        saved, CUDA_GRAPHS = CUDA_GRAPHS, False  # the plan decides on graphs itself
+        try:
+            row["times"]["auto"] = time_call(lambda: auto(xd), device, repeats, sample_ms)
+        finally:
+            CUDA_GRAPHS = saved
+    except Exception as e:
+        row["errors"]["auto"] = _err(e)
+    t = {k: v["median_ms"] for k, v in row["times"].items()}
+    if "auto" in t and "cudnn" in t:
+        row["speedup_vs_eager"] = t["cudnn"] / t["auto"]
+        if "cudnn-graph" in t:
+            row["speedup_vs_graph"] = t["cudnn-graph"] / t["auto"]
+    return row
+
+
+def deploy_phase(args: argparse.Namespace, device: torch.device, cfg: dict[str, Any], rec: Recorder) -> None:
+    d = rec.data
+    deadline = time.perf_counter() - T0 + args.deploy_s
+    try:
+        d["training"] = train_phase(device, args.quick)
+    except Exception as e:
+        d["training_error"] = _err(e)
+        log(f"training failed: {_err(e)}")
+    rec.write()
+    d.setdefault("deployed", [])
+    plan = [(dep, w, b, dt) for dep, w in cfg["deploy_networks"] for b in cfg["deploy_batches"] for dt in args.dtypes]
+    for dep, w, b, dname in plan:
+        where = f"deployed vgg d{dep} w{w} batch {b} {dname}"
+        if time.perf_counter() - T0 > deadline:
+            d["skipped"].append(f"{where}: budget")
+            continue
+        try:
+            r = deployed_network(dep, w, b, cfg["net_size"], dname, device, args.repeats, args.sample_ms)
+        except Exception as e:
+            r = {"depth": dep, "width": w, "batch": b, "dtype": dname, "errors": {"network": _err(e)}}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        d["deployed"].append(r)
+        rec.write()
+        log(f"{where}: {r.get('plan', '?')}, vs cuDNN eager {r.get('speedup_vs_eager', float('nan')):.2f}x, "
+            f"vs cuDNN graph {r.get('speedup_vs_graph', float('nan')):.2f}x, errors {r.get('max_rel_err', {})}")
 
 
 if __name__ == "__main__":

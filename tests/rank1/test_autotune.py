@@ -1,4 +1,5 @@
-"""Every decomposed implementation computes the same function; auto measures once and caches."""
+"""``auto`` plans the whole network on its real input, caches the plan, never changes outputs;
+the roofline's costs."""
 
 from __future__ import annotations
 
@@ -7,52 +8,101 @@ import json
 import pytest
 import torch
 
-from rank1 import Rank1Conv2d, decompose_model, dense_model, project_model_
-from rank1.autotune import candidate_impls, device_key, pick_impls
-from rank1.layers import IMPLS
+from rank1 import Rank1Conv2d, decompose_model, dense_model, project_model_, rank1_layers
+from rank1.autotune import DEFAULTS, FORMATS, DeployedModel, candidate_impls, device_key
+from rank1.layers import available_impls
 from rank1.models import build_model
 from rank1.roofline import bound_ms, impl_cost, measure_peaks
 from tests.conftest import rel_err
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 5), stride=2, padding=(1, 2),
-                                                                         padding_mode="reflect"),
-                                    dict(kernel_size=5, padding="same", dilation=2, bias=False)])
-def test_every_impl_equals_the_dense_conv(impl, kwargs):
-    layer = Rank1Conv2d(6, 8, **kwargs)
-    x = torch.randn(3, 6, 17, 15)
-    with torch.no_grad():
-        assert rel_err(layer.decompose(impl=impl)(x), layer.dense_conv()(x)) <= 1e-5
-
-
-def test_auto_picks_per_layer_caches_and_never_changes_outputs(tmp_path):
+@pytest.fixture()
+def vgg():
     model = build_model("vgg", arm="rank1", depth=3, width=8, in_channels=3).eval()
     project_model_(model)
-    x = torch.randn(4, 3, 16, 16)
+    return model, torch.randn(4, 3, 16, 16)
+
+
+def test_auto_measures_every_candidate_on_the_whole_network_and_keeps_the_fastest(vgg, tmp_path):
+    model, x = vgg
     cache = tmp_path / "impl.json"
     fast = decompose_model(model, "auto", example=x, cache=cache)
-    data = json.loads(cache.read_text())
-    key = f"{device_key(x.device)}|{','.join(candidate_impls(x.device))}"
-    assert list(data) == [key]
-    entry = data[key]
-    assert len(entry) == 3 and set(entry.values()) <= set(candidate_impls(x.device))  # three distinct layer shapes
+    assert isinstance(fast, DeployedModel)
+    plan = fast.plan
+    cands = candidate_impls(x.device)
+    assert "dense" in cands and "chain" in cands and "triton" not in cands  # triton: CUDA only
+    expected = {f"{k}, {fmt}" for k in cands for fmt in FORMATS} | {f"greedy, {fmt}" for fmt in FORMATS}
+    assert set(plan.times_ms) == expected  # every single form in both layouts, and the greedy pick
+    assert plan.candidate == min(plan.times_ms, key=plan.times_ms.get)  # never slower than the best it measured
+    assert set(plan.impls) == {n for n, _ in rank1_layers(model)} and set(plan.impls.values()) <= set(cands)
     with torch.no_grad():
         assert rel_err(fast(x), dense_model(model)(x)) <= 1e-5
-    # The second time nothing is measured: a doctored cache entry is used as is.
-    forced = {k: "dw2d" for k in entry}
-    cache.write_text(json.dumps({key: forced}))
-    choices = pick_impls(model, x, cache)
-    assert set(choices.values()) == {"dw2d"}
-    assert decompose_model(model, "auto").features[0].pointwise is not None  # no example: the safe default
-    # A layer where the dense conv of the composed kernel is fastest becomes that conv.
-    cache.write_text(json.dumps({key: {k: "dense" for k in entry}}))
+        assert rel_err(fast(x.contiguous(memory_format=torch.channels_last)), dense_model(model)(x)) <= 1e-5
+    assert fast.features is fast.net.features  # the wrapped network's attributes
+    assert plan.summary() in repr(fast)
+    # Cached: keyed by device (threads, torch), candidates, the model's structure and the input.
+    data = json.loads(cache.read_text())
+    (key,) = data
+    assert key.startswith(device_key(x.device)) and ",".join(cands) in key and str(tuple(x.shape)) in key
+    doctored = dict(data[key], impls={k: "dw2d" for k in plan.impls}, memory_format="channels_last")
+    cache.write_text(json.dumps({key: doctored}))
+    again = decompose_model(model, "auto", example=x, cache=cache)  # nothing measured: the entry is used as is
+    assert again.plan.impls == doctored["impls"] and again.plan.memory_format == "channels_last"
+    assert type(again.features[0]).__name__ == "Sequential" and hasattr(again.features[0], "spatial")
+    with torch.no_grad():
+        assert rel_err(again(x), dense_model(model)(x)) <= 1e-5
+    other = decompose_model(model, "auto", example=torch.randn(1, 3, 16, 16), cache=cache)
+    assert other.plan.times_ms and len(json.loads(cache.read_text())) == 2  # another batch: planned anew
+
+
+def test_a_plan_where_the_composed_dense_conv_wins_is_that_conv(vgg, tmp_path):
+    model, x = vgg
+    cache = tmp_path / "impl.json"
+    plan = decompose_model(model, "auto", example=x, cache=cache).plan
+    (key,) = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: dict(plan.to_dict(), impls={k: "dense" for k in plan.impls})}))
     as_dense = decompose_model(model, "auto", example=x, cache=cache)
     assert type(as_dense.features[0]) is torch.nn.Conv2d
     with torch.no_grad():
         assert rel_err(as_dense(x), dense_model(model)(x)) <= 1e-5
-    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'cpp', 'auto'\)"):
+
+
+def test_auto_without_an_example_uses_the_device_default_and_says_so(vgg):
+    model, x = vgg
+    with pytest.warns(UserWarning, match=r"without example=: using (cpp|dw2d), channels_last for every layer"):
+        fast = decompose_model(model, "auto")
+    name, fmt = DEFAULTS["cpu"][0] if "cpp" in candidate_impls(torch.device("cpu")) else DEFAULTS["cpu"][1]
+    assert set(fast.plan.impls.values()) == {name} and fast.plan.memory_format == fmt and not fast.plan.measured
+    with torch.no_grad():
+        assert rel_err(fast(x), dense_model(model)(x)) <= 1e-5
+
+
+def test_bad_input_is_a_clear_error_and_builds_nothing(vgg, tmp_path):
+    model, x = vgg
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'cpp', 'auto'\), got 'fastest'"):
         decompose_model(model, "fastest")
+    with pytest.raises(ValueError, match=r"example: a batch of shape \(4, 1, 16, 16\) \(torch.float32, cpu\) does not "
+                                         r"fit the model \(.*channels"):
+        decompose_model(model, "auto", example=torch.randn(4, 1, 16, 16), cache=tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()
+    if "triton" not in available_impls():
+        with pytest.raises(ValueError, match=r"impl='triton' is unavailable here \(.*\); allowed: \('chain', 'dw2d'"):
+            decompose_model(model, "triton")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+
+
+def test_auto_on_a_single_layer_and_a_resnet(tmp_path):
+    layer = Rank1Conv2d(6, 8, 3, padding=1)
+    x = torch.randn(2, 6, 9, 9)
+    fast = decompose_model(layer, "auto", example=x, cache=tmp_path / "c.json")
+    with torch.no_grad():
+        assert rel_err(fast(x), layer.dense_conv()(x)) <= 1e-5
+    net = build_model("resnet", arm="flat1d", depth=2, width=8, in_channels=3).eval()
+    x = torch.randn(3, 3, 16, 16)
+    fast = decompose_model(net, "auto", example=x, cache=tmp_path / "c.json")
+    with torch.no_grad():
+        assert rel_err(fast(x), dense_model(net)(x)) <= 1e-5
 
 
 def test_roofline_costs_and_peaks():

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from rank1 import Flat1dConv2d, Rank1Conv2d, decompose_model
-from rank1.bench import count_flops, count_params, layer_flops, time_forward
 from rank1.cli import main
+from rank1.measure import count_flops, count_params, layer_flops, time_forward
 
 
 def test_count_flops_matches_hand_counts():

@@ -115,5 +115,8 @@ def test_bench_a_network(tmp_path, capsys):
                  "--repeats", "2", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "network.json").read_text())
     row = data["network"]["rows"][0]
-    assert row["flop_ratio"] > 1 and row["decomposed_params"] < row["dense_params"]
-    assert data["machine"]["threads"] >= 1
+    assert row["flop_ratio"] > 1 and row["speedup"] == pytest.approx(row["dense_ms"] / row["auto_ms"])
+    assert {"dense", "dense-cl", "chain", "chain-cl", "greedy", "greedy-cl", "auto"} <= set(row["times_ms"])
+    singles = {k: v for k, v in row["times_ms"].items() if not k.startswith(("greedy", "auto"))}
+    assert row["auto_vs_best_single"] == pytest.approx(row["auto_ms"] / min(singles.values()))
+    assert data["machine"]["threads"] >= 1 and {k["name"] for k in data["kernels"]} >= {"chain", "dw2d", "dense"}

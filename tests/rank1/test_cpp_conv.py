@@ -1,6 +1,8 @@
-"""The fused C++ CPU kernel (impl="cpp") against F.conv2d with the composed weight.
+"""The fused C++ CPU kernel (impl="cpp"): what the registry-wide test (test_kernels.py)
+does not reach — both of its paths, random geometries, its build, its fallbacks.
 
 The kernel is compiled here for real (once per machine, cached): CI has g++ and ninja.
+The build test compiles into a fresh cache, about a minute: it is marked slow.
 """
 
 from __future__ import annotations
@@ -15,43 +17,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rank1 import Flat1dConv2d, Rank1Conv2d, cpp_conv, decompose_model, dense_model, project_model_
+from rank1 import Flat1dConv2d, Rank1Conv2d, decompose_model, dense_model, project_model_
 from rank1.autotune import candidate_impls
+from rank1.kernels import cpp as cpp_conv
 from rank1.layers import available_impls
 from rank1.models import build_model
 from rank1.roofline import CALLS, impl_cost
 from tests.conftest import rel_err
+from tests.rank1.test_kernels import GEOMETRIES
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = (cpp_conv.FUSED_WEIGHTS, cpp_conv.FUSED_PLANE)
 
-# (batch, c_in, c_out, H, W, kernel, stride, padding, dilation, padding_mode, bias)
-CASES = {
-    "k3-p1-32ch-8x8-b4": (4, 32, 32, 8, 8, 3, 1, 1, 1, "zeros", True),
-    "k3-p1-16x16-b3": (3, 32, 32, 16, 16, 3, 1, 1, 1, "zeros", True),  # power-of-two rows
-    "k5-p2-c24-o40": (3, 24, 40, 13, 12, 5, 1, 2, 1, "zeros", True),  # 40 = 2 vectors + 8 tail channels
-    "k3-o7-tail-only": (2, 5, 7, 9, 11, 3, 1, 1, 1, "zeros", False),  # fewer channels than a vector
-    "k3-p0-valid": (3, 16, 16, 9, 9, 3, 1, "valid", 1, "zeros", True),
-    "k3x5-s2-p12": (3, 16, 48, 17, 15, (3, 5), 2, (1, 2), 1, "zeros", True),
-    "k3-s21-d2": (2, 8, 32, 16, 19, 3, (2, 1), 2, 2, "zeros", True),
-    "k4-same": (3, 16, 16, 12, 11, 4, 1, "same", 1, "zeros", True),  # even kernel: extra pad bottom/right
-    "k5-same-d2": (1, 16, 16, 17, 15, 5, 1, "same", 2, "zeros", False),
-    "k3-p2-wider-than-same": (2, 16, 16, 7, 10, 3, 1, 2, 1, "zeros", True),  # padding-only output rows
-    "k7-s3": (2, 16, 32, 23, 22, 7, 3, 3, 1, "zeros", True),
-    "k1x7": (2, 16, 16, 9, 20, (1, 7), 1, (0, 3), 1, "zeros", True),
-    "k1-pointwise": (2, 16, 32, 5, 6, 1, 1, 0, 1, "zeros", True),
-    "k3-reflect": (3, 16, 16, 10, 9, 3, 1, 1, 1, "reflect", True),
-    "k5-replicate-s2": (1, 16, 16, 11, 12, 5, 2, 2, 1, "replicate", True),
-    "k3-circular-same": (3, 16, 16, 8, 9, 3, 1, "same", 1, "circular", True),
-    "b1-56x56": (1, 32, 32, 56, 56, 3, 1, 1, 1, "zeros", True),  # fewer images than threads
-    "out-1x1": (2, 16, 16, 3, 3, 3, 1, 0, 1, "zeros", True),
-    "k5-s1-16x20": (3, 16, 32, 16, 20, 5, 1, 2, 1, "zeros", True),  # the shared-load horizontal path, k5
-    "c160-library-gemm": (3, 160, 136, 6, 5, 3, 1, 1, 1, "zeros", True),  # > 128 x 128 weights: the library GEMM
-}
-
 
 def _layer(case):
-    n, c_in, c_out, h, w, k, s, p, d, mode, bias = case
+    n, c_in, c_out, h, w, k, s, p, d, mode, bias = GEOMETRIES[case]
     layer = Rank1Conv2d(c_in, c_out, k, stride=s, padding=p, dilation=d, padding_mode=mode, bias=bias)
     with torch.no_grad():
         layer.project_()
@@ -60,19 +40,16 @@ def _layer(case):
     return layer, torch.randn(n, c_in, h, w)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_cpp_equals_the_dense_conv(name):
-    layer, x = _layer(CASES[name])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_cpp_on_one_thread_and_in_its_layout(name):
+    """The shared geometries (tests/rank1/test_kernels.py) again on one thread: every batch is
+    then >= the threads, so small layers take the fused path on any machine."""
+    layer, x = _layer(name)
     fused = layer.decompose(impl="cpp").eval()
-    with torch.no_grad():
-        ref = layer.dense_conv()(x)
+    with torch.no_grad(), one_thread():
         y = fused(x)
-        with one_thread():  # every batch >= 1 thread: the fused path whenever the layer is small
-            y_one = fused(x)
-    assert y.shape == ref.shape
     assert y.is_contiguous(memory_format=torch.channels_last)  # the kernel's layout, kept for the next layer
-    assert rel_err(y, ref) <= 1e-5
-    assert rel_err(y_one, ref) <= 1e-5
+    assert rel_err(y, layer.dense_conv()(x)) <= 1e-5
 
 
 @contextlib.contextmanager
@@ -120,7 +97,7 @@ def test_random_geometries_on_both_paths():
 
 
 def test_the_fused_and_library_gemm_paths_agree():
-    layer, x = _layer(CASES["k5-p2-c24-o40"])
+    layer, x = _layer("k5-p2-c24-o40")
     fused = layer.decompose(impl="cpp").fused
     op = cpp_conv.build()
     xc = x.contiguous(memory_format=torch.channels_last)
@@ -133,7 +110,7 @@ def test_the_fused_and_library_gemm_paths_agree():
 
 
 def test_cpp_is_one_module_and_rejects_kernels_it_cannot_run():
-    layer, _ = _layer(CASES["k3-p1-16x16-b3"])
+    layer, _ = _layer("k3-p1-16x16-b3")
     fused = layer.decompose(impl="cpp").eval()
     assert [type(m).__name__ for m in fused] == ["CppRank1Conv2d"]
     assert "kernel_size=(3, 3)" in repr(fused) and "padding=(1, 1)" in repr(fused)
@@ -157,7 +134,7 @@ def test_flat1d_and_whole_networks_decompose_to_cpp():
 
 
 def test_autograd_and_other_dtypes_fall_back_to_the_same_function():
-    layer, x = _layer(CASES["k3x5-s2-p12"])
+    layer, x = _layer("k3x5-s2-p12")
     fused = layer.decompose(impl="cpp")
     x.requires_grad_(True)
     y = fused(x)  # needs a gradient: F.conv2d, not the kernel
@@ -223,6 +200,7 @@ def test_without_a_compiler_cpp_is_unavailable_and_says_why(tmp_path):
     assert "impl='cpp' is unavailable here (no C++ compiler" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_build_is_cached_per_machine(tmp_path):
     code = ("import torch\nfrom rank1 import Rank1Conv2d\nl = Rank1Conv2d(4, 4, 3, padding=1)\n"
             "x = torch.randn(1, 4, 6, 6)\nwith torch.no_grad():\n"

@@ -4,7 +4,7 @@ At small shapes a decomposed layer run as two or three framework convolutions pa
 each call's fixed cost (~7 µs here), and the library's depthwise kernels run far
 below the machine's speed on short channel rows: at 32 channels, 8x8, batch 32, the
 depthwise conv of ``dw2d`` alone took longer than the 1x1. This kernel
-(``rank1/csrc/rank1_cpu.cpp``) does the layer in one call on channels-last fp32:
+(``rank1/kernels/csrc/rank1_cpu.cpp``) does the layer in one call on channels-last fp32:
 for small layers (:func:`fused_path`) each thread takes whole images, computes an
 image's 1x1 in vector registers into a buffer that stays in cache, then both
 depthwise 1-D passes and the bias; larger layers use the library GEMM for the 1x1
@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rank1 import functional as R
+from rank1.kernels.library import layer_cost
+from rank1.kernels.registry import Geometry, Kernel, register_kernel
 
 __all__ = [
     "FUSED_PLANE", "FUSED_WEIGHTS", "MAX_KERNEL", "CppRank1Conv2d", "available", "build", "cache_dir", "fused_path",
@@ -205,3 +207,24 @@ class CppRank1Conv2d(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
         return s + R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
+
+
+def _build(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, g: Geometry) -> nn.Module:
+    seq = nn.Sequential()
+    seq.add_module("fused", CppRank1Conv2d(a, b, c, bias, g.stride, g.padding, g.dilation, g.padding_mode))
+    return seq
+
+
+def _cost(c_in: int, c_out: int, k: int, h: int, w: int, batch: int, bytes_per: int = 4) -> tuple[float, float]:
+    # On the fused path the 1x1 output never leaves the cache: one read and one write of the
+    # activations; else a library GEMM writes it and one fused pass reads it (triton's bytes).
+    fused = fused_path(c_in, c_out, h, w, batch)
+    return layer_cost(passes=0 if fused else 1, separable=True)(c_in, c_out, k, h, w, batch, bytes_per)
+
+
+register_kernel(Kernel(
+    "cpp", _build, devices=("cpu",), dtypes=(torch.float32,), exportable=False, calls=1, cost=_cost,
+    unavailable=lambda device: unavailable_reason(device), layout="channels_last",
+    doc="the whole layer in one call of a fused C++ CPU kernel (compiled on first use), channels-last fp32; "
+        "inference only",
+))

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from rank1 import functional as R
+from rank1.kernels.library import _pointwise, layer_cost
+from rank1.kernels.registry import Geometry, Kernel, register_kernel
 
 __all__ = [
     "TritonDepthwise1d", "available", "interpreter_enabled", "launch_plan", "rank1_depthwise", "unavailable_reason",
@@ -257,3 +259,19 @@ class TritonDepthwise1d(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.channels}, kernel_size={self.kernel_size}"
         return s + R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
+
+
+def _build(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, g: Geometry) -> nn.Module:
+    seq = nn.Sequential()
+    seq.add_module("pointwise", _pointwise(a))
+    seq.add_module("spatial", TritonDepthwise1d(b, c, bias, g.stride, g.padding, g.dilation, g.padding_mode))
+    return seq
+
+
+register_kernel(Kernel(
+    "triton", _build, devices=("cuda", "cpu"), dtypes=(torch.float32, torch.bfloat16, torch.float16),
+    exportable=False, calls=2, cost=layer_cost(passes=1, separable=True),  # the chain's FLOPs, dw2d's bytes
+    unavailable=lambda device: unavailable_reason(device),
+    auto_devices=("cuda",),  # on the CPU it runs only under the interpreter: for tests, not for speed
+    doc="1x1, then both depthwise 1-D passes in one fused Triton kernel (CUDA); inference only",
+))
