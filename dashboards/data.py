@@ -29,6 +29,7 @@ class TrialRecord:
     optuna_state: str | None = None
     values: list[float] | None = None
     intermediate: dict[int, float] = field(default_factory=dict)
+    optuna_number: int | None = None
 
     def cfg(self, key: str, default: Any = None) -> Any:
         v = self.params.get(key, self.config.get(key, default))
@@ -134,7 +135,7 @@ def _record(client, r, by_ray: dict) -> TrialRecord:
     ot = by_ray.get(tid)
     if ot is not None:
         rec.params = dict(ot.params)  # typed
-        rec.optuna_state, rec.values = ot.state.name, ot.values
+        rec.optuna_state, rec.optuna_number, rec.values = ot.state.name, ot.number, ot.values
         rec.intermediate = dict(ot.intermediate_values)
     if rec.status in ("finished", "diverged", "failed"):
         try:

@@ -15,8 +15,13 @@ come from the training split only.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import pickle
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +37,15 @@ __all__ = [
     "DatasetSpec",
     "ImageData",
     "TensorLoader",
+    "cache_file",
     "check_dataset",
+    "data_cache_dir",
+    "fingerprint",
+    "from_shared",
     "load_dataset",
+    "stratified_subset",
+    "to_shared",
+    "with_subsets",
 ]
 
 
@@ -256,6 +268,7 @@ DATASETS["svhn"] = DatasetSpec(
 def _read_folder(path: Path, classes: list[str], size: int) -> ImageData:
     from PIL import Image
 
+    _note_decode(path)
     xs, ys = [], []
     for label, cls in enumerate(classes):
         d = path / cls
@@ -316,6 +329,152 @@ def check_dataset(name: str, root: str | Path | None = None, download: bool = Fa
         )
 
 
+# ----------------------------------------------------------------------------- the decoded cache
+
+CACHE_VERSION = 1  # bump when what a cache file holds or how it is decoded changes
+
+
+def data_cache_dir() -> Path:
+    """``$RANK1_DATA_CACHE``, else ``~/.cache/rank1/data``."""
+    env = os.environ.get("RANK1_DATA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "rank1" / "data"
+
+
+def _note_decode(path: Path) -> None:
+    """Decoding image files is what the cache saves: ``$RANK1_DECODE_LOG`` (tests) gets a line per folder."""
+    log = os.environ.get("RANK1_DECODE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {path}\n")
+
+
+def fingerprint(name: str, root: Path) -> str:
+    """What the dataset's files are now: every file under the paths it reads (name, size,
+    modification time). A changed, added or removed file changes it."""
+    h = hashlib.sha256()
+    for top in DATASETS[name].files(root):
+        paths = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
+        for p in paths:
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cache_file(name: str, root: Path, image_size: int | None, val_fraction: float, split_seed: int) -> Path:
+    """The cache file of one (dataset, root, image size, split): versioned, one per combination."""
+    key = json.dumps([CACHE_VERSION, name, str(root.resolve()), image_size, val_fraction, split_seed])
+    return data_cache_dir() / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, fp: str) -> DataBundle | None:
+    """The cached bundle, or None when there is none, its files changed, or it does not check out
+    (a wrong checksum, a truncated file, unexpected contents): a cache is never trusted."""
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") != CACHE_VERSION or meta.get("fingerprint") != fp:
+            return None
+        if _sha256(path) != meta["sha256"]:
+            raise ValueError("checksum mismatch")
+        t = torch.load(path, map_location="cpu", weights_only=True)
+        splits = {}
+        for split in ("train", "val", "test"):
+            x, y = t[f"{split}_x"], t[f"{split}_y"]
+            if x.dtype != torch.uint8 or x.dim() != 4 or y.dim() != 1 or len(x) != len(y):
+                raise ValueError(f"unexpected {split} tensors")
+            splits[split] = ImageData(x, y)
+        return DataBundle(meta["name"], splits["train"], splits["val"], splits["test"], int(meta["num_classes"]),
+                          tuple(meta["mean"]), tuple(meta["std"]), bool(meta["flip"]))
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # corrupt in any way: decode again and overwrite it
+        warnings.warn(f"the dataset cache {path} is unusable ({type(e).__name__}: {e}); decoding the files again",
+                      stacklevel=3)
+        return None
+
+
+def _write_cache(path: Path, fp: str, bundle: DataBundle) -> None:
+    """Write atomically (a temporary file, then a rename); a read-only cache dir only costs a decode."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({f"{split}_{k}": getattr(getattr(bundle, split), k)
+                    for split in ("train", "val", "test") for k in ("x", "y")}, tmp)
+        meta = {"version": CACHE_VERSION, "fingerprint": fp, "sha256": _sha256(tmp), "name": bundle.name,
+                "num_classes": bundle.num_classes, "mean": list(bundle.mean), "std": list(bundle.std),
+                "flip": bundle.flip}
+        meta_tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        meta_tmp.write_text(json.dumps(meta))
+        tmp.replace(path)
+        meta_tmp.replace(path.with_suffix(".json"))
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- shared between processes
+
+
+def to_shared(bundle: DataBundle) -> dict[str, object]:
+    """The bundle as numpy arrays and plain data: what Ray's object store holds once per node,
+    and each trial maps without a copy (:func:`from_shared`)."""
+    return {"name": bundle.name, "num_classes": bundle.num_classes, "mean": bundle.mean, "std": bundle.std,
+            "flip": bundle.flip, **{f"{split}_{k}": getattr(getattr(bundle, split), k).numpy()
+                                    for split in ("train", "val", "test") for k in ("x", "y")}}
+
+
+def from_shared(obj: dict[str, object]) -> DataBundle:
+    """A bundle over the (read-only, shared) arrays of :func:`to_shared`: nothing is copied;
+    batches are copied out of it as they are drawn."""
+    with warnings.catch_warnings():  # the store's arrays are read-only: nothing here writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        splits = {s: ImageData(torch.from_numpy(obj[f"{s}_x"]), torch.from_numpy(obj[f"{s}_y"]))
+                  for s in ("train", "val", "test")}
+    return DataBundle(obj["name"], splits["train"], splits["val"], splits["test"], obj["num_classes"],
+                      tuple(obj["mean"]), tuple(obj["std"]), obj["flip"])
+
+
+def stratified_subset(data: ImageData, n: int, seed: int) -> ImageData:
+    """``n`` images with the classes in the proportions of ``data`` (largest remainders), drawn
+    with ``seed``; all of ``data`` when it has no more than ``n``."""
+    if n >= len(data):
+        return data
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(data.y, return_counts=True)
+    share = counts.double() * n / len(data)
+    take = share.floor().long()
+    order = torch.argsort(share - take, descending=True)
+    take[order[: n - int(take.sum())]] += 1
+    picked = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = (data.y == c).nonzero().flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return data.subset(torch.cat(picked).sort().values)
+
+
+def with_subsets(bundle: DataBundle, train: int | None, val: int | None, seed: int) -> DataBundle:
+    """Stratified subsets of the training and validation splits (the test split stays whole);
+    normalisation from the training images actually used."""
+    if train is None and val is None:
+        return bundle
+    tr = stratified_subset(bundle.train, train, seed) if train else bundle.train
+    va = stratified_subset(bundle.val, val, seed + 1) if val else bundle.val
+    mean, std = _stats(tr)
+    return dataclasses.replace(bundle, train=tr, val=va, mean=mean, std=std)
+
+
+def _stats(train: ImageData) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = train.x.float() / 255.0
+    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+
+
 def load_dataset(
     name: str = "digits",
     root: str | Path | None = None,
@@ -323,6 +482,7 @@ def load_dataset(
     download: bool = False,
     val_fraction: float = 0.2,
     split_seed: int = 0,
+    cache: bool = True,
 ) -> DataBundle:
     """Load ``name`` into memory with train/val/test splits.
 
@@ -330,6 +490,11 @@ def load_dataset(
     others keep their native size, an image folder defaults to 32). Validation is
     the dataset's own when it has one, otherwise ``val_fraction`` of train, drawn
     with ``split_seed``.
+
+    A dataset read from files is decoded once: the decoded splits go to a versioned
+    cache file (:func:`cache_file`, under :func:`data_cache_dir`), checked on every
+    later load against the files' :func:`fingerprint` and its own checksum, and
+    decoded again whenever either does not match (``cache=False``: always decode).
     """
     check_dataset(name, root, download)
     if not 0.0 < val_fraction < 1.0:
@@ -338,6 +503,13 @@ def load_dataset(
     path = Path(root).expanduser() if root is not None else None
     if name == "digits" and image_size is None:
         image_size = 16
+    cached = cache and path is not None and spec.needs_root
+    if cached:
+        fp = fingerprint(name, path)
+        where = cache_file(name, path, image_size, val_fraction, split_seed)
+        bundle = _read_cache(where, fp)
+        if bundle is not None:
+            return bundle
     try:
         if name == "imagefolder":
             train, val, test = _load_imagefolder(path, download, image_size or 32)
@@ -350,11 +522,12 @@ def load_dataset(
     if val is None:
         train, val = _split(train, val_fraction, split_seed)
     train, val, test = (ImageData(_resize(d.x, image_size), d.y) for d in (train, val, test))
-    xf = train.x.float() / 255.0
-    mean = xf.mean(dim=(0, 2, 3))
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    mean, std = _stats(train)
     num_classes = int(max(train.y.max(), val.y.max(), test.y.max())) + 1
-    return DataBundle(name, train, val, test, num_classes, tuple(mean.tolist()), tuple(std.tolist()), spec.flip)
+    bundle = DataBundle(name, train, val, test, num_classes, mean, std, spec.flip)
+    if cached:
+        _write_cache(where, fingerprint(name, path), bundle)
+    return bundle
 
 
 class TensorLoader:

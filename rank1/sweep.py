@@ -100,14 +100,11 @@ def _init_worker(threads: int) -> None:
 
 def _run_one(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     from rank1.config import from_dict
-    from rank1.data import load_dataset
-    from rank1.train import train_pair
+    from rank1.train import data_for, train_pair
 
     cfg = from_dict(TrainConfig, cfg_dict)
-    key = (cfg.dataset, cfg.root, cfg.image_size, cfg.val_fraction, cfg.split_seed)
-    if _WORKER.get("key") != key:  # one load per worker process
-        _WORKER.update(key=key, data=load_dataset(cfg.dataset, cfg.root, cfg.image_size, cfg.download,
-                                                  cfg.val_fraction, cfg.split_seed))
+    if _WORKER.get("key") != cfg.data_key:  # one load per worker process
+        _WORKER.update(key=cfg.data_key, data=data_for(cfg))
     data = _WORKER["data"]
     return record_of(cfg, train_pair(cfg, data=data).to_dict(), data.num_classes)
 

@@ -28,7 +28,15 @@ from rank1.autotune import FORMATS, formatted, in_format
 from rank1.config import ConfigError, check_choice, check_choices, check_range, to_dict
 from rank1.config import doc_field as _f
 from rank1.convert import decompose_model, dense_model, project_model_
-from rank1.data import DATASETS, DataBundle, ImageData, TensorLoader, check_dataset, load_dataset
+from rank1.data import (
+    DATASETS,
+    DataBundle,
+    ImageData,
+    TensorLoader,
+    check_dataset,
+    load_dataset,
+    with_subsets,
+)
 from rank1.functional import tangent_project
 from rank1.gradstats import GradientMonitor, measure_gradient_flow
 from rank1.init import INIT_SCHEMES
@@ -46,6 +54,7 @@ __all__ = [
     "PairTrainer",
     "TrainCallback",
     "TrainConfig",
+    "data_for",
     "parse_projection",
     "recalibrate_batchnorm",
     "resolve_device",
@@ -98,6 +107,9 @@ class TrainConfig:
     augment: bool = _f(False, "random translation (and flips where label-preserving)")
     val_fraction: float = _f(0.2, "fraction of train held out for validation when the dataset has none")
     split_seed: int = _f(0, "seed of the train/val split (fixed across trials and seeds)")
+    train_subset: int | None = _f(None, "train on a stratified subset of this many training images (drawn with "
+                                        "split_seed; unset: all)")
+    val_subset: int | None = _f(None, "validate on a stratified subset of this many validation images (unset: all)")
     # model
     model: str = _f("vgg", "network family", choices=lambda: MODELS)
     depth: int = _f(8, "vgg: conv layers (1-32); resnet: basic blocks (1-32)")
@@ -200,6 +212,9 @@ class TrainConfig:
             check_range("grad_clip", self.grad_clip, 0, lo_open=True)
         if self.image_size is not None:
             check_range("image_size", self.image_size, 4)
+        for name in ("train_subset", "val_subset"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1)
         if self.threads is not None:
             check_range("threads", self.threads, 1)
 
@@ -239,6 +254,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    @property
+    def source_key(self) -> tuple[Any, ...]:
+        """What the decoded splits depend on (before any subset)."""
+        return (self.dataset, self.root, self.image_size, self.val_fraction, self.split_seed)
+
+    @property
+    def data_key(self) -> tuple[Any, ...]:
+        """What the data of a run depends on: runs with equal keys train on the same images."""
+        return (*self.source_key, self.train_subset, self.val_subset)
+
+
+def data_for(config: TrainConfig) -> DataBundle:
+    """The splits a config trains on: the (cached) dataset, then the stratified subsets it asks for."""
+    data = load_dataset(config.dataset, config.root, config.image_size, config.download, config.val_fraction,
+                        config.split_seed)
+    return with_subsets(data, config.train_subset, config.val_subset, config.split_seed)
 
 
 _DEFAULTS: list[TrainConfig] = []
@@ -708,9 +740,7 @@ class PairTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
-        self.data = data or load_dataset(
-            config.dataset, config.root, config.image_size, config.download, config.val_fraction, config.split_seed
-        )
+        self.data = data or data_for(config)
         self.trainers = {arm: ArmTrainer(config, arm, self.data, self.device) for arm in config.arms}
         self.time_s = 0.0
 

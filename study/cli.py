@@ -161,6 +161,17 @@ def cmd_study_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_export(args: argparse.Namespace) -> int:
+    """Export a study for others to check: runs.jsonl (every trial, seed and arm, and every
+    confirmation run), trials.csv and summary.json (verdicts, MLflow run ids, wall time)."""
+    from study.api import export
+
+    paths = export(args.home, args.out, getattr(args, "tracking_uri", None))
+    for what, p in paths.items():
+        print(f"{what}: {p}")
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     """Download a registered model, load it in a fresh process, run one batch, print its card."""
     from study.registry import parse_model_ref, pull
@@ -301,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="MLflow server of the study (default: the study's, or embedded)")
     report.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
     report.set_defaults(func=cmd_study_report)
+
+    exp = ssub.add_parser("export", help=cmd_study_export.__doc__, description=cmd_study_export.__doc__)
+    exp.add_argument("home", metavar="STUDY_HOME")
+    exp.add_argument("--out", required=True, help="folder for runs.jsonl, trials.csv and summary.json")
+    exp.add_argument("--tracking-uri", help="MLflow server of the study (default: the study's, or embedded)")
+    exp.set_defaults(func=cmd_study_export)
 
     p = sub.add_parser("pull", help=cmd_pull.__doc__, description=cmd_pull.__doc__)
     p.add_argument("model", metavar="NAME[@ALIAS|/VERSION]", help="registered model (default alias: champion)")

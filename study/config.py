@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import re
 import typing
@@ -21,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from rank1.config import ConfigError, check_choices, check_range, from_dict, load_yaml, to_dict
 from rank1.config import doc_field as _f
-from rank1.train import ARM_SPECIFIC, TrainConfig
+from rank1.train import ARM_CHOICES, ARM_SPECIFIC, TrainConfig
 from study.samplers import SAMPLERS
 
 __all__ = [
@@ -38,10 +39,10 @@ __all__ = [
 # old name of "rank1".
 OBJECTIVE_ARMS: dict[str, tuple[str, ...]] = {
     "rank1": ("rank1",), "flat1d": ("flat1d",), "dense": ("dense",), "pair": ("rank1", "flat1d"),
-    "multi": ("rank1",), "single": ("rank1",),
+    "multi": ("rank1",), "single": ("rank1",), "arm": (),
 }
 # Searching these would change what a trial *is*, not how it trains.
-_NOT_SEARCHABLE = {"seed", "dataset", "root", "download", "device", "arm", "threads", "split_seed"}
+_NOT_SEARCHABLE = {"seed", "dataset", "root", "download", "device", "threads", "split_seed"}
 
 
 _SECRET_KEYS = ("password", "passwd", "passfile", "token", "secret", "credential")
@@ -99,17 +100,20 @@ class StudyConfig:
 
     name: str = _f("", "study name = MLflow experiment name = Optuna study name")
     train: dict = _f({}, "fixed training settings: any rank1 train option")
-    search: dict = _f({}, "searched options: FIELD: [choices] or FIELD: {low, high, log, step}")
-    objective: Literal["rank1", "flat1d", "dense", "pair", "multi", "single"] = _f(
+    search: dict | list = _f({}, "searched options: FIELD: [choices] or FIELD: {low, high, log, step}; with "
+                                 "sampler grid, lists only, or a list of such grids (a design: their union)")
+    objective: Literal["rank1", "flat1d", "dense", "pair", "multi", "arm", "single"] = _f(
         "rank1", "rank1 / flat1d / dense: max that arm's decomposed val acc; pair: both rank-1 arms' (two "
-                 "objectives); multi: rank1's and min its decomposed latency; single: old name of rank1")
+                 "objectives); multi: rank1's and min its decomposed latency; arm: each trial's own first arm "
+                 "(designs whose cells train different arms); single: old name of rank1")
     pareto_tolerance: float = _f(0.01, "multi: the champion is the fastest Pareto trial within this accuracy of the best")
     latency_batch: int = _f(1, "multi: batch size of the latency objective (1 or train.latency_batch)")
     confirm_seeds: int | None = _f(None, "retrain the best configuration of each arm (by its own val acc) with this "
                                          "many fresh seeds and score it on test (unset: no confirmation)")
     sampler: str = _f("tpe", "Optuna sampler", choices=lambda: SAMPLERS)
     seed: int = _f(0, "sampler seed")
-    n_trials: int = _f(8, "trials in the study")
+    n_trials: int | None = _f(None, "trials in the study (default 8; a grid: its number of cells, which it must "
+                                    "equal when given)")
     max_concurrent: int = _f(2, "trials running at once")
     scheduler: Literal["none", "asha"] = _f("none", "none or asha (stops weak trials early on the objective)")
     grace_period: int = _f(1, "asha: epochs before a trial can be stopped")
@@ -132,15 +136,25 @@ class StudyConfig:
         check_choices(self)
         check_no_secret("tracking_uri", self.tracking_uri, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
         check_no_secret("storage", self.storage, "PGPASSWORD (or ~/.pgpass) for PostgreSQL")
-        for name in ("n_trials", "max_concurrent", "seeds_per_trial", "grace_period", "latency_batch"):
+        for name in ("max_concurrent", "seeds_per_trial", "grace_period", "latency_batch"):
             check_range(name, getattr(self, name), 1)
+        if self.n_trials is not None:
+            check_range("n_trials", self.n_trials, 1)
         if self.confirm_seeds is not None:
             check_range("confirm_seeds", self.confirm_seeds, 1)
         check_range("max_failures", self.max_failures, 0)
         check_range("pareto_tolerance", self.pareto_tolerance, 0)
         check_range("reduction_factor", self.reduction_factor, 1, lo_open=True)
         self.base = self._base_train()
+        self.cells: list[dict[str, Any]] | None = None  # a grid design's cells, in order
         self.space = self._space()
+        if self.cells is not None:
+            if self.n_trials is not None and self.n_trials != len(self.cells):
+                raise ConfigError(f"n_trials: {self.n_trials} does not match the grid's {len(self.cells)} cells "
+                                  f"(allowed: {len(self.cells)}, or leave n_trials out)")
+            self.n_trials = len(self.cells)
+        elif self.n_trials is None:
+            self.n_trials = 8
         if self.objective == "multi" and self.latency_batch not in (1, self.base.latency_batch):
             raise ConfigError(
                 f"latency_batch: {self.latency_batch!r} is not measured (allowed: 1, {self.base.latency_batch})"
@@ -149,19 +163,28 @@ class StudyConfig:
             raise ConfigError("train.measure_latency: must be true for objective 'multi' (latency is an objective)")
         if self.scheduler == "asha" and self.grace_period > self.base.epochs:
             raise ConfigError(f"grace_period: {self.grace_period} must be <= train.epochs ({self.base.epochs})")
-        missing = [a for a in self.objective_arms if a not in self.base.arms]
+        trained = self._trained_arms()
+        missing = [a for a in self.objective_arms if a not in trained]
         if missing:
             need = "two arms, rank1 and flat1d" if self.objective == "pair" else f"the {missing[0]} arm"
+            where = (f"train.arm is {self.base.arm!r} ({', '.join(self.base.arms)})" if "arm" not in self.space
+                     else f"some cells train only {', '.join(sorted(trained))}")
             raise ConfigError(
-                f"objective: {self.objective!r} needs {need} trained in every trial, but train.arm is "
-                f"{self.base.arm!r} ({', '.join(self.base.arms)}); set train.arm: "
-                f"{'pair or all' if self.objective == 'pair' else 'all'} or choose another objective"
+                f"objective: {self.objective!r} needs {need} trained in every trial, but {where}; set train.arm: "
+                f"{'pair or all' if self.objective == 'pair' else 'all'}, or objective: arm for a design whose "
+                "cells train different arms"
             )
         if self.objective == "pair" and self.scheduler == "asha":
             raise ConfigError("scheduler: 'asha' stops trials on one objective, which would tune one arm and "
                               "not the other under objective 'pair' (allowed with pair: 'none')")
 
     # -- the training config and the space -------------------------------------------------------
+
+    def _trained_arms(self) -> set[str]:
+        """The arms every trial trains (the intersection over the arm values the space allows)."""
+        arms = self.space.get("arm", [self.base.arm]) if isinstance(self.space.get("arm", []), list) else []
+        sets = [set(ARM_CHOICES[a]) for a in arms] or [set(self.base.arms)]
+        return set.intersection(*sets)
 
     @property
     def objective_arms(self) -> tuple[str, ...]:
@@ -181,21 +204,63 @@ class StudyConfig:
 
     @property
     def shipped_arm(self) -> str | None:
-        """The arm whose decomposed model the registry gets (None: only the dense arm is tuned)."""
-        arm = self.objective_arms[0]
+        """The arm whose decomposed model the registry gets (None: only the dense arm is tuned;
+        objective ``arm``: the best trial's own, see :meth:`shipped_arm_of`)."""
+        arm = self.objective_arms[0] if self.objective_arms else "rank1"
         return None if arm == "dense" else arm
 
     def _base_train(self) -> TrainConfig:
         return from_dict(TrainConfig, self.train, prefix="train.")
 
     def _space(self) -> dict[str, list[Any] | Range]:
-        if not isinstance(self.search, dict):
-            raise ConfigError(f"search: expected a mapping of option -> choices or range, got {self.search!r}")
+        grid = self.sampler == "grid"
+        if isinstance(self.search, list):
+            if not grid:
+                raise ConfigError("search: a list of grids is a design for sampler: grid (allowed otherwise: a "
+                                  "mapping of option -> choices or range)")
+            if not self.search:
+                raise ConfigError("search: an empty design (give at least one grid)")
+            blocks = [(f"search[{i}]", b) for i, b in enumerate(self.search)]
+        else:
+            blocks = [("search", self.search)]
+        spaces = []
+        for where, block in blocks:
+            if not isinstance(block, dict):
+                raise ConfigError(f"{where}: expected a mapping of option -> choices or range, got {block!r}")
+            if grid and not block:
+                raise ConfigError(f"{where}: an empty grid (give at least one option with a list of values)")
+            spaces.append((where, self._block_space(where, block, grid)))
+        if not grid:
+            return spaces[0][1]
+        cells: list[dict[str, Any]] = []
+        seen: dict[str, str] = {}
+        for where, space in spaces:
+            keys = sorted(space)
+            for values in itertools.product(*(space[k] for k in keys)):
+                cell = dict(zip(keys, values))
+                key = repr(sorted(cell.items()))
+                if key in seen:
+                    raise ConfigError(f"{where}: the cell {cell} is already in {seen[key]} (a design runs each cell once)")
+                seen[key] = where
+                try:  # every cell as a whole, before anything runs
+                    from_dict(TrainConfig, {**self.train, **cell})
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: the cell {cell} is not a valid run: {e}") from None
+                cells.append(cell)
+        self.cells = cells
+        merged: dict[str, list[Any]] = {}
+        for _, space in spaces:
+            for k, vs in space.items():
+                merged.setdefault(k, [])
+                merged[k] += [v for v in vs if not any(repr(v) == repr(w) for w in merged[k])]
+        return merged
+
+    def _block_space(self, where: str, block: dict[str, Any], grid: bool) -> dict[str, list[Any] | Range]:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         hints = typing.get_type_hints(TrainConfig)
         space: dict[str, list[Any] | Range] = {}
-        for key, spec in self.search.items():
-            name = f"search.{key}"
+        for key, spec in block.items():
+            name = f"{where}.{key}"
             if key not in fields:
                 raise ConfigError(f"{name}: unknown option (allowed: {', '.join(sorted(fields - _NOT_SEARCHABLE))})")
             if key in _NOT_SEARCHABLE:
@@ -205,9 +270,11 @@ class StudyConfig:
                     raise ConfigError(f"{name}: empty choice list (give at least one value)")
                 if len(set(map(repr, spec))) != len(spec):
                     raise ConfigError(f"{name}: choices repeat a value: {spec!r}")
-                values = [self._check_value(key, v) for v in spec]
-                space[key] = values
+                space[key] = [self._check_value(key, v, name) for v in spec]
             elif isinstance(spec, dict):
+                if grid:
+                    raise ConfigError(f"{name}: a grid takes a list of values, not a range (sampler: grid); "
+                                      f"got {spec!r}")
                 r = from_dict(Range, spec, prefix=f"{name}.")
                 tp = hints[key]
                 base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
@@ -216,19 +283,27 @@ class StudyConfig:
                 if base is int and not r.is_int:
                     raise ConfigError(f"{name}: {key} takes integers; low, high and step must be integers")
                 for v in (r.low, r.high):
-                    self._check_value(key, int(v) if base is int else float(v))
+                    self._check_value(key, int(v) if base is int else float(v), name)
                 space[key] = r
             else:
                 raise ConfigError(f"{name}: expected a list of choices or a mapping {{low, high}}, got {spec!r}")
         return space
 
-    def _check_value(self, key: str, value: Any) -> Any:
-        """``value`` if a TrainConfig with it is valid; otherwise a ConfigError naming search.KEY."""
+    def _check_value(self, key: str, value: Any, name: str | None = None) -> Any:
+        """``value`` if a TrainConfig with it is valid; otherwise a ConfigError naming search.KEY.
+        (An arm's own option is checked with that arm trained: in a design it may sit beside ``arm``.)"""
+        data = {**self.train, key: value}
+        if any(key in names for names in ARM_SPECIFIC.values()) and "arm" in self._searched_keys():
+            data["arm"] = "all"
         try:
-            cfg = from_dict(TrainConfig, {**self.train, key: value})
+            cfg = from_dict(TrainConfig, data)
         except ConfigError as e:
-            raise ConfigError(f"search.{key}: {str(e).split(': ', 1)[-1]}") from None
+            raise ConfigError(f"{name or 'search.' + key}: {str(e).split(': ', 1)[-1]}") from None
         return getattr(cfg, key)
+
+    def _searched_keys(self) -> set[str]:
+        blocks = self.search if isinstance(self.search, list) else [self.search]
+        return {k for b in blocks if isinstance(b, dict) for k in b}
 
     def trial_config(self, params: dict[str, Any], seed: int | None = None) -> TrainConfig:
         """The TrainConfig of a trial: fixed settings, then the sampled parameters."""
@@ -239,10 +314,12 @@ class StudyConfig:
 
     def value_arms(self, config: TrainConfig) -> tuple[str, ...]:
         """The arms a trial of ``config`` is scored on (its Optuna values, in order)."""
-        return self.objective_arms
+        return self.objective_arms or config.arms[:1]
 
     def shipped_arm_of(self, config: TrainConfig) -> str | None:
         """The arm of a trial of ``config`` whose decomposed model may be registered."""
+        if self.objective == "arm":
+            return None if config.arms[0] == "dense" else config.arms[0]
         return self.shipped_arm
 
     def confirm_config(self, arm: str, params: dict[str, Any], seed: int) -> TrainConfig:

@@ -329,9 +329,13 @@ def _tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
 
     trainable = _trainable(cfg, ctx)
     path = str(Path(str(cfg.tune_path)) / "tune")
-    if restore and tune.Tuner.can_restore(path):
+    can_restore = restore and tune.Tuner.can_restore(path)
+    if restore:
+        release_orphans(cfg, _tune_trial_ids(path) if can_restore else set())
+    if can_restore:
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    searcher = OptunaRDBSearcher(cfg.storage_url, cfg.name, cfg.space, cfg.sampler, cfg.seed, cfg.objectives)
+    searcher = OptunaRDBSearcher(cfg.storage_url, cfg.name, cfg.space, cfg.sampler, cfg.seed, cfg.objectives,
+                                 cfg.cells)
     scheduler = None
     if cfg.scheduler == "asha":
         # max_t one past the last epoch: the trial's final report (decomposition, speed)
@@ -350,6 +354,22 @@ def _tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
+
+
+def share_data(cfg: StudyConfig) -> dict[str, Any]:
+    """Decode the study's dataset once (or read its cache), put it in Ray's object store, and
+    hand the trials its reference: one copy per node, mapped by every trial, never decoded there."""
+    import ray
+
+    from rank1.data import load_dataset, to_shared
+
+    b = cfg.base
+    t0 = time.perf_counter()
+    data = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed)
+    ref = ray.put(to_shared(data))
+    print(f"data: {b.dataset} ({len(data.train)} train, {len(data.val)} val, {len(data.test)} test images) loaded in "
+          f"{time.perf_counter() - t0:.1f} s and shared with the trials through Ray's object store", flush=True)
+    return {"key": list(b.source_key), "ref": ref}
 
 
 def _trainable(cfg: StudyConfig, ctx: dict[str, Any]):
@@ -477,7 +497,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
             client = MlflowClient(uri)
             exp_id, parent_id = _parent_run(client, cfg, study_text)
             ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
-                   "study_config": cfg.to_dict()}
+                   "study_config": cfg.to_dict(), "data": share_data(cfg)}
             tuner = _tuner(cfg, ctx, restore=resume)
             t_fit = time.perf_counter()
             results = tuner.fit()
@@ -608,6 +628,42 @@ def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str
     client.set_tag(parent_id, "rank1.champion", f"{cfg.model_name} v{reg['version']} ({reg['alias']}) from {tid}")
     (cfg.home_path / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
     return outcome
+
+
+def _tune_trial_ids(path: str) -> set[str]:
+    """The trials a Tune experiment knows (from its saved state)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id for t in ExperimentAnalysis(path).trials}
+    except Exception:  # no readable state yet: Tune knows none
+        return set()
+
+
+def release_orphans(cfg: StudyConfig, known: set[str]) -> int:
+    """Before a resumed search starts: Optuna trials asked for Ray trials that Tune never saved
+    (the driver died between the two) become FAIL (``orphaned``), and a grid design gets their
+    cells back, so the resumed study runs every cell once. Returns how many."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    except KeyError:  # the search never started
+        return 0
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("ray_trial_id") in known:
+            continue
+        if "grid_id" in t.system_attrs:  # GridSampler counts a cell by its trials' search space: release it
+            study._storage.set_trial_system_attr(t._trial_id, "search_space", {"released": [t.number]})
+        optuna.trial.Trial(study, t._trial_id).set_user_attr("status", "orphaned")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        n += 1
+    if n:
+        print(f"resume: {n} Optuna trial(s) asked just before the driver stopped never started: marked FAIL "
+              "(orphaned)" + (", their grid cells run again" if cfg.cells is not None else ""), flush=True)
+    return n
 
 
 def _fail_orphans(study, known: set[str]) -> int:

@@ -24,8 +24,9 @@ import torch
 import rank1
 from rank1 import decompose_model
 from rank1.config import ConfigError
-from rank1.data import TensorLoader, load_dataset
+from rank1.data import TensorLoader
 from rank1.models import model_for
+from rank1.train import data_for
 
 __all__ = ["parse_model_ref", "pull", "register_champion"]
 
@@ -65,8 +66,7 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
                            float(existing.tags["value"]))
         return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": existing.version, "alias": alias,
                 "val_acc": float(existing.tags["value"])}
-    data = load_dataset(train_cfg.dataset, train_cfg.root, train_cfg.image_size, False, train_cfg.val_fraction,
-                        train_cfg.split_seed)
+    data = data_for(train_cfg)
     card = {
         "name": cfg.model_name, "study": cfg.name, "trial_id": best["trial_id"], "seed": train_cfg.seed, "arm": arm,
         "dataset": train_cfg.dataset, "metric": cfg.metric, "trial_value": best["value"], "params": best["params"],

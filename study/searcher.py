@@ -42,6 +42,7 @@ class OptunaRDBSearcher(Searcher):
         sampler: str = "tpe",
         seed: int = 0,
         objectives: list[tuple[str, str]] | None = None,
+        cells: list[dict[str, Any]] | None = None,
     ) -> None:
         objectives = objectives or [("objective", "maximize")]
         super().__init__(metric=objectives[0][0], mode="max" if objectives[0][1] == "maximize" else "min")
@@ -51,6 +52,7 @@ class OptunaRDBSearcher(Searcher):
         self.sampler_name = sampler
         self.seed = seed
         self.objectives = objectives
+        self.cells = cells  # a grid design: each trial takes one cell's parameters
         self._study = None
         self._numbers: dict[str, int] = {}
 
@@ -72,7 +74,8 @@ class OptunaRDBSearcher(Searcher):
                 storage=self.storage_url,
                 study_name=self.study_name,
                 directions=[d for _, d in self.objectives],
-                sampler=make_sampler(self.sampler_name, SimpleNamespace(seed=self.seed, space=self.space)),
+                sampler=make_sampler(self.sampler_name, SimpleNamespace(seed=self.seed, space=self.space,
+                                                                        cells=self.cells)),
                 load_if_exists=True,
             )
         return self._study
@@ -101,6 +104,13 @@ class OptunaRDBSearcher(Searcher):
             return dict(self._trial(number)[1].params)
         trial = self.study.ask()
         params: dict[str, Any] = {}
+        if self.cells is not None:  # the grid sampler put this trial's cell in its system attributes
+            cell = self.cells[self.study._storage.get_trial_system_attrs(trial._trial_id)["grid_id"]]
+            for name in sorted(cell):
+                params[name] = trial.suggest_categorical(name, self.space[name])
+            trial.set_user_attr(RAY_TRIAL_ID, trial_id)
+            self._numbers[trial_id] = trial.number
+            return params
         for name, spec in self.space.items():
             if isinstance(spec, Range):
                 if spec.is_int:

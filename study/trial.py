@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from rank1.data import load_dataset
-from rank1.train import PairTrainer, TrainConfig
+from rank1.data import from_shared, with_subsets
+from rank1.train import PairTrainer, TrainConfig, data_for
 
 __all__ = ["CHECKPOINT_FILE", "TAG_TRIAL", "aggregate_epoch", "final_metrics", "run_trial", "trial_value"]
 
@@ -169,6 +169,18 @@ class _RunLogger:
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
 
 
+def _data(config: TrainConfig, ctx: dict[str, Any]):
+    """The trial's data: the decoded splits the driver put in Ray's object store once (mapped,
+    not copied, not decoded again) when this trial trains on them; else loaded here (cached)."""
+    shared = ctx.get("data")
+    if shared is not None and tuple(shared["key"]) == tuple(config.source_key):
+        import ray
+
+        return with_subsets(from_shared(ray.get(shared["ref"])), config.train_subset, config.val_subset,
+                            config.split_seed)
+    return data_for(config)
+
+
 def _busy_trials() -> int:
     """Other trial workers of this node in the middle of a trial (Ray titles a busy function
     trainable's process ``ray::ImplicitFunc.train``): the load a latency measured now shares the CPU with."""
@@ -230,8 +242,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         seeds = [study.base.seed + i for i in range(study.seeds_per_trial)]
         configs = [study.trial_config(params, seed=s) for s in seeds]
         arms, split, role, logged_params, tags = study.value_arms(configs[0]), "val", "trial", params, None
-    data = load_dataset(configs[0].dataset, configs[0].root, configs[0].image_size, configs[0].download,
-                        configs[0].val_fraction, configs[0].split_seed)
+    data = _data(configs[0], ctx)
     pairs = [PairTrainer(c, data=data) for c in configs]
 
     state = None

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 # A developer's own tracking server must not receive the tests' runs (studies fall back to it).
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Decoded datasets are cached under a folder of the session's own (subprocesses inherit it).
+os.environ["RANK1_DATA_CACHE"] = tempfile.mkdtemp(prefix="rank1-test-data-cache-")
 
 
 @pytest.fixture(autouse=True)

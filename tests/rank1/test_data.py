@@ -111,16 +111,22 @@ def test_svhn_mat_files(tmp_path):
     assert not d.flip
 
 
-def test_imagefolder(tmp_path):
+def write_imagefolder(root: Path, n_train: int = 6, n_test: int = 2, classes=("cat", "dog"), size=(20, 24),
+                      seed: int = 3, fmt: str = "png") -> None:
+    """ROOT/train/CLASS/*.png and ROOT/test/CLASS/*.png, random pixels."""
     from PIL import Image
 
-    rng = np.random.default_rng(3)
-    for split, n in (("train", 6), ("test", 2)):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                arr = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(tmp_path / split / cls / f"{i}.png")
+                arr = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / cls / f"{i}.{fmt}")
+
+
+def test_imagefolder(tmp_path):
+    write_imagefolder(tmp_path)
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
     d = load_dataset("imagefolder", root=tmp_path, image_size=16, val_fraction=0.25)
     assert d.image_size == (16, 16) and d.in_channels == 3 and d.num_classes == 2
@@ -184,3 +190,88 @@ def test_augmentation_translates_and_flips():
                 shifted[yd, xd] = src[ys, xs]
                 candidates += [shifted, shifted.flip(-1)]
         assert any(torch.equal(out[i, 0], c) for c in candidates)
+
+
+# ----------------------------------------------------------------------------- the decoded cache
+
+
+def _decodes(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(getattr(getattr(a, s), k), getattr(getattr(b, s), k))
+               for s in ("train", "val", "test") for k in ("x", "y")) and (a.mean, a.std) == (b.mean, b.std)
+
+
+def test_a_second_load_comes_from_the_cache_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK1_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK1_DECODE_LOG", str(tmp_path / "decodes.log"))
+    root = tmp_path / "data"
+    write_imagefolder(root)
+    first = load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25)
+    assert _decodes(tmp_path / "decodes.log") == 2  # the train and the test folder
+    second = load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25)
+    assert _decodes(tmp_path / "decodes.log") == 2 and _same(first, second)  # nothing decoded again
+    assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 1
+    # another image size or split is another cache file
+    load_dataset("imagefolder", root=root, image_size=12, val_fraction=0.25)
+    assert _decodes(tmp_path / "decodes.log") == 4 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert _same(load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25, cache=False), first)
+    assert _decodes(tmp_path / "decodes.log") == 6  # cache=False: always decodes
+
+
+def test_changing_a_file_invalidates_the_cache(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("RANK1_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK1_DECODE_LOG", str(tmp_path / "decodes.log"))
+    root = tmp_path / "data"
+    write_imagefolder(root)
+    before = load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25)
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(root / "test" / "dog" / "1.png")  # a changed image
+    after = load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25)
+    assert _decodes(tmp_path / "decodes.log") == 4 and not _same(before, after)
+    assert int(after.test.x[-1].sum()) == 0
+    (root / "train" / "cat" / "9.png").write_bytes((root / "train" / "cat" / "0.png").read_bytes())  # an added one
+    assert len(load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25).train) + \
+        len(load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25).val) == 13
+    assert _decodes(tmp_path / "decodes.log") == 6  # decoded once more, then cached again
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "garbage meta"])
+def test_a_corrupt_cache_is_rebuilt_never_trusted(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("RANK1_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK1_DECODE_LOG", str(tmp_path / "decodes.log"))
+    root = tmp_path / "data"
+    write_imagefolder(root)
+    ref = load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25)
+    (pt,) = (tmp_path / "cache").glob("*.pt")
+    raw = bytearray(pt.read_bytes())
+    if damage == "truncated":
+        pt.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif damage == "flipped byte":
+        raw[-200] ^= 0xFF  # inside the tensor data: torch.load alone would not notice
+        pt.write_bytes(bytes(raw))
+    else:
+        pt.with_suffix(".json").write_text("{not json")
+    with pytest.warns(UserWarning, match="the dataset cache .* is unusable"):
+        again = load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25)
+    assert _same(again, ref) and _decodes(tmp_path / "decodes.log") == 4  # decoded again...
+    assert _same(load_dataset("imagefolder", root=root, image_size=16, val_fraction=0.25), ref)
+    assert _decodes(tmp_path / "decodes.log") == 4  # ...and the rebuilt cache is used from then on
+
+
+def test_stratified_subsets_keep_the_class_shares_and_are_seeded():
+    from rank1.data import stratified_subset, with_subsets
+
+    y = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    data = ImageData(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 1, 2, 2).clone(), y)
+    sub = stratified_subset(data, 20, seed=1)
+    assert torch.bincount(sub.y).tolist() == [12, 6, 2]
+    assert torch.equal(stratified_subset(data, 20, seed=1).x, sub.x) and not torch.equal(
+        stratified_subset(data, 20, seed=2).x, sub.x)
+    assert stratified_subset(data, 500, seed=1) is data
+    d = load_dataset("digits")
+    s = with_subsets(d, 300, 100, seed=0)
+    assert (len(s.train), len(s.val), len(s.test)) == (300, 100, len(d.test)) and s.mean != d.mean

@@ -61,6 +61,22 @@ BAD = [
      "objective: 'dense' needs the dense arm trained in every trial, but train.arm is 'pair'"),
     ("asha with two objectives", {"objective": "pair", "scheduler": "asha"}, "scheduler: 'asha' stops trials on one"),
     ("non-finite number", {"pareto_tolerance": float("nan")}, "pareto_tolerance: nan is not allowed (allowed: a finite"),
+    ("a grid with a range", {"sampler": "grid", "n_trials": None, "search": {"depth": {"low": 1, "high": 2}}},
+     "search.depth: a grid takes a list of values, not a range (sampler: grid)"),
+    ("an empty grid", {"sampler": "grid", "n_trials": None, "search": {}}, "search: an empty grid"),
+    ("an empty design", {"sampler": "grid", "n_trials": None, "search": []}, "search: an empty design"),
+    ("grid size vs n_trials", {"sampler": "grid", "n_trials": 3, "search": {"depth": [1, 2]}},
+     "n_trials: 3 does not match the grid's 2 cells (allowed: 2, or leave n_trials out)"),
+    ("a design without the grid sampler", {"search": [{"depth": [1]}]},
+     "search: a list of grids is a design for sampler: grid"),
+    ("a repeated cell", {"sampler": "grid", "n_trials": None, "search": [{"depth": [1]}, {"depth": [1, 2]}]},
+     "search[1]: the cell {'depth': 1} is already in search[0]"),
+    ("an invalid cell", {"sampler": "grid", "n_trials": None, "objective": "arm",
+                         "search": [{"arm": ["rank1"], "flat1d_init": ["torch"]}]},
+     "search[0]: the cell {'arm': 'rank1', 'flat1d_init': 'torch'} is not a valid run: flat1d_init: set to 'torch'"),
+    ("a design whose cells do not all train the objective's arm", {"sampler": "grid", "n_trials": None,
+                                                                     "search": [{"arm": ["rank1", "flat1d"]}]},
+     "objective: 'rank1' needs the rank1 arm trained in every trial, but some cells train only"),
     ("bad name", {"name": "my study!"}, "name: 'my study!' is not allowed"),
 ]
 
@@ -82,6 +98,18 @@ def test_bad_study_files_exit_2_before_anything_starts(tmp_path, what, overrides
     assert message in p.stderr, p.stderr
     assert p.stderr.startswith("rank1 study run: error: ")
     assert not (tmp_path / "home").exists()  # nothing started: no home, no server, no Ray
+
+
+def test_a_grid_design_is_its_cells_in_order():
+    from rank1.config import from_dict
+    from study.config import StudyConfig
+
+    cfg = from_dict(StudyConfig, {"name": "g", "sampler": "grid", "objective": "arm", "search": [
+        {"arm": ["all"], "depth": [2, 4], "lr": [0.1]}, {"arm": ["rank1"], "projection": ["step:1"], "depth": [2]}]})
+    assert cfg.n_trials == 3 and cfg.cells == [{"arm": "all", "depth": 2, "lr": 0.1}, {"arm": "all", "depth": 4, "lr": 0.1},
+                                               {"arm": "rank1", "depth": 2, "projection": "step:1"}]
+    assert cfg.space == {"arm": ["all", "rank1"], "depth": [2, 4], "lr": [0.1], "projection": ["step:1"]}
+    assert cfg.trial_config(cfg.cells[2]).arms == ("rank1",)
 
 
 def test_resuming_a_home_that_is_not_a_study(tmp_path):

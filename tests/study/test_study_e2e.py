@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
 from rank1.data import TensorLoader, load_dataset
-from rank1.models import build_model
+from rank1.models import model_for
 from study.config import load_study
 from study.trial import load_checkpoint
 from tests.study.conftest import cli, mlflow_client, optuna_trials, trial_runs, write_study
@@ -79,7 +81,28 @@ def test_optuna_storage_holds_every_value(smoke):
         assert sorted(t.intermediate_values) == [1, 2]
 
 
-def test_champion_is_registered_and_pull_predicts_like_the_trial(smoke, tmp_path):
+def _trial_model(home, path, card):
+    """The champion trial's own network, rebuilt from its final checkpoint (weights only)."""
+    cfg = load_study(path)
+    ckpts = sorted((home / "ray_results" / "tune").glob(f"*{card['trial_id']}*/checkpoint_*"))
+    state = load_checkpoint(ckpts[-1])
+    assert state["final"]
+    tc = cfg.trial_config(state["params"], seed=card["seed"])
+    data = load_dataset(tc.dataset, image_size=tc.image_size)
+    model = model_for(tc, "rank1", 1, 10).eval()
+    model.load_state_dict(state["models"]["rank1"][card["seed"] - cfg.base.seed])
+    x, _ = next(iter(TensorLoader(data.val, len(data.val), data.mean, data.std)))
+    return model, x, data
+
+
+def _same_classes(logits, ref):
+    """The same predicted class, except where the reference's top two are within float rounding."""
+    top2 = ref.topk(2, dim=1).values
+    tie = (top2[:, 0] - top2[:, 1]) < 1e-4
+    return bool(((logits.argmax(1) == ref.argmax(1)) | tie).all())
+
+
+def test_champion_is_registered_and_pull_serves_it_like_the_trial(smoke, tmp_path):
     tmp, path, _ = smoke
     home = tmp / "home"
     outcome = json.loads((home / "outcome.json").read_text())
@@ -87,29 +110,89 @@ def test_champion_is_registered_and_pull_predicts_like_the_trial(smoke, tmp_path
     out = tmp_path / "pulled"
     p = cli("pull", "smoke-decomposed@champion", "--home", str(home), "--out", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "fresh-process check" in p.stdout
+    assert "fresh-process check" in p.stdout and "on this machine, batch 1" in p.stdout and "vs dense" in p.stdout
     card = json.loads((out / "model_card.json").read_text())
     assert card["trial_id"] == outcome["best"]["trial_id"] and card["aliases"] == ["champion"]
-
-    # The trial's own model, rebuilt from its final checkpoint (weights only) ...
-    cfg = load_study(path)
-    ckpts = sorted((home / "ray_results" / "tune").glob(f"*{card['trial_id']}*/checkpoint_*"))
-    state = load_checkpoint(ckpts[-1])
-    assert state["final"]
-    tc = cfg.trial_config(state["params"], seed=card["seed"])
-    data = load_dataset(tc.dataset, image_size=tc.image_size)
-    model = build_model(tc.model, arm="rank1", depth=tc.depth, width=tc.width, stages=tc.stages,
-                        init=tc.init, in_channels=1, num_classes=10).eval()
-    model.load_state_dict(state["models"]["rank1"][0])
-    # ... and the pulled model (torch.export format, no pickle) predict the same classes.
+    model, x, data = _trial_model(home, path, card)
     import mlflow
 
-    pulled = mlflow.pytorch.load_model(str(out / "model"))
-    x, _ = next(iter(TensorLoader(data.val, len(data.val), data.mean, data.std)))
+    # The pulled pyfunc deploys the fastest form of this machine and predicts as the trial's model ...
+    served = mlflow.pyfunc.load_model(str(out / "model"))
+    plans = served.unwrap_python_model().deployed
+    assert set(plans) == {1, card["latency_batch"]} and all(d.plan.measured for d in plans.values())
     with torch.no_grad():
-        assert torch.equal(pulled(x).argmax(1), model(x).argmax(1))
-        acc = float((pulled(x).argmax(1) == data.val.y).float().mean())
+        ref = model(x)
+        logits = torch.as_tensor(served.predict(x.numpy()))
+        assert torch.allclose(logits, ref, rtol=1e-4, atol=1e-4) and _same_classes(logits, ref)
+    acc = float((logits.argmax(1) == data.val.y).float().mean())
     assert acc == pytest.approx(card["val_acc"], abs=1e-9)
+    # ... and the exportable chain form inside it loads with torch.export alone (no rank1, no pickle).
+    prog = torch.export.load(str(out / "model" / "artifacts" / "exportable.pt2"))
+    with torch.no_grad():
+        assert torch.allclose(prog.module()(x), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_over_http_with_the_trials_predictions(smoke, tmp_path):
+    """``mlflow models serve -m models:/NAME@champion`` for real, on 127.0.0.1, a batch over HTTP."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from study.services import MlflowServer, free_port
+
+    tmp, path, _ = smoke
+    home = tmp / "home"
+    outcome = json.loads((home / "outcome.json").read_text())
+    server = MlflowServer(home).start()
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/smoke-decomposed@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": server.url},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow models serve did not come up"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(1)
+        card = json.loads((home / "outcome.json").read_text())["best"]
+        with mlflow_client(home, server.url) as (client, _):
+            mv = client.get_model_version_by_alias("smoke-decomposed", "champion")
+            run = client.get_run(mv.run_id)
+        seed = int(mv.tags["seed"])
+        model, x, _ = _trial_model(home, path, {"trial_id": card["trial_id"], "seed": seed})
+        batch = x[:16]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                     data=json.dumps({"inputs": batch.tolist()}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        logits = torch.tensor(answer["predictions"])
+        with torch.no_grad():
+            ref = model(batch)
+        assert logits.shape == ref.shape and torch.allclose(logits, ref, rtol=1e-4, atol=1e-4)
+        assert _same_classes(logits, ref) and run.data.tags["rank1.trial_id"] == outcome["best"]["trial_id"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        server.stop()
+
+
+def test_the_registry_shows_the_model_card(smoke):
+    tmp, _, _ = smoke
+    with mlflow_client(tmp / "home") as (client, _):
+        mv = client.get_model_version_by_alias("smoke-decomposed", "champion")
+        rm = client.get_registered_model("smoke-decomposed")
+    for text in (mv.description, rm.description):
+        assert "rank1 pull smoke-decomposed" in text and "validation accuracy (decomposed)" in text
+        assert "speedup over its dense form" in text and "mlflow models serve" in text
 
 
 def test_confirmation_retrains_each_arms_best_with_fresh_seeds_on_test(smoke):

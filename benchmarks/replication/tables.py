@@ -1,0 +1,85 @@
+"""The README's per-claim tables and verdicts, regenerated from a study's committed export.
+
+    python benchmarks/replication/tables.py [--dir benchmarks/replication] [--readme README.md]
+
+Reads ``DIR/runs.jsonl`` and ``DIR/summary.json`` (written by ``rank1 study export``), writes
+``DIR/tables.md`` and, with ``--readme``, replaces the README's text between the markers
+``<!-- claims:begin -->`` and ``<!-- claims:end -->``. Nothing is measured here: anyone can
+check the README's numbers against the exported records with this one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dashboards.claims import claims
+from dashboards.stats import best_vs_best
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+
+
+def build(d: Path, by: list[str], select: list[str]) -> str:
+    recs = [json.loads(line) for line in (d / "runs.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((d / "summary.json").read_text())
+    search = [r for r in recs if r["phase"] == "search"]
+    confirm = [r for r in recs if r["phase"] == "confirm" and r["status"] == "finished"]
+    champ = summary.get("champion") or {}
+    rec = next((r for r in search if r["trial_id"] == champ.get("trial_id") and str(r["seed"]) == str(champ.get("seed"))
+                and r["arm"] == champ.get("arm")), None)
+    champion = None
+    if rec is not None:
+        arm = rec["arm"]
+        champion = {"arm": arm, "metrics": {f"{arm}.{k}": v for k, v in rec["inference"].items()}}
+        champion["metrics"].update(summary.get("outcome", {}).get("best", {}).get("metrics", {}))
+    c = claims(search, by, select, champion=champion)
+    cfg = summary["study_config"]
+    train = cfg["train"]
+    lines = [f"Study `{summary['study']}`: {train.get('dataset')} ({train.get('root', '')}), "
+             f"{cfg.get('n_trials')} grid cells x {cfg.get('seeds_per_trial')} seeds, then "
+             f"{cfg.get('confirm_seeds')} fresh seeds for each arm's best configuration; "
+             f"{len(search)} (trial, seed, arm) runs and {len(confirm)} confirmation runs; MLflow experiment "
+             f"{summary.get('mlflow_experiment_id')}, {len(summary.get('mlflow_run_ids', []))} runs.", ""]
+    for claim, title in (("trainability", "Trainability"), ("gradient_flow", "Gradient flow"),
+                         ("low_rank", "Low-rank outputs"), ("fast_inference", "Fast inference")):
+        if claim in c["verdicts"]:
+            lines.append(f"- **{title}.** {c['verdicts'][claim]}")
+    lines += ["", c["markdown"], ""]
+    if c["speed_markdown"]:
+        lines += ["**Fast inference**: the registered champion, as deployed where it was trained", "",
+                  c["speed_markdown"]]
+    accs = {}
+    for r in confirm:
+        accs.setdefault(r["arm"], []).append(r["test_acc"])
+    if accs:
+        lines += ["**Tuned best vs best** (each arm's best configuration by its own validation accuracy, retrained "
+                  "on fresh seeds, scored on test; Welch 95% interval):", ""]
+        for a, b in (("rank1", "flat1d"), ("rank1", "dense"), ("flat1d", "dense")):
+            if a in accs and b in accs:
+                lines.append(f"- {best_vs_best(a, accs[a], b, accs[b]).sentence}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=HERE, help="the export folder (runs.jsonl, summary.json)")
+    ap.add_argument("--by", nargs="+", default=["batchnorm", "depth"], help="the cells of the tables")
+    ap.add_argument("--select", nargs="*", default=["lr"], help="fields each arm variant takes at its own best")
+    ap.add_argument("--readme", type=Path, default=None, help="replace the README's claims section")
+    args = ap.parse_args()
+    md = build(args.dir, args.by, args.select)
+    (args.dir / "tables.md").write_text(md)
+    if args.readme:
+        text = args.readme.read_text()
+        if BEGIN not in text or END not in text:
+            raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} section")
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        args.readme.write_text(f"{head}{BEGIN}\n{md}{END}{tail}")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The paper's claims, one table and one verdict each, from a study's exported records.
+
+Kim et al. (2018) claim that (1) training 3-D rank-1 filters trains where consecutive 1-D
+filters cannot, (2) thanks to better gradient flow, (3) rank-1 filters give low-rank
+outputs, and (4) the decomposed filters run fast. :func:`claims` turns the records of
+``rank1 study export`` (or of ``rank1 sweep``) into a table per claim and a sentence per
+claim, by fixed rules stated with each sentence, whichever way the data go:
+
+* trainability: an arm variant *fails* in a cell when its mean test accuracy is below
+  chance + 0.1; the claim holds where every flat1d variant fails and some rank1 variant's
+  95% interval lies above that line, and holds only there.
+* gradient flow: per cell, the arm whose first/last RMS-gradient ratio after epoch 1 is
+  closer to 1 (``|log ratio|`` smaller) has the better flow; the sentence counts cells.
+* low-rank outputs: rank1's mean effective rank (over layers, as a fraction of the
+  maximum) against the dense control's, cell by cell.
+* fast inference: the registered champion's deployed speedup over its dense form at every
+  batch size measured, and the fraction of the FLOP ratio it reaches.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from rank1.sweep import summarise, tables_markdown
+
+__all__ = ["claims", "scored"]
+
+
+def scored(records: list[dict[str, Any]], num_classes: int) -> list[dict[str, Any]]:
+    """Records with an accuracy for every run: one that diverged or failed scores chance."""
+    chance = 1.0 / num_classes
+    out = []
+    for r in records:
+        ok = r["status"] == "finished" and r.get("val_acc") is not None
+        out.append({**r, "val_acc": r["val_acc"] if ok else chance, "test_acc": r["test_acc"] if ok else chance})
+    return out
+
+
+def _cells(rows: list[dict[str, Any]], by: list[str]) -> dict[tuple, dict[str, dict[str, Any]]]:
+    cells: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r[b] for b in by), {})[r["variant"]] = r
+    return cells
+
+
+def _where(by: list[str], key: tuple) -> str:
+    return ", ".join(f"{b} {v}" for b, v in zip(by, key))
+
+
+def claims(records: list[dict[str, Any]], by: list[str], select: list[str], num_classes: int = 10,
+           champion: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"markdown": ..., "verdicts": {claim: sentence}, "rows": ...}`` for the search records."""
+    rows = summarise(scored(records, num_classes), by, select)
+    cells = _cells(rows, by)
+    fail = 1.0 / num_classes + 0.1
+    verdicts: dict[str, str] = {}
+
+    # (1) trainability: per flat1d variant, the cells where it fails and some rank1 variant trains
+    fails_where: dict[str, list[tuple]] = {}
+    rank1_fails = []
+    for key, vs in cells.items():
+        r1 = [r for r in vs.values() if r["arm"] == "rank1"]
+        trains = any(r["test_low"] > fail for r in r1)
+        for v, r in vs.items():
+            if r["arm"] == "flat1d":
+                fails_where.setdefault(v, [])
+                if r["test_acc"] < fail and trains:
+                    fails_where[v].append(key)
+        flat = [r for r in vs.values() if r["arm"] == "flat1d"]
+        if r1 and all(r["test_acc"] < fail for r in r1) and any(r["test_acc"] >= fail for r in flat):
+            rank1_fails.append(key)
+    failing = {v: ks for v, ks in fails_where.items() if ks}
+    line = f"fails: mean test accuracy below {fail:.2f}; trains: the 95% interval above it"
+    if not failing:
+        verdicts["trainability"] = (
+            f"Does not hold here: in none of the {len(cells)} cells does rank-1 training train where a "
+            f"consecutive-1-D network fails ({line})."
+            + (f" The reverse happens in {len(rank1_fails)} cell(s): {'; '.join(_where(by, k) for k in rank1_fails)}."
+               if rank1_fails else ""))
+    else:
+        parts = [f"flat1d is {v.split('(', 1)[-1].rstrip(')') if '(' in v else v} and "
+                 + ("; or ".join(_where(by, k) for k in ks) if len(ks) < len(cells) else "at every cell")
+                 for v, ks in failing.items()]
+        fine = [v for v, ks in fails_where.items() if not ks]
+        verdicts["trainability"] = (
+            ("Holds" if not fine and all(len(ks) == len(cells) for ks in failing.values()) else "Holds only when ")
+            + " or when ".join(parts) + f": there the consecutive-1-D network fails while rank-1 training trains ({line})"
+            + (f"; {', '.join(fine)} trains wherever rank1 does" if fine else "") + "."
+            + (f" The reverse happens in {len(rank1_fails)} cell(s): {'; '.join(_where(by, k) for k in rank1_fails)}."
+               if rank1_fails else ""))
+
+    # (2) gradient flow, after epoch 1 (a cause; the end shows consequences)
+    better, worse, ties = [], [], []
+    for key, vs in cells.items():
+        r1 = [r for r in vs.values() if r["arm"] == "rank1" and math.isfinite(r["grad_ratio_epoch1"])]
+        fl = [r for r in vs.values() if r["arm"] == "flat1d" and math.isfinite(r["grad_ratio_epoch1"])]
+        if not (r1 and fl):
+            continue
+        a = min(abs(math.log(r["grad_ratio_epoch1"])) for r in r1)
+        b = min(abs(math.log(r["grad_ratio_epoch1"])) for r in fl)
+        (better if a < b * 0.9 else worse if b < a * 0.9 else ties).append(key)
+    n = len(better) + len(worse) + len(ties)
+    verdicts["gradient_flow"] = (
+        (f"Holds in {len(better)} of {n} cells" if len(better) > len(worse) + len(ties) else
+         f"Does not hold in most cells: rank1's gradient flow after epoch 1 is better in {len(better)} of {n}")
+        + f" (closer first/last ratio of the RMS output gradient to 1 by more than 10%), worse in {len(worse)}, "
+          f"about equal in {len(ties)}; comparing each arm's best-flowing variant."
+    ) if n else "Not measured: no cell has both rank1 and flat1d gradient-flow measurements."
+
+    # (3) low-rank outputs: rank1 vs the dense control
+    lower, higher = [], []
+    gaps = []
+    for key, vs in cells.items():
+        r1 = [r["rank_mean.entropy_frac"] for r in vs.values() if r["arm"] == "rank1"]
+        de = [r["rank_mean.entropy_frac"] for r in vs.values() if r["arm"] == "dense"]
+        if r1 and de and all(map(math.isfinite, r1 + de)):
+            gap = statistics.mean(r1) - statistics.mean(de)
+            gaps.append(gap)
+            (lower if gap < 0 else higher).append(key)
+    if gaps:
+        verdicts["low_rank"] = (
+            ("Holds" if len(lower) == len(gaps) else "Holds only in some cells" if lower else "Does not hold")
+            + f": rank1's outputs have a lower effective rank than the dense control's in {len(lower)} of {len(gaps)} "
+              f"cells (mean difference {statistics.mean(gaps):+.3f} of the maximum rank, entropy effective rank "
+              "averaged over layers).")
+    else:
+        verdicts["low_rank"] = "Not measured: no cell has both the rank1 and the dense arm."
+
+    # (4) fast inference: the champion as deployed
+    speed_md = ""
+    if champion:
+        m, arm = champion.get("metrics", {}), champion.get("arm", "rank1")
+        sp = {int(k.rsplit("_b", 1)[1]): v for k, v in m.items() if k.startswith(f"{arm}.speedup_b")}
+        fr = {int(k.rsplit("_b", 1)[1]): v for k, v in m.items() if k.startswith(f"{arm}.fraction_of_flop_ratio_b")}
+        if sp:
+            ok = all(v > 1 for v in sp.values())
+            verdicts["fast_inference"] = (
+                ("Holds" if ok else "Holds only at some batch sizes" if any(v > 1 for v in sp.values()) else "Does not hold")
+                + ": the champion's deployed decomposed form is " + ", ".join(
+                    f"{v:.2f}x its dense form at batch {b} ({fr.get(b, float('nan')):.0%} of the "
+                    f"{m.get(f'{arm}.flop_ratio', float('nan')):.2f}x FLOP ratio)" for b, v in sorted(sp.items()))
+                + f", measured where it trained ({m.get(f'{arm}.threads', float('nan')):.0f} threads"
+                + (f", {m.get('latency.other_trials_running', 0):.0f} other trial(s) running" if
+                   "latency.other_trials_running" in m else "") + ").")
+            speed_md = ("| batch | deployed form | speedup over dense | FLOP ratio | of FLOP ratio |\n|---|---|---|---|---|\n"
+                        + "".join(f"| {b} | {m.get(f'{arm}.deploy_b{b}', '')} | {v:.2f}x | "
+                                  f"{m.get(f'{arm}.flop_ratio', float('nan')):.2f}x | {fr.get(b, float('nan')):.0%} |\n"
+                                  for b, v in sorted(sp.items())))
+    md = tables_markdown(rows, by, select)
+    return {"rows": rows, "verdicts": verdicts, "markdown": md, "speed_markdown": speed_md}

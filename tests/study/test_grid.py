@@ -1,0 +1,89 @@
+"""Pre-registered grid designs (``sampler: grid``) on real Ray, MLflow and SQLite: every cell
+runs once, a killed driver resumes without repeating or skipping one; and the decoded
+dataset reaches the trials through Ray's object store, never decoded there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from tests.rank1.test_data import write_imagefolder
+from tests.study.conftest import cli, mlflow_client, optuna_trials, trial_runs, write_study
+from tests.study.test_exactly_once import _checkpoints, _start, _wait_for
+
+pytestmark = pytest.mark.slow
+
+# rank1 + flat1d + dense side by side; rank1 at another period alone; flat1d at torch's init alone.
+DESIGN = [
+    {"arm": ["all"], "depth": [1, 2]},
+    {"arm": ["rank1"], "projection": ["step:5"], "depth": [1, 2]},
+    {"arm": ["flat1d"], "flat1d_init": ["torch"], "depth": [1, 2]},
+]
+CELLS = [{"arm": "all", "depth": 1}, {"arm": "all", "depth": 2},
+         {"arm": "rank1", "depth": 1, "projection": "step:5"}, {"arm": "rank1", "depth": 2, "projection": "step:5"},
+         {"arm": "flat1d", "depth": 1, "flat1d_init": "torch"}, {"arm": "flat1d", "depth": 2, "flat1d_init": "torch"}]
+
+
+def _cells_run(home, name):
+    """(Optuna COMPLETE cells, MLflow finished cells), each as sorted reprs."""
+    done = sorted(repr(sorted(t.params.items())) for t in optuna_trials(home, name) if t.state.name == "COMPLETE")
+    with mlflow_client(home) as (client, _):
+        runs = trial_runs(client, name)
+        mlflow_cells = sorted(repr(sorted((k[len("search."):], _typed(v)) for k, v in r.data.params.items()
+                                          if k.startswith("search."))) for r in runs)
+        statuses = [r.data.tags["rank1.status"] for r in runs]
+    return done, mlflow_cells, statuses
+
+
+def _typed(v: str):
+    return int(v) if v.isdigit() else v
+
+
+def test_a_grid_design_runs_every_cell_once_and_resumes_without_repeating_or_skipping(tmp_path):
+    path = write_study(tmp_path, name="grid", sampler="grid", objective="arm", n_trials=None, search=DESIGN,
+                       train={"epochs": 5, "width": 16, "arm": "all"}, max_concurrent=2)
+    home = tmp_path / "home"
+    log = tmp_path / "run.log"
+    proc = _start(path, log)
+    _wait_for(lambda: _checkpoints(home, 2), proc, log)  # some trial is three epochs in
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    status = json.loads(cli("study", "status", str(home), "--json").stdout)
+    assert status["n_trials"] == len(CELLS) and status["states"].get("finished", 0) < len(CELLS)
+    p = cli("study", "resume", str(home))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    expected = sorted(repr(sorted(c.items())) for c in CELLS)
+    done, mlflow_cells, statuses = _cells_run(home, "grid")
+    assert done == expected  # every cell of the design once in Optuna: none repeated, none skipped
+    assert mlflow_cells == expected and set(statuses) == {"finished"}  # and one finished MLflow run each
+    others = [t for t in optuna_trials(home, "grid") if t.state.name != "COMPLETE"]
+    assert all(t.user_attrs.get("status") == "orphaned" for t in others)  # asked just before the kill, never run
+
+
+def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_path):
+    root = tmp_path / "images"
+    write_imagefolder(root, n_train=24, n_test=6, size=(12, 12))
+    decodes = tmp_path / "decodes.log"
+    path = write_study(tmp_path, name="shared", train={"dataset": "imagefolder", "root": str(root), "image_size": 8,
+                                                       "epochs": 1, "latency_repeats": 2},
+                       search={"depth": [1, 2]}, sampler="grid", n_trials=None)
+    env = {"RANK1_DECODE_LOG": str(decodes), "RANK1_DATA_CACHE": str(tmp_path / "cache")}
+    p = cli("study", "run", str(path), env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "shared with the trials through Ray's object store" in p.stdout
+    lines = decodes.read_text().splitlines()
+    pids = {line.split()[0] for line in lines}
+    assert len(lines) == 2 and len(pids) == 1  # the train and test folders, decoded once, by one process
+    with mlflow_client(tmp_path / "home") as (client, _):
+        runs = trial_runs(client, "shared")
+    assert len(runs) == 2 and {r.data.tags["rank1.pid"] for r in runs}.isdisjoint(pids)  # not by a trial
+    # A second study on the same files reads the cache: nothing is decoded at all.
+    path2 = write_study(tmp_path / "second", name="shared2", train={"dataset": "imagefolder", "root": str(root),
+                                                                     "image_size": 8, "epochs": 1},
+                        search={"depth": [1]}, sampler="grid", n_trials=None)
+    p = cli("study", "run", str(path2), env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert len(decodes.read_text().splitlines()) == 2
