@@ -24,6 +24,7 @@ import statistics
 from typing import Any
 
 from rank1.sweep import summarise, tables_markdown
+from study.names import batch_of
 
 __all__ = ["claims", "scored"]
 
@@ -132,8 +133,8 @@ def claims(records: list[dict[str, Any]], by: list[str], select: list[str], num_
     speed_md = ""
     if champion:
         m, arm = champion.get("metrics", {}), champion.get("arm", "rank1")
-        sp = {int(k.rsplit("_b", 1)[1]): v for k, v in m.items() if k.startswith(f"{arm}.speedup_b")}
-        fr = {int(k.rsplit("_b", 1)[1]): v for k, v in m.items() if k.startswith(f"{arm}.fraction_of_flop_ratio_b")}
+        sp = {batch_of(k): v for k, v in m.items() if k.startswith(f"{arm}.speedup_b")}
+        fr = {batch_of(k): v for k, v in m.items() if k.startswith(f"{arm}.fraction_of_flop_ratio_b")}
         if sp:
             ok = all(v > 1 for v in sp.values())
             verdicts["fast_inference"] = (

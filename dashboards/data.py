@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from study.names import TAG_REASON, TAG_ROLE, TAG_STATUS, TAG_TRIAL
+
 __all__ = ["StudyData", "TrialRecord", "load_study_data"]
 
 
@@ -93,11 +95,11 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:
         raise ValueError(f"no MLflow experiment named {cfg.name!r} at {tracking_uri}")
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'parent'")
     if not parents:
         raise ValueError(f"experiment {cfg.name!r} has no study parent run")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'trial'", max_results=10000)
-    confirm_runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'",
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'", max_results=10000)
+    confirm_runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'confirm'",
                                       max_results=10000)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -128,10 +130,10 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
 
 def _record(client, r, by_ray: dict) -> TrialRecord:
     """A trial (or confirmation) run as a record, with its per-seed results once it ended."""
-    tid = r.data.tags.get("rank1.trial_id", r.info.run_id)
+    tid = r.data.tags.get(TAG_TRIAL, r.info.run_id)
     params = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
-    rec = TrialRecord(tid, r.info.run_id, r.data.tags.get("rank1.status", "unknown"),
-                      r.data.tags.get("rank1.reason"), params, dict(r.data.params), dict(r.data.metrics))
+    rec = TrialRecord(tid, r.info.run_id, r.data.tags.get(TAG_STATUS, "unknown"),
+                      r.data.tags.get(TAG_REASON), params, dict(r.data.params), dict(r.data.metrics))
     ot = by_ray.get(tid)
     if ot is not None:
         rec.params = dict(ot.params)  # typed

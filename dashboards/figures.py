@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dashboards.data import StudyData  # noqa: E402
 from dashboards.stats import best_vs_best, mean_ci, paired_verdict  # noqa: E402
+from study.names import FINAL, batch_of  # noqa: E402
 
 __all__ = ["SECTIONS", "Section", "seed_rows"]
 
@@ -371,7 +372,7 @@ def initialisation(data: StudyData, rows) -> Section:
 def speed(data: StudyData, rows) -> Section:
     s = Section("speed", "6. Speed: decomposed vs dense inference, and the accuracy-latency front")
     r1 = [r for r in rows if r["arm"] == "rank1" and r["inference"]]
-    batches = sorted({int(k.rsplit("_b", 1)[1]) for r in r1 for k in r["inference"] if k.startswith("speedup_b")})
+    batches = sorted({batch_of(k) for r in r1 for k in r["inference"] if k.startswith("speedup_b")})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     ax = axes[0]
     for b in batches:
@@ -463,7 +464,7 @@ def confirm_accuracies(data: StudyData) -> dict[str, list[float]]:
     out: dict[str, list[float]] = defaultdict(list)
     for t in data.confirms:
         arm = t.config.get("arm")
-        acc = t.metrics.get(f"{arm}.test_acc")
+        acc = t.metrics.get(f"{FINAL}{arm}.test_acc")
         if t.status == "finished" and acc is not None:
             out[arm].append(acc)
     return dict(out)

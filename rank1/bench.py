@@ -149,12 +149,21 @@ def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch
     }
     if "tltorch-cp" in times:
         row["vs_tltorch"] = times["tltorch-cp"] / decomposed[best_name]
+    # What a user gets: decompose_model(layer, "auto", example=x) on the NCHW input users pass.
+    with tempfile.TemporaryDirectory() as d:
+        auto = deploy(layer, x, cache=Path(d) / "cache.json")
+    times["auto"] = time_forward(auto, x, warmup=3, repeats=repeats, min_time_s=0.3).median_ms
+    row.update(auto_ms=times["auto"], auto_plan=auto.plan.summary(), auto_speedup=dense_best / times["auto"],
+               auto_fraction_of_flop_ratio=dense_best / times["auto"] / flop_ratio)
+    if "tltorch-cp" in times:
+        row["auto_vs_tltorch"] = times["tltorch-cp"] / times["auto"]
     return row
 
 
 def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> str:
     head = ("| C=O | k | HxW | batch | dense ms | best 1-D impl | 1-D ms | speedup | FLOP ratio | of FLOP ratio "
-            "| roofline ms | of roofline | of roofline + calls | tltorch CP ms |\n|" + "---|" * 14)
+            "| roofline ms | of roofline | of roofline + calls | auto (NCHW in) ms | auto speedup | auto of FLOP ratio "
+            "| tltorch CP ms |\n|" + "---|" * 17)
     lines = [head]
     for r in rows:
         cp = r["times_ms"].get("tltorch-cp")
@@ -163,6 +172,7 @@ def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> st
             f"| {r['best']} | {r['best_ms']:.3f} | {r['speedup']:.2f}x | {r['flop_ratio']:.2f}x "
             f"| {r['fraction_of_flop_ratio']:.0%} | {r['bound_ms'][r['best'].split('-')[0]]:.3f} "
             f"| {r['fraction_of_bound']:.0%} | {r.get('fraction_of_bound_with_calls', float('nan')):.0%} "
+            f"| {r['auto_ms']:.3f} | {r['auto_speedup']:.2f}x | {r['auto_fraction_of_flop_ratio']:.0%} "
             f"| {'—' if cp is None else f'{cp:.3f}'} |")
     lines.append("")
     lines.append(f"{info.get('cpu', info.get('gpu', info['device']))}, {info['threads']} threads, torch {info['torch']}; "

@@ -155,7 +155,9 @@ def summary_table(result) -> Any:
         ("params dense / 1-D", lambda r: f"{r.inference.get('dense_params', '—')} / {r.inference.get('decomposed_params', '—')}"),
         ("FLOP ratio", lambda r: _fmt(r.inference.get("flop_ratio"), ".2f")),
     ]
-    batches = sorted({int(k.rsplit("_b", 1)[1]) for r in arms.values() for k in r.inference if k.startswith("speedup_b")})
+    from rank1.measure import batch_of
+
+    batches = sorted({batch_of(k) for r in arms.values() for k in r.inference if k.startswith("speedup_b")})
     for b in batches:
         rows.append((f"latency b{b} dense / 1-D ms", lambda r, b=b: (
             f"{_fmt(r.inference.get(f'dense_latency_ms_b{b}'), '.2f')} / "
@@ -255,7 +257,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with Progress(console=console) as progress:
         task = progress.add_task("sweep", total=len(runs))
 
+        trained = [0]
+
         def report(done: int, total: int, rec: dict[str, Any] | None) -> None:
+            trained[0] += rec is not None
             desc = "sweep" if rec is None else (f"{rec['arm']} depth {rec['config']['depth']} seed {rec['seed']}: "
                                                f"{rec['status']} {rec['val_acc']:.3f}")
             progress.update(task, completed=done, description=desc)
@@ -266,18 +271,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = summarise(records, by, list(args.select))
     md = tables_markdown(rows, by, list(args.select))
     info = machine_info(base.device if base.device != "auto" else "cpu")
+    date, jobs = time.strftime("%Y-%m-%d"), args.jobs
+    old = out / "sweep.json"
+    if trained[0] == 0 and old.exists():  # tables regenerated from runs.jsonl: keep when and where they ran
+        prev = json.loads(old.read_text())
+        elapsed, info = prev.get("elapsed_s", elapsed), prev.get("machine", info)
+        date, jobs = prev.get("date", date), prev.get("jobs", jobs)
     note = (f"{base.dataset}, {base.model} width {base.width}, {base.epochs} epochs, {base.optimizer}, grid "
             + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in grid.items())
             + f"; seeds {base.seed}..{base.seed + args.seeds - 1}; {len(runs)} runs; "
             f"{elapsed / 60:.1f} min here ({sum(r['time_s'] for r in records) / 60:.1f} min of training in all) on "
-            f"{info.get('cpu', info['processor'])}, {args.jobs} job(s), {time.strftime('%Y-%m-%d')}.")
+            f"{info.get('cpu', info['processor'])}, {jobs} job(s), {date}.")
     console.print(md)
     console.print(note)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(md + "\n\n" + note + "\n")
     (out / "sweep.json").write_text(json.dumps(
         {"config": base.to_dict(), "grid": grid, "seeds": args.seeds, "select": list(args.select), "by": by,
-         "rows": rows, "elapsed_s": elapsed, "machine": info, "command": "rank1 " + " ".join(sys.argv[1:])},
+         "rows": rows, "elapsed_s": elapsed, "machine": info, "date": date, "jobs": jobs,
+         "command": "rank1 " + " ".join(sys.argv[1:])},
         indent=2, default=str))
     console.print(f"written to {out}/sweep.md, sweep.json and runs.jsonl")
     return 0

@@ -9,6 +9,7 @@ parameters are counted with forward hooks. Nothing here asserts a speed: it meas
 from __future__ import annotations
 
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from rank1.layers import Flat1dConv2d, Rank1Conv2d
 
 __all__ = [
     "Timing",
+    "batch_of",
+    "batched",
     "count_flops",
     "count_params",
     "keep_freed_memory",
@@ -29,6 +32,20 @@ __all__ = [
     "machine_info",
     "time_forward",
 ]
+
+
+_BATCH = re.compile(r"_b(\d+)$")
+
+
+def batched(key: str, batch: int) -> str:
+    """A latency key for one batch size: ``speedup`` -> ``speedup_b32``."""
+    return f"{key}_b{batch}"
+
+
+def batch_of(key: str) -> int | None:
+    """The batch size of a latency key (``rank1.speedup_b32`` -> 32); None without one."""
+    m = _BATCH.search(key)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

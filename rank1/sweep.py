@@ -67,8 +67,20 @@ def plan(base: TrainConfig, grid: dict[str, list[Any]], seeds: Iterable[int]) ->
 
 
 def run_key(cfg: TrainConfig) -> str:
-    """A run's identity: its whole config (so a changed base trains again)."""
-    return json.dumps(cfg.to_dict(), sort_keys=True)
+    """A run's identity: every setting that differs from the default (so a changed base trains
+    again, and a field added later at its default does not make old runs look new)."""
+    defaults = TrainConfig().to_dict()
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if v != defaults[k]}, sort_keys=True)
+
+
+def _key_of(rec: dict[str, Any]) -> str | None:
+    from rank1.config import ConfigError, from_dict
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return run_key(from_dict(TrainConfig, {k: v for k, v in rec["config"].items() if k in known}))
+    except ConfigError:
+        return None
 
 
 def record_of(cfg: TrainConfig, result: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -122,7 +134,9 @@ def run_sweep(runs: list[TrainConfig], out: Path, jobs: int = 1,
                 rec = json.loads(line)
             except ValueError:  # a line cut by a kill: that run trains again
                 continue
-            done[rec["key"]] = rec
+            key = _key_of(rec)
+            if key is not None:
+                done[key] = {**rec, "key": key}
     todo = [c for c in runs if run_key(c) not in done]
     total = len(runs)
     if progress:
@@ -189,7 +203,7 @@ def summarise(records: list[dict[str, Any]], by: list[str], select: list[str]) -
         cell = (tuple(r["config"].get(b) for b in by), variant_of(r, varying))
         cells[cell][tuple(r["config"].get(s) for s in select)].append(r)
     rows = []
-    for (where, variant), options in sorted(cells.items(), key=lambda kv: (repr(kv[0][0]), kv[0][1])):
+    for (where, variant), options in sorted(cells.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
         scored = {opt: statistics.mean(r["val_acc"] for r in rs) for opt, rs in options.items()}
         best = max(sorted(scored, key=repr), key=lambda o: scored[o])
         rs = sorted(options[best], key=lambda r: r["seed"])
@@ -206,6 +220,12 @@ def summarise(records: list[dict[str, Any]], by: list[str], select: list[str]) -
             row[f"rank_{key}"] = statistics.mean(vals) if vals else float("nan")
         rows.append(row)
     return rows
+
+
+def _order(values: tuple) -> tuple:
+    """A sort key that orders numbers as numbers (4 before 16) and everything else by its text."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, repr(v))
+                 for v in values)
 
 
 def _fmt_acc(row: dict[str, Any]) -> str:

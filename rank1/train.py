@@ -42,7 +42,7 @@ from rank1.gradstats import GradientMonitor, measure_gradient_flow
 from rank1.init import INIT_SCHEMES
 from rank1.layers import Rank1Conv2d
 from rank1.lowrank import output_ranks
-from rank1.measure import count_flops, count_params, time_forward
+from rank1.measure import batched, count_flops, count_params, time_forward
 from rank1.models import MODELS, model_for
 
 __all__ = [
@@ -691,21 +691,21 @@ class ArmTrainer:
             x = self._example(batch)
             t = min((time_forward(formatted(copy.deepcopy(dense_form), fmt), in_format(x, fmt), repeats=reps)
                      for fmt in FORMATS), key=lambda t: t.median_ms)
-            out[f"dense_latency_ms_b{batch}"] = t.median_ms
-            out[f"dense_latency_spread_ms_b{batch}"] = [t.p10_ms, t.p90_ms]
+            out[batched("dense_latency_ms", batch)] = t.median_ms
+            out[batched("dense_latency_spread_ms", batch)] = [t.p10_ms, t.p90_ms]
             if shipped is dense_form:
                 continue
             deployed = decompose_model(self.model, "auto", example=x)
             t2 = time_forward(deployed, x, repeats=reps)
             t3 = time_forward(shipped, x, repeats=reps)
-            out[f"decomposed_latency_ms_b{batch}"] = t2.median_ms
-            out[f"decomposed_latency_spread_ms_b{batch}"] = [t2.p10_ms, t2.p90_ms]
-            out[f"speedup_b{batch}"] = t.median_ms / t2.median_ms
-            out[f"fraction_of_flop_ratio_b{batch}"] = out[f"speedup_b{batch}"] / out["flop_ratio"]
-            out[f"chain_latency_ms_b{batch}"] = t3.median_ms
-            out[f"chain_speedup_b{batch}"] = t.median_ms / t3.median_ms
-            out[f"deploy_b{batch}"] = deployed.plan.summary()
-            out[f"deploy_impls_b{batch}"] = dict(deployed.plan.impls)
+            out[batched("decomposed_latency_ms", batch)] = t2.median_ms
+            out[batched("decomposed_latency_spread_ms", batch)] = [t2.p10_ms, t2.p90_ms]
+            out[batched("speedup", batch)] = t.median_ms / t2.median_ms
+            out[batched("fraction_of_flop_ratio", batch)] = out[batched("speedup", batch)] / out["flop_ratio"]
+            out[batched("chain_latency_ms", batch)] = t3.median_ms
+            out[batched("chain_speedup", batch)] = t.median_ms / t3.median_ms
+            out[batched("deploy", batch)] = deployed.plan.summary()
+            out[batched("deploy_impls", batch)] = dict(deployed.plan.impls)
         return out
 
     # -- checkpoint -----------------------------------------------------------------------------

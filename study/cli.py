@@ -219,7 +219,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         server = MlflowServer(home, host=args.host, port=args.port).start()
     except RuntimeError as e:
         raise CliError(str(e)) from None
-    return _serve(server, f"MLflow UI: {server.url}  (Ctrl-C to stop)")
+    from study.names import experiment_url
+
+    state = home / "state.json"
+    exp = json.loads(state.read_text()).get("experiment_id") if state.exists() else None
+    where = f"; the study's runs: {experiment_url(server.url, exp)}" if exp else ""
+    return _serve(server, f"MLflow UI: {server.url}{where}  (Ctrl-C to stop)")
 
 
 def _serve(server, line: str) -> int:

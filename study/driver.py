@@ -22,9 +22,22 @@ from typing import Any
 import torch
 
 from rank1.config import ConfigError
+from rank1.train import ARM_CHOICES
 from study.config import StudyConfig, load_study
+from study.names import (
+    FINAL,
+    TAG_ARM,
+    TAG_REASON,
+    TAG_ROLE,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_STUDY,
+    TAG_TRIAL,
+    batch_of,
+    experiment_url,
+)
 from study.services import MlflowServer, check_storage, check_tracking_uri, start_ray
-from study.trial import TAG_STATUS, TAG_TRIAL, load_checkpoint
+from study.trial import load_checkpoint
 
 __all__ = ["StudyOutcome", "preflight", "resume_study", "run_study", "study_status"]
 
@@ -190,15 +203,42 @@ def tracking(cfg: StudyConfig, keep_ui: bool = False) -> Iterator[str]:
         server.stop()
 
 
+# The MLflow UI opens an experiment of this kind on its runs (model training), not on
+# GenAI traces; the description is the experiment page's text.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.note.content": "A rank1-study hyperparameter study: rank-1 filters (rank1) against "
+                                          "consecutive 1-D filters (flat1d) and the dense control; one parent run per "
+                                          "study, a child run per trial; the report is in the parent run's artifacts."}
+
+
+def study_description(cfg: StudyConfig, exp_id: str, run_id: str) -> str:
+    """The parent run's description: what the study is, where its report is."""
+    arms = ", ".join(sorted({a for arm in cfg.space.get("arm", [cfg.base.arm]) for a in ARM_CHOICES[arm]}))
+    what = (f"a pre-registered grid of {cfg.n_trials} cells" if cfg.cells is not None else
+            f"{cfg.n_trials} trials of an Optuna {cfg.sampler} search over {', '.join(sorted(cfg.space)) or 'nothing'}")
+    return (f"**Study `{cfg.name}`**: {what}, each trial training {arms} on {cfg.base.dataset} "
+            f"({cfg.base.model}, {cfg.base.epochs} epochs, {cfg.seeds_per_trial} seed(s) per trial"
+            + (f"; then each arm's best configuration on {cfg.confirm_seeds} fresh seeds, scored on test" if
+               cfg.confirm_seeds else "") + f"); objective {cfg.objective}.\n\n"
+            f"- **Report**: [report/report.html](#/experiments/{exp_id}/runs/{run_id}/artifacts/report/report.html) "
+            "in this run's artifacts (also `rank1 study report HOME`).\n"
+            "- **Trials**: the child runs, named by their parameters; per-epoch curves are the unprefixed "
+            "metrics, per-layer detail is under `layers/`, end-of-trial numbers under `final/`.\n"
+            f"- **Model**: `{cfg.model_name}` in the registry (alias `champion`): `rank1 pull {cfg.model_name}@champion "
+            "--out model/`.")
+
+
 def _parent_run(client, cfg: StudyConfig, study_text: str) -> tuple[str, str]:
     """The study's experiment and its one parent run (found again on resume)."""
     import rank1
 
     home = cfg.home_path
     exp = client.get_experiment_by_name(cfg.name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.name, tags=EXPERIMENT_TAGS)
     if exp and exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp_id)
+    for k, v in EXPERIMENT_TAGS.items():  # an experiment made before these tags existed gets them too
+        client.set_experiment_tag(exp_id, k, v)
     state_path = home / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     run_id = state.get("parent_run_id")
@@ -209,12 +249,11 @@ def _parent_run(client, cfg: StudyConfig, study_text: str) -> tuple[str, str]:
             run_id = None
     if run_id is None:
         run = client.create_run(exp_id, run_name=f"{cfg.name} (study)", tags={
-            "rank1.role": "parent", "rank1.study": cfg.name, "rank1.home": str(home),
+            TAG_ROLE: "parent", TAG_STUDY: cfg.name, "rank1.home": str(home),
             "rank1.version": rank1.__version__, "rank1.fingerprint": cfg.fingerprint(),
-            "mlflow.note.content": f"Study {cfg.name}: {cfg.n_trials} trials of rank1 vs flat1d training. "
-                                   "Child runs are the trials; the champion is in the model registry.",
         })
         run_id = run.info.run_id
+        client.set_tag(run_id, "mlflow.note.content", study_description(cfg, exp_id, run_id))
         from mlflow.entities import Param
 
         flat = {"n_trials": cfg.n_trials, "sampler": cfg.sampler, "objective": cfg.objective,
@@ -396,7 +435,7 @@ def best_per_arm(cfg: StudyConfig, client, exp_id: str) -> dict[str, dict[str, A
             continue
         m = runs[0].data.metrics
         for arm in ("rank1", "flat1d", "dense"):
-            acc = m.get(f"{arm}.decomposed_val_acc", m.get(f"{arm}.shipped_val_acc"))
+            acc = m.get(f"{FINAL}{arm}.decomposed_val_acc", m.get(f"{FINAL}{arm}.shipped_val_acc"))
             if acc is None or not math.isfinite(acc):
                 continue
             key = (acc, -t.number)
@@ -437,19 +476,19 @@ def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: di
           f"{cfg.confirm_seed_list}, scored on test ({len(cells)} runs)", flush=True)
     results = tuner.fit()
     runs = {r.data.tags.get(TAG_TRIAL): r for r in client.search_runs(
-        [exp_id], filter_string="tags.`rank1.role` = 'confirm'", max_results=5000)}
+        [exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'confirm'", max_results=5000)}
     for res in results:
         tid = (res.metrics or {}).get("trial_id")
         run = runs.get(tid)
         if run is not None and res.error is not None and run.data.tags.get(TAG_STATUS) != "failed":
             client.set_tag(run.info.run_id, TAG_STATUS, "failed")
-            client.set_tag(run.info.run_id, "rank1.reason", str(res.error)[:5000])
+            client.set_tag(run.info.run_id, TAG_REASON, str(res.error)[:5000])
             client.set_terminated(run.info.run_id, "FAILED")
-    for run in client.search_runs([exp_id], filter_string="tags.`rank1.role` = 'confirm'", max_results=5000):
-        arm = run.data.tags.get("rank1.arm")
+    for run in client.search_runs([exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'confirm'", max_results=5000):
+        arm = run.data.tags.get(TAG_ARM)
         summary["runs"].setdefault(arm, []).append({
-            "seed": int(run.data.tags.get("rank1.seed", -1)), "status": run.data.tags.get(TAG_STATUS),
-            "test_acc": run.data.metrics.get(f"{arm}.test_acc"), "run_id": run.info.run_id})
+            "seed": int(run.data.tags.get(TAG_SEED, -1)), "status": run.data.tags.get(TAG_STATUS),
+            "test_acc": run.data.metrics.get(f"{FINAL}{arm}.test_acc"), "run_id": run.info.run_id})
     for arm_runs in summary["runs"].values():
         arm_runs.sort(key=lambda r: r["seed"])
     client.log_text(parent_id, json.dumps(summary, indent=2), "confirm.json")
@@ -566,7 +605,7 @@ def load_home(home: str | Path) -> StudyConfig:
 
 
 def _trial_runs(client, exp_id: str) -> dict[str, Any]:
-    runs = client.search_runs([exp_id], filter_string="tags.`rank1.role` = 'trial'", max_results=5000)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'", max_results=5000)
     out: dict[str, Any] = {}
     for r in runs:
         out.setdefault(r.data.tags.get(TAG_TRIAL), []).append(r)
@@ -588,11 +627,11 @@ def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str
             status = run.data.tags.get(TAG_STATUS)
             if res.error is not None and status != "failed":
                 client.set_tag(run.info.run_id, TAG_STATUS, "failed")
-                client.set_tag(run.info.run_id, "rank1.reason", str(res.error)[:5000])
+                client.set_tag(run.info.run_id, TAG_REASON, str(res.error)[:5000])
                 client.set_terminated(run.info.run_id, "FAILED")
             elif res.error is None and not last.get("final") and status != "pruned":
                 client.set_tag(run.info.run_id, TAG_STATUS, "pruned")
-                client.set_tag(run.info.run_id, "rank1.reason", f"stopped early by ASHA after epoch {last.get('epoch')}")
+                client.set_tag(run.info.run_id, TAG_REASON, f"stopped early by ASHA after epoch {last.get('epoch')}")
                 client.set_terminated(run.info.run_id, "KILLED")
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
     orphans = _fail_orphans(study, {t for t in by_trial if t})
@@ -715,9 +754,9 @@ def print_summary(outcome: StudyOutcome, keep_ui: bool) -> None:
         for key, label in (("rank1.speedup_b1", "speedup vs dense, batch 1"),):
             if key in m:
                 t.add_row(label, f"{m[key]:.2f}x")
-        speedups = sorted(k for k in m if k.startswith("rank1.speedup_b") and k != "rank1.speedup_b1")
+        speedups = sorted((k for k in m if k.startswith("rank1.speedup_b") and k != "rank1.speedup_b1"), key=batch_of)
         for key in speedups:
-            t.add_row(f"speedup vs dense, batch {key.rsplit('_b', 1)[1]}", f"{m[key]:.2f}x")
+            t.add_row(f"speedup vs dense, batch {batch_of(key)}", f"{m[key]:.2f}x")
         t.add_row("model", f"{outcome.model_uri} (version {outcome.model_version}, alias {outcome.alias})")
     else:
         t.add_row("best trial", "none finished")
@@ -735,6 +774,10 @@ def print_summary(outcome: StudyOutcome, keep_ui: bool) -> None:
     t.add_row("study home", outcome.home)
     ui = outcome.tracking_uri if keep_ui else f"rank1 ui --home {outcome.home}"
     t.add_row("MLflow UI", ui)
+    state = Path(outcome.home) / STATE_FILE
+    if state.exists():
+        exp = json.loads(state.read_text()).get("experiment_id")
+        t.add_row("the study's runs", experiment_url(outcome.tracking_uri if keep_ui else "http://127.0.0.1:5000", exp))
     console.print(t)
     if not keep_ui:
         console.print(f"Open the MLflow UI with: [bold]rank1 ui --home {outcome.home}[/] (then http://127.0.0.1:5000)")

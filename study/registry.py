@@ -98,7 +98,9 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
         torch.save(model.state_dict(), d / WEIGHTS)
         xs, ys = next(iter(TensorLoader(data.val, 16, data.mean, data.std)))
         torch.save({"x": xs, "y": ys}, d / EXAMPLE)
-        torch.export.save(torch.export.export(exportable, (x_example,)), d / EXPORTABLE)
+        batch = torch.export.Dim("batch", min=1)  # any batch size; the image shape is fixed
+        torch.export.save(torch.export.export(exportable, (x_example,), dynamic_shapes=({0: batch},)),
+                          d / EXPORTABLE)
         for f in (CARD, WEIGHTS, EXAMPLE):
             mlflow.log_artifact(str(d / f), artifact_path="decomposed_model_card")
         with torch.no_grad():

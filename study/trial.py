@@ -26,12 +26,26 @@ import torch
 
 from rank1.data import from_shared, with_subsets
 from rank1.train import PairTrainer, TrainConfig, data_for
+from study.names import (
+    TAG_ARM,
+    TAG_CONFIRM_OF,
+    TAG_NODE,
+    TAG_PID,
+    TAG_REASON,
+    TAG_RESUMED,
+    TAG_ROLE,
+    TAG_SEED,
+    TAG_STATUS,
+    TAG_STUDY,
+    TAG_TRIAL,
+    epoch_metric,
+    final_metric,
+    run_name,
+)
 
-__all__ = ["CHECKPOINT_FILE", "TAG_TRIAL", "aggregate_epoch", "final_metrics", "run_trial", "trial_value"]
+__all__ = ["CHECKPOINT_FILE", "aggregate_epoch", "final_metrics", "run_trial", "trial_value"]
 
 CHECKPOINT_FILE = "state.pt"
-TAG_TRIAL = "rank1.trial_id"
-TAG_STATUS = "rank1.status"
 _MAX_BATCH = 900
 _FINAL_RENAME = {"val_acc": "shipped_val_acc", "val_loss": "shipped_val_loss"}  # MLflow takes at most 1000 metrics per log_batch
 
@@ -102,7 +116,8 @@ class _RunLogger:
     """The trial's one MLflow run, found by tag or created under the study's parent run."""
 
     def __init__(self, ctx: dict[str, Any], trial_id: str, run_id: str | None, params: dict[str, Any],
-                 config: TrainConfig, role: str = "trial", tags: dict[str, str] | None = None) -> None:
+                 config: TrainConfig, role: str = "trial", tags: dict[str, str] | None = None,
+                 name: str | None = None) -> None:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(ctx["tracking_uri"])
@@ -114,16 +129,16 @@ class _RunLogger:
             run_id = found[0].info.run_id if found else None
         if run_id is None:
             run = self.client.create_run(
-                ctx["experiment_id"], run_name=trial_id,
-                tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, "rank1.role": role,
-                      "rank1.study": ctx["study"], TAG_STATUS: "running", **(tags or {})},
+                ctx["experiment_id"], run_name=name or trial_id,
+                tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, TAG_ROLE: role,
+                      TAG_STUDY: ctx["study"], TAG_STATUS: "running", **(tags or {})},
             )
             run_id = run.info.run_id
         self.run_id = run_id
         self.client.set_terminated(run_id, "RUNNING")
         self.client.set_tag(run_id, TAG_STATUS, "running")
-        self.client.set_tag(run_id, "rank1.pid", str(os.getpid()))
-        self.client.set_tag(run_id, "rank1.node_id", _node_id())
+        self.client.set_tag(run_id, TAG_PID, str(os.getpid()))
+        self.client.set_tag(run_id, TAG_NODE, _node_id())
         # Re-logging a param with the same value is allowed, so a restarted trial can do this again.
         from mlflow.entities import Param
 
@@ -135,7 +150,7 @@ class _RunLogger:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch <= self.last_logged:  # already there from before a restart
             return
-        self.log(metrics, step=epoch)
+        self.log({epoch_metric(k): v for k, v in metrics.items()}, step=epoch)
         self.last_logged = epoch
 
     def log(self, metrics: dict[str, float], step: int = 0) -> None:
@@ -150,7 +165,7 @@ class _RunLogger:
     def finish(self, status: str, reason: str | None, results: list[dict[str, Any]]) -> None:
         self.client.set_tag(self.run_id, TAG_STATUS, status)
         if reason:
-            self.client.set_tag(self.run_id, "rank1.reason", reason[:5000])
+            self.client.set_tag(self.run_id, TAG_REASON, reason[:5000])
         # Which kernel each layer got in the deployed form, per arm and batch size (first seed).
         plans = {arm: {k: v for k, v in r.get("inference", {}).items() if k.startswith("deploy_")}
                  for arm, r in results[0]["arms"].items()} if results else {}
@@ -237,11 +252,13 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         configs = [study.confirm_config(confirm["arm"], confirm["params"], confirm["seed"])]
         arms, split, role = (confirm["arm"],), "test", "confirm"
         logged_params = dict(confirm["params"])
-        tags = {"rank1.arm": confirm["arm"], "rank1.confirm_of": confirm["source"], "rank1.seed": str(confirm["seed"])}
+        tags = {TAG_ARM: confirm["arm"], TAG_CONFIRM_OF: confirm["source"], TAG_SEED: str(confirm["seed"])}
+        name = run_name(confirm["params"], prefix=f"confirm {confirm['arm']} seed {confirm['seed']}: ")
     else:
         seeds = [study.base.seed + i for i in range(study.seeds_per_trial)]
         configs = [study.trial_config(params, seed=s) for s in seeds]
         arms, split, role, logged_params, tags = study.value_arms(configs[0]), "val", "trial", params, None
+        name = run_name(params)
     data = _data(configs[0], ctx)
     pairs = [PairTrainer(c, data=data) for c in configs]
 
@@ -252,10 +269,11 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             state = load_checkpoint(d)
         for p, s in zip(pairs, state["seeds"]):
             p.load_state_dict(s)
-    logger = _RunLogger(ctx, trial_id, state["run_id"] if state else None, logged_params, configs[0], role, tags)
+    logger = _RunLogger(ctx, trial_id, state["run_id"] if state else None, logged_params, configs[0], role, tags,
+                        name)
     started_at = state["epoch"] if state else 0
     if started_at:
-        logger.client.set_tag(logger.run_id, "rank1.resumed_from_epoch", str(started_at))
+        logger.client.set_tag(logger.run_id, TAG_RESUMED, str(started_at))
 
     epoch = started_at
     while not all(p.done() for p in pairs):
@@ -283,7 +301,8 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     if any(r["arms"][a].get("inference", {}).get("threads") for r in results for a in r["arms"]):
         final["latency.threads"] = float(torch.get_num_threads())
         final["latency.other_trials_running"] = float(busy)
-    logger.log({**final, "epochs_trained_here": float(epoch - started_at)}, step=epoch)
+    logger.log({final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
+               step=epoch)
     # The shipped arm's trained weights of every seed: the driver registers the best.
     shipped = study.shipped_arm_of(configs[0]) if confirm is None else None
     models = {shipped: [p.trainers[shipped].model.state_dict() for p in pairs]} if status == "finished" and shipped else {}

@@ -10,6 +10,7 @@ import pytest
 
 from dashboards.data import StudyData, TrialRecord
 from dashboards.report import build_report
+from study.names import experiment_url
 from tests.study.conftest import REPO, mlflow_client, trial_runs
 
 SECTIONS = ["frontier", "gradients", "lowrank", "projection", "init", "speed", "search", "verdict", "champion"]
@@ -47,7 +48,7 @@ def test_report_from_the_smoke_study(smoke_study):
     # Recompute the paired difference from MLflow: one seed per trial, so per-trial metrics are the pairs.
     with mlflow_client(home) as (client, _):
         runs = trial_runs(client, "smoke")
-        diffs = [r.data.metrics["rank1.decomposed_val_acc"] - r.data.metrics["flat1d.decomposed_val_acc"]
+        diffs = [r.data.metrics["final/rank1.decomposed_val_acc"] - r.data.metrics["final/flat1d.decomposed_val_acc"]
                  for r in runs if r.data.tags["rank1.status"] == "finished"]
         exp = client.get_experiment_by_name("smoke")
         parent = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")[0]
@@ -60,7 +61,7 @@ def test_report_from_the_smoke_study(smoke_study):
     # Best vs best, recomputed from the confirmation runs in MLflow: 2 fresh seeds per arm, on test.
     from dashboards.stats import best_vs_best
 
-    tests = {a: [r.data.metrics[f"{a}.test_acc"] for r in sorted(confirms, key=lambda r: r.data.tags["rank1.seed"])
+    tests = {a: [r.data.metrics[f"final/{a}.test_acc"] for r in sorted(confirms, key=lambda r: r.data.tags["rank1.seed"])
                  if r.data.tags["rank1.arm"] == a] for a in ("rank1", "flat1d", "dense")}
     assert {a: len(v) for a, v in tests.items()} == {"rank1": 2, "flat1d": 2, "dense": 2}
     bvb = verdict["best_vs_best"]["rank1 vs flat1d"]
@@ -108,6 +109,24 @@ def test_report_and_mlflow_ui_in_a_real_browser(smoke_study):
             ui.get_by_text("report/report.html").first.wait_for(timeout=60000)
             ui.wait_for_timeout(2000)
             ui.screenshot(path=str(ARTIFACTS / "mlflow-ui-report.png"))
+
+            # The experiment opens on its training runs (model-training mode), not on GenAI traces.
+            assert client.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+            runs_page = browser.new_page(viewport={"width": 1400, "height": 900})
+            runs_page.goto(experiment_url(url, exp.experiment_id))  # the link `rank1 ui` and the summary print
+            runs_page.get_by_text("smoke (study)", exact=True).first.wait_for(timeout=60000)  # the runs table
+            n_runs = len(client.search_runs([exp.experiment_id], max_results=1000))
+            runs_page.get_by_text(f"{n_runs} matching runs").first.wait_for(timeout=60000)
+            runs_page.wait_for_timeout(1500)
+            runs_page.screenshot(path=str(ARTIFACTS / "mlflow-ui-experiment.png"))
+            assert "/runs" in runs_page.url and "traces" not in runs_page.url.lower()
+            # The registered model version shows its model card as its description.
+            mv = client.get_model_version_by_alias("smoke-decomposed", "champion")
+            card = browser.new_page(viewport={"width": 1400, "height": 900})
+            card.goto(f"{url}/#/models/smoke-decomposed/versions/{mv.version}")
+            card.get_by_text("Pull it:", exact=False).first.wait_for(timeout=60000)
+            assert "validation accuracy (decomposed)" in card.content()
+            card.screenshot(path=str(ARTIFACTS / "mlflow-ui-model-version.png"), full_page=True)
         finally:
             browser.close()
 

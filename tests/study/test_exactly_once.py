@@ -91,7 +91,7 @@ def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | N
                if "rank1.resumed_from_epoch" in r.data.tags}
     assert resumed and all(e >= 1 for e in resumed.values()), resumed  # continued, not restarted
     for tid, epoch in resumed.items():
-        assert by_id[tid].data.metrics["epochs_trained_here"] == 6 - epoch
+        assert by_id[tid].data.metrics["final/epochs_trained_here"] == 6 - epoch
     assert json.loads((home / "outcome.json").read_text())["alias"] == "champion"
 
 

@@ -81,6 +81,7 @@ def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_pat
         runs = trial_runs(client, "shared")
     assert len(runs) == 2 and {r.data.tags["rank1.pid"] for r in runs}.isdisjoint(pids)  # not by a trial
     # A second study on the same files reads the cache: nothing is decoded at all.
+    (tmp_path / "second").mkdir()
     path2 = write_study(tmp_path / "second", name="shared2", train={"dataset": "imagefolder", "root": str(root),
                                                                      "image_size": 8, "epochs": 1},
                         search={"depth": [1]}, sampler="grid", n_trials=None)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,14 +55,25 @@ def test_one_parent_and_exactly_one_child_run_per_trial(smoke):
             assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
             assert r.data.tags["rank1.status"] == "finished" and r.info.status == "FINISHED"
             m = r.data.metrics
-            for key in ("rank1.val_acc", "flat1d.val_acc", "rank1.grad.out.L00", "flat1d.grad.out.L00",
-                        "rank1.decomposed_val_acc", "flat1d.decomposed_val_acc", "paired.val_acc_diff",
-                        "rank1.flop_ratio", "rank1.decomposed_latency_ms_b1", "rank1.speedup_b8", "objective",
-                        "dense.val_acc", "dense.shipped_val_acc", "dense.grad.out.L00", "paired.rank1_minus_dense_val_acc",
-                        "rank1.gradflow.init.out.ratio", "flat1d.gradflow.epoch1.out.L00", "dense.gradflow.end.out.min",
-                        "rank1.lowrank.mean.entropy_frac", "dense.lowrank.penultimate.energy99"):
+            # per-epoch curves unprefixed; per-layer detail under layers/; end-of-trial numbers under final/
+            for key in ("rank1.val_acc", "flat1d.val_acc", "dense.val_acc", "paired.val_acc_diff", "objective",
+                        "rank1.grad.out.ratio", "layers/rank1.grad.out.L00", "layers/flat1d.grad.out.L00",
+                        "layers/dense.grad.out.L00", "layers/rank1.weight.L00",
+                        "final/rank1.decomposed_val_acc", "final/flat1d.decomposed_val_acc", "final/paired.val_acc_diff",
+                        "final/rank1.flop_ratio", "final/rank1.decomposed_latency_ms_b1", "final/rank1.speedup_b8",
+                        "final/rank1.chain_speedup_b8", "final/rank1.fraction_of_flop_ratio_b8",
+                        "final/dense.shipped_val_acc", "final/paired.rank1_minus_dense_val_acc",
+                        "final/rank1.gradflow.init.out.ratio", "final/flat1d.gradflow.epoch1.out.L00",
+                        "final/dense.gradflow.end.out.min", "final/rank1.lowrank.mean.entropy_frac",
+                        "final/dense.lowrank.penultimate.energy99", "final/latency.threads",
+                        "final/latency.other_trials_running"):
                 assert key in m, key
+            assert not [k for k in m if "/" not in k and (".L0" in k or k.startswith(("final", "rank1.decomposed")))]
+            assert r.data.tags["rank1.rank1.deploy_b8"] and "deploy_plan.json" in {
+                a.path for a in client.list_artifacts(r.info.run_id)}
             assert {"rank1_lr", "flat1d_lr", "search.rank1_lr", "search.flat1d_lr"} <= set(r.data.params)
+            searched = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
+            assert r.info.run_name.startswith(f"d{searched['depth']} ") and searched["projection"] in r.info.run_name
             hist = client.get_metric_history(r.info.run_id, "rank1.val_acc")
             assert sorted(h.step for h in hist) == [1, 2]  # per epoch, each once
             assert {"depth", "init", "projection", "search.depth"} <= set(r.data.params)
@@ -77,7 +90,7 @@ def test_optuna_storage_holds_every_value(smoke):
         assert t.state.name == "COMPLETE"
         run = by_id[t.user_attrs["ray_trial_id"]]
         assert t.values[0] == pytest.approx(run.data.metrics["objective"])
-        assert t.values[0] == pytest.approx(run.data.metrics["rank1.decomposed_val_acc"])
+        assert t.values[0] == pytest.approx(run.data.metrics["final/rank1.decomposed_val_acc"])
         assert sorted(t.intermediate_values) == [1, 2]
 
 
@@ -150,8 +163,10 @@ def test_mlflow_models_serve_answers_over_http_with_the_trials_predictions(smoke
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/smoke-decomposed@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": server.url},
-                            start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            # mlflow execs uvicorn from PATH: the virtual environment's, as in an activated shell
+                            env={**os.environ, "MLFLOW_TRACKING_URI": server.url,
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -180,7 +195,8 @@ def test_mlflow_models_serve_answers_over_http_with_the_trials_predictions(smoke
         assert logits.shape == ref.shape and torch.allclose(logits, ref, rtol=1e-4, atol=1e-4)
         assert _same_classes(logits, ref) and run.data.tags["rank1.trial_id"] == outcome["best"]["trial_id"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         server.stop()
 
@@ -207,14 +223,15 @@ def test_confirmation_retrains_each_arms_best_with_fresh_seeds_on_test(smoke):
         (a, s) for a in ("dense", "flat1d", "rank1") for s in ("1000", "1001")]  # fresh seeds: search used 0
     for arm, best in confirm["best"].items():
         # the best trial of each arm by that arm's own validation accuracy
-        accs = {tid: r.data.metrics.get(f"{arm}.decomposed_val_acc", r.data.metrics.get(f"{arm}.shipped_val_acc"))
+        accs = {tid: r.data.metrics.get(f"final/{arm}.decomposed_val_acc", r.data.metrics.get(f"final/{arm}.shipped_val_acc"))
                 for tid, r in by_trial.items()}
         assert best["val_acc"] == max(accs.values()) == accs[best["trial_id"]]
     for r in runs:
         arm = r.data.tags["rank1.arm"]
         assert r.data.tags["rank1.status"] == "finished" and r.data.params["arm"] == arm
         assert r.data.tags["rank1.confirm_of"] == confirm["best"][arm]["trial_id"]
-        assert 0 <= r.data.metrics[f"{arm}.test_acc"] <= 1 and r.data.metrics["objective"] == r.data.metrics[f"{arm}.test_acc"]
+        assert 0 <= r.data.metrics[f"final/{arm}.test_acc"] <= 1
+        assert r.data.metrics["objective"] == r.data.metrics[f"final/{arm}.test_acc"]
         other = {"rank1": "flat1d_lr", "flat1d": "rank1_lr", "dense": "rank1_lr"}[arm]
         assert r.data.params[other] == "None"  # another arm's own setting does not travel with it
     assert "confirmation:" in p.stdout
