@@ -504,6 +504,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- parser
 
 
+def _train_choices(name: str) -> list[str]:
+    from rank1.config import field_choices
+    from rank1.train import TrainConfig
+
+    return list(field_choices(TrainConfig, name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rank1",
@@ -533,12 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
     bench.add_argument("--smoke", action="store_true", help="a few small shapes, seconds")
-    bench.add_argument("--model", default=None, help="bench a whole network of this family instead of layers")
+    bench.add_argument("--model", default=None, metavar="{" + ",".join(_train_choices("model")) + "}",
+                       help="bench a whole network of this family instead of layers")
     bench.add_argument("--depth", type=int, default=8, help="with --model: depth")
     bench.add_argument("--width", type=int, default=64, help="with --model: width of the first stage")
     bench.add_argument("--size", type=int, default=32, help="with --model: input image side")
-    bench.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False)
-    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False,
+                       help="with --model: batch norm after every conv")
+    bench.add_argument("--device", default="auto", choices=_train_choices("device"))
     bench.add_argument("--batch", type=int, default=None, help="one batch size (default: 1 and 32)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up (>= 2)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -561,21 +570,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_bench(args: argparse.Namespace) -> None:
-    from rank1.models import MODELS
+    """The bench options that are training options too (model, depth, width, batchnorm, device,
+    threads) are held to their TrainConfig rules; the others to their own."""
+    import math
 
+    from rank1.config import ConfigError, from_dict
+    from rank1.train import TrainConfig
+
+    shared = {k: getattr(args, k) for k in ("model", "depth", "width", "batchnorm", "device", "threads")
+              if getattr(args, k) is not None}
+    try:
+        from_dict(TrainConfig, shared)
+    except ConfigError as e:
+        raise CliError(f"--{e}") from None
     if args.repeats < 2:
         raise CliError(f"--repeats must be >= 2, got {args.repeats}")
-    if args.model is not None and args.model not in MODELS:
-        raise CliError(f"--model: {args.model!r} is not allowed (allowed: {', '.join(sorted(MODELS))})")
-    for name in ("depth", "width", "size", "batch", "threads"):
+    for name in ("size", "batch"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise CliError(f"--{name} must be >= 1, got {v}")
+    for name in ("batches", "thread_counts"):
+        for v in getattr(args, name) or []:
+            if v < 1:
+                raise CliError(f"--{name.replace('_', '-')}: {v} is not allowed (allowed: integers >= 1)")
+    if not (math.isfinite(args.max_gmac) and args.max_gmac > 0):
+        raise CliError(f"--max-gmac: {args.max_gmac:g} is not allowed (allowed: a finite number > 0)")
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, run, and turn a bad option or config into one clear line and exit status 2."""
     from rank1.config import ConfigError
+    from rank1.data import DatasetError
 
     args = parser.parse_args(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "study_command", None)]))
@@ -583,7 +608,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
         if args.command == "bench":
             _check_bench(args)
         return int(args.func(args) or 0)
-    except (CliError, ConfigError) as e:
+    except (CliError, ConfigError, DatasetError) as e:  # a bad option, config or dataset: one line, no traceback
         print(f"rank1 {name}: error: {e}", file=sys.stderr)
         return 2
 

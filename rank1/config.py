@@ -92,7 +92,7 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if origin is typing.Literal:
         return " | ".join(map(repr, typing.get_args(tp)))
     if origin in (list, tuple):

@@ -43,7 +43,7 @@ def resume(home: str | Path, address: str | None = None, keep_ui: bool = False, 
 
 def load(home: str | Path):
     """The :class:`study.config.StudyConfig` of a home, with the locations it ran with."""
-    from study.driver import load_home
+    from study.home import load_home
 
     return load_home(home)
 
@@ -62,18 +62,19 @@ def tracking(home: str | Path | None = None, tracking_uri: str | None = None) ->
     stopped after)."""
     from study.services import MlflowServer
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri and home is not None:
+    uri = tracking_uri
+    if not uri and home is not None:  # the study's own server, as it ran with it
         with contextlib.suppress(ConfigError):
             uri = load(home).tracking_uri
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         yield uri
         return
     if home is None:
-        raise ConfigError("give a study home, a tracking URI, or set MLFLOW_TRACKING_URI")
+        raise ConfigError("give --home STUDY_HOME, --tracking-uri URL, or set MLFLOW_TRACKING_URI")
     home = Path(home).expanduser().resolve()
     if not (home / "mlflow.db").exists():
-        raise ConfigError(f"home: {str(home)!r} has no embedded MLflow store (mlflow.db)")
+        raise ConfigError(f"--home: {str(home)!r} has no embedded MLflow store (mlflow.db)")
     server = MlflowServer(home).start()
     try:
         yield server.url

@@ -25,34 +25,6 @@ from rank1.cli import build_parser as build_rank1_parser
 __all__ = ["build_parser", "main"]
 
 
-def _home_tracking(args: argparse.Namespace):
-    """A context manager yielding a tracking URI: --tracking-uri, $MLFLOW_TRACKING_URI, or a
-    server started over --home."""
-    import contextlib
-
-    from study.services import MlflowServer
-
-    uri = getattr(args, "tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
-
-    @contextlib.contextmanager
-    def ctx():
-        if uri:
-            yield uri
-            return
-        if not args.home:
-            raise CliError("give --home STUDY_HOME, --tracking-uri URL, or set MLFLOW_TRACKING_URI")
-        home = Path(args.home).expanduser().resolve()
-        if not (home / "mlflow.db").exists():
-            raise CliError(f"--home: {str(home)!r} has no embedded MLflow store (mlflow.db)")
-        server = MlflowServer(home).start()
-        try:
-            yield server.url
-        finally:
-            server.stop()
-
-    return ctx()
-
-
 def _check_node_wait(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.node_wait) and args.node_wait >= 0):
         raise CliError(f"--node-wait: {args.node_wait:g} is not allowed (allowed: seconds >= 0)")
@@ -60,23 +32,23 @@ def _check_node_wait(args: argparse.Namespace) -> None:
 
 def cmd_study_run(args: argparse.Namespace) -> int:
     """Run a study: Optuna search through Ray Tune, both arms per trial, all in MLflow."""
-    from study.driver import run_study
+    from study import api
 
     if not Path(args.study).is_file():
         raise CliError(f"STUDY: {args.study!r} does not exist")
     _check_node_wait(args)
     overrides = {k: getattr(args, k) for k in ("home", "tracking_uri", "storage", "storage_path")
                  if getattr(args, k)} or None
-    run_study(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides, node_wait_s=args.node_wait)
+    api.run(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides, node_wait_s=args.node_wait)
     return 0
 
 
 def cmd_study_resume(args: argparse.Namespace) -> int:
     """Continue a stopped or killed study from its home."""
-    from study.driver import resume_study
+    from study import api
 
     _check_node_wait(args)
-    resume_study(args.home, address=args.address, keep_ui=args.keep_ui, node_wait_s=args.node_wait)
+    api.resume(args.home, address=args.address, keep_ui=args.keep_ui, node_wait_s=args.node_wait)
     return 0
 
 
@@ -85,9 +57,9 @@ def cmd_study_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from study.driver import study_status
+    from study import api
 
-    s = study_status(args.home)
+    s = api.status(args.home)
     if args.json:
         print(json.dumps(s, indent=2, default=str))
         return 0
@@ -149,24 +121,18 @@ def cmd_study_stop(args: argparse.Namespace) -> int:
 
 def cmd_study_report(args: argparse.Namespace) -> int:
     """Build the study report (HTML + PNGs) into HOME/report and log it to the parent run."""
-    from study.driver import load_home
+    from study import api
 
-    cfg = load_home(args.home)
-    args.tracking_uri = getattr(args, "tracking_uri", None) or cfg.tracking_uri
-    from dashboards.report import report_study
-
-    with _home_tracking(args) as uri:
-        path = report_study(cfg, uri, log=not args.no_log)
-    print(f"report: {path}")
+    print(f"report: {api.report(args.home, args.tracking_uri, log=not args.no_log)}")
     return 0
 
 
 def cmd_study_export(args: argparse.Namespace) -> int:
     """Export a study for others to check: runs.jsonl (every trial, seed and arm, and every
     confirmation run), trials.csv and summary.json (verdicts, MLflow run ids, wall time)."""
-    from study.api import export
+    from study import api
 
-    paths = export(args.home, args.out, getattr(args, "tracking_uri", None))
+    paths = api.export(args.home, args.out, args.tracking_uri)
     for what, p in paths.items():
         print(f"{what}: {p}")
     return 0
@@ -174,11 +140,9 @@ def cmd_study_export(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     """Download a registered model, load it in a fresh process, run one batch, print its card."""
-    from study.registry import parse_model_ref, pull
+    from study import api
 
-    parse_model_ref(args.model)  # a bad reference fails before any server starts
-    with _home_tracking(args) as uri:
-        card = pull(args.model, args.out, uri)
+    card = api.pull(args.model, args.out, home=args.home, tracking_uri=args.tracking_uri)
     check = subprocess.run([sys.executable, "-m", "study.registry", str(args.out)], capture_output=True, text=True)
     if check.returncode != 0:
         print(check.stderr, file=sys.stderr)
@@ -208,10 +172,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port(args: argparse.Namespace) -> None:
+    if not 1 <= args.port <= 65535:
+        raise CliError(f"--port: {args.port} is not allowed (allowed: 1-65535)")
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """The MLflow UI over a study home (127.0.0.1 unless --host says otherwise)."""
     from study.services import MlflowServer
 
+    _check_port(args)
     home = Path(args.home).expanduser().resolve()
     if not (home / "mlflow.db").exists():
         raise CliError(f"--home: {str(home)!r} has no embedded MLflow store (mlflow.db); run a study there first")
@@ -248,6 +218,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from study.config import check_no_secret
     from study.services import MlflowServer, check_storage
 
+    _check_port(args)
     check_no_secret("--backend-store-uri", args.backend_store_uri, "PGPASSWORD (or ~/.pgpass)")
     check_no_secret("--auth-db-uri", args.auth_db_uri, "PGPASSWORD (or ~/.pgpass)")
     for field, uri in (("--backend-store-uri", args.backend_store_uri), ("--auth-db-uri", args.auth_db_uri)):

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,7 @@ from rank1.config import ConfigError
 __all__ = [
     "QUIET_ENV",
     "MlflowServer",
+    "ProcessLedger",
     "check_storage",
     "check_tracking_uri",
     "free_port",
@@ -288,12 +290,121 @@ def start_ray(home: Path, address: str | None = None, num_cpus: int | None = Non
                     "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token) in the environment"
                 ) from None
             raise ConfigError(f"--address: cannot connect to the Ray cluster at {address} ({e})") from None
-    else:
-        tmp = ray_temp_dir(home)
-        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    tmp = ray_temp_dir(home)
+    tmp.mkdir(parents=True, exist_ok=True)
+    ledger = ProcessLedger(tmp / "processes.json")
+    reaped = ledger.reap()  # what a killed driver of this home left running
+    if reaped:
+        print(f"note: stopped {reaped} process(es) an earlier, killed run of this study left behind", flush=True)
+    ledger.watch()
+    try:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(tmp),
                  configure_logging=False, log_to_driver=False, runtime_env=runtime_env)
-    try:
         yield
     finally:
         ray.shutdown()
+        ledger.stop()  # Ray's agents outlive ray.shutdown(): whatever this study started goes now
+
+
+class ProcessLedger:
+    """Every process a study's driver started (Ray's GCS, raylet, agents and workers, the MLflow
+    server), recorded in a file while the study runs, so that none outlives it.
+
+    A thread records the driver's descendants every second. At the end (a finished study,
+    Ctrl-C, an exception) they are stopped: SIGTERM, then SIGKILL after a grace period. A
+    driver killed outright cannot do that: the next ``run`` or ``resume`` of the same home
+    reads the file and stops what is still running — each process matched by its pid *and*
+    its start time, so a recycled pid is never touched.
+    """
+
+    def __init__(self, path: Path, interval_s: float = 1.0) -> None:
+        self.path, self.interval_s = path, interval_s
+        self._known: dict[int, float] = {}
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._since = float("inf")
+
+    def _snapshot(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        try:
+            for p in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    started = p.create_time()
+                    if started >= self._since:  # only what the study started, not a caller's own children
+                        self._known.setdefault(p.pid, started)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"driver": [me.pid, me.create_time()],
+                                       "processes": [[p, t] for p, t in self._known.items()]}))
+            tmp.replace(self.path)
+        except OSError:  # a full disk only costs the reaping of a later run
+            pass
+
+    def watch(self) -> None:
+        self._since = time.time() - 0.5
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval_s):
+                self._snapshot()
+
+        self._thread = threading.Thread(target=loop, name="rank1-process-ledger", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: float = 10.0) -> int:
+        """Stop the watcher and every process it saw (and any descendant still running)."""
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+        self._snapshot()
+        n = _terminate(self._known, grace_s)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        return n
+
+    def reap(self, grace_s: float = 10.0) -> int:
+        """Stop the processes an earlier driver recorded, if it is gone; returns how many."""
+        import psutil
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return 0
+        pid, started = data.get("driver", [-1, 0.0])
+        with contextlib.suppress(psutil.Error):
+            if pid != os.getpid() and abs(psutil.Process(pid).create_time() - started) < 1e-3:
+                return 0  # the driver that started them still runs: they are not ours to stop
+        n = _terminate({int(p): float(t) for p, t in data.get("processes", [])}, grace_s)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        return n
+
+
+def _terminate(procs: dict[int, float], grace_s: float) -> int:
+    """SIGTERM the live processes among ``procs`` (pid -> start time) and their descendants, then
+    SIGKILL whatever is left after ``grace_s``. Returns how many were still running."""
+    import psutil
+
+    live = []
+    for pid, started in procs.items():
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if abs(p.create_time() - started) < 1e-3 and p.pid != os.getpid():
+                live.append(p)
+                live += [c for c in p.children(recursive=True) if c.pid != os.getpid()]
+    live = list({p.pid: p for p in live}.values())
+    for p in live:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(live, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(live)

@@ -38,13 +38,34 @@ def test_config_file_then_cli_options_override(tmp_path, capsys):
         (["train", "--projection", "sometimes"], "projection: 'sometimes' is not allowed"),
         (["train", "--dataset", "mnist", "--root", "/nonexistent/data"], "/nonexistent/data"),
         (["train", "--lr", "-1"], "lr: -1.0 must be > 0"),
-        (["bench", "--model", "alexnet"], "--model: 'alexnet' is not allowed (allowed: resnet, vgg)"),
+        (["bench", "--model", "alexnet"], "--model: 'alexnet' is not allowed (allowed: 'resnet', 'vgg')"),
         (["bench", "--repeats", "1"], "--repeats must be >= 2"),
+        (["bench", "--depth", "40"], "--depth: 40 must be <= 32"),
+        (["bench", "--max-gmac", "nan"], "--max-gmac: nan is not allowed (allowed: a finite number > 0)"),
+        (["bench", "--networks", "--thread-counts", "0"], "--thread-counts: 0 is not allowed"),
+        (["train", "--lr", "nan"], "lr: nan is not allowed (allowed: a finite number)"),
+        (["train", "--gamma", "inf"], "gamma: inf is not allowed (allowed: a finite number)"),
+        (["train", "--warmup-epochs", "nan"], "warmup_epochs: nan is not allowed"),
+        (["train", "--rank1-lr", "-0.1"], "rank1_lr: -0.1 must be > 0"),
+        (["train", "--dense-lr", "0.1"], "dense_lr: set to 0.1 for the dense arm, which is not trained"),
+        (["train", "--train-subset", "0"], "train_subset: 0 must be >= 1"),
+        (["sweep", "--grid", "lr=nan"], "lr: expected float, got 'nan' (str)"),
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_dataset_that_cannot_be_read_is_one_line_not_a_traceback(tmp_path, capsys):
+    folder = tmp_path / "MNIST" / "raw"
+    folder.mkdir(parents=True)
+    for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (folder / n).write_bytes(b"not an idx file")
+    assert main(["train", "--dataset", "mnist", "--root", str(tmp_path), "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rank1 train: error: mnist: could not read the dataset under") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_bad_config_file(tmp_path, capsys):

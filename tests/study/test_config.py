@@ -32,7 +32,7 @@ def test_space_is_typed():
 
 BAD = [
     ("unknown key", {"n_trails": 3}, "n_trails: unknown key (allowed:"),
-    ("wrong type", {"n_trials": "many"}, "n_trials: expected int, got 'many' (str)"),
+    ("wrong type", {"n_trials": "many"}, "n_trials: expected int or null, got 'many' (str)"),
     ("empty choice list", {"search": {"init": []}}, "search.init: empty choice list"),
     ("depth < 1", {"search": {"depth": {"low": 0, "high": 4}}}, "search.depth: 0 must be >= 1"),
     ("unknown init scheme", {"search": {"init": ["kaiming", "xavier"]}},
@@ -47,7 +47,7 @@ BAD = [
     ("unknown search option", {"search": {"learning_rate": [0.1]}}, "search.learning_rate: unknown option"),
     ("unsearchable option", {"search": {"seed": [1, 2]}}, "search.seed: cannot be searched"),
     ("range of a string option", {"search": {"init": {"low": 1, "high": 2}}}, "search.init: a range needs a numeric"),
-    ("bad sampler", {"sampler": "cmaes"}, "sampler: 'cmaes' is not allowed (allowed: 'gp', 'nsga2', 'random', 'tpe')"),
+    ("bad sampler", {"sampler": "cmaes"}, "sampler: 'cmaes' is not allowed (allowed: 'gp', 'grid', 'nsga2', 'random', 'tpe')"),
     ("unknown convention", {"train": {"flat1d_init": "xavier"}},
      "train.flat1d_init: 'xavier' is not allowed (allowed: 'shared', 'torch', 'he')"),
     ("per-arm field of an arm not trained", {"train": {"dense_lr": 0.1}},
@@ -81,23 +81,52 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("what, overrides, message", BAD, ids=[b[0] for b in BAD])
-def test_bad_study_files_exit_2_before_anything_starts(tmp_path, what, overrides, message):
-    import torch
-
-    if what.startswith("GPU") and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+def _bad_file(tmp_path, overrides):
     overrides = dict(overrides)
     name = overrides.pop("name", "bad")
     path = write_study(tmp_path, name="placeholder", **overrides)
     data = yaml.safe_load(path.read_text())
     data["name"] = name
     path.write_text(yaml.safe_dump(data))
-    p = cli("study", "run", str(path), timeout=120)
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    assert message in p.stderr, p.stderr
-    assert p.stderr.startswith("rank1 study run: error: ")
+    return path
+
+
+@pytest.mark.parametrize("what, overrides, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_study_files_exit_2_before_anything_starts(tmp_path, what, overrides, message, capsys):
+    """In-process, as `rank1 study run` parses and checks a file (one real process: below)."""
+    import torch
+
+    from study.cli import main
+
+    if what.startswith("GPU") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["study", "run", str(_bad_file(tmp_path, overrides))]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.startswith("rank1 study run: error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "home").exists()  # nothing started: no home, no server, no Ray
+
+
+def test_a_bad_study_file_exits_2_from_a_real_process(tmp_path):
+    p = cli("study", "run", str(_bad_file(tmp_path, BAD[0][1])), timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("rank1 study run: error: ") and BAD[0][2] in p.stderr
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study", "run", "nowhere.yaml"], "STUDY: 'nowhere.yaml' does not exist"),
+    (["study", "resume", "/nonexistent/home", "--node-wait", "nan"], "--node-wait: nan is not allowed"),
+    (["ui", "--home", ".", "--port", "70000"], "--port: 70000 is not allowed (allowed: 1-65535)"),
+    (["server", "--home", "/tmp/x", "--port", "0"], "--port: 0 is not allowed (allowed: 1-65535)"),
+    (["pull", "a@", "--out", "/tmp/x", "--home", "."], "model: 'a@' is not allowed (allowed: NAME, NAME@ALIAS"),
+    (["study", "status", "/nonexistent/home"], "is not a study home"),
+])
+def test_bad_study_options_exit_2_with_one_line(argv, message, capsys):
+    from study.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_grid_design_is_its_cells_in_order():

@@ -1,0 +1,266 @@
+"""The Tune side of a study: the trainable, the search's Tuner, its reconciliation with MLflow
+and Optuna, the orphans of a killed driver, the best trials, and the confirmation phase.
+
+Kept apart from the objective (:mod:`study.trial`) and from the orchestration
+(:mod:`study.driver`). Exactly once: a restored Tuner continues the same experiment,
+every Optuna trial is found by its Ray trial id, and nothing here creates a run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from study.config import StudyConfig
+from study.console import progress_callback
+from study.names import FINAL, TAG_ARM, TAG_REASON, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_TRIAL
+from study.runs import trial_runs
+
+__all__ = [
+    "best_per_arm", "confirm_phase", "count_states", "make_tuner", "pick_best", "reconcile", "release_orphans",
+    "share_data",
+]
+
+
+def make_tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from study.searcher import OptunaRDBSearcher
+
+    trainable = _trainable(cfg, ctx)
+    path = str(Path(str(cfg.tune_path)) / "tune")
+    if restore and tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    searcher = OptunaRDBSearcher(cfg.storage_url, cfg.name, cfg.space, cfg.sampler, cfg.seed, cfg.objectives,
+                                 cfg.cells)
+    scheduler = None
+    if cfg.scheduler == "asha":
+        # max_t one past the last epoch: the trial's final report (decomposition, speed)
+        # comes after it, and must not be cut off.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.base.epochs + 1,
+                                  grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials, metric="objective", mode="max",
+            max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(cfg.tune_path), verbose=0, callbacks=[progress_callback()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+
+
+def share_data(cfg: StudyConfig) -> dict[str, Any]:
+    """Decode the study's dataset once (or read its cache), put it in Ray's object store, and
+    hand the trials its reference: one copy per node, mapped by every trial, never decoded there."""
+    import ray
+
+    from rank1.data import load_dataset, to_shared
+
+    b = cfg.base
+    t0 = time.perf_counter()
+    data = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed)
+    ref = ray.put(to_shared(data))
+    print(f"data: {b.dataset} ({len(data.train)} train, {len(data.val)} val, {len(data.test)} test images) loaded in "
+          f"{time.perf_counter() - t0:.1f} s and shared with the trials through Ray's object store", flush=True)
+    return {"key": list(b.source_key), "ref": ref}
+
+
+def _trainable(cfg: StudyConfig, ctx: dict[str, Any]):
+    from ray import tune
+
+    from study.trial import run_trial
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    )
+
+
+def best_per_arm(cfg: StudyConfig, client, exp_id: str) -> dict[str, dict[str, Any]]:
+    """Each trained arm's best search trial by that arm's own validation accuracy (mean over
+    seeds; ties: the earlier Optuna trial): ``{arm: {trial_id, number, params, val_acc}}``."""
+    import optuna
+
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    by_ray = {t.user_attrs.get("ray_trial_id"): t for t in study.get_trials(deepcopy=False)}
+    best: dict[str, dict[str, Any]] = {}
+    for tid, runs in trial_runs(client, exp_id).items():
+        t = by_ray.get(tid)
+        if t is None or t.state.name != "COMPLETE":
+            continue
+        m = runs[0].data.metrics
+        for arm in ("rank1", "flat1d", "dense"):
+            acc = m.get(f"{FINAL}{arm}.decomposed_val_acc", m.get(f"{FINAL}{arm}.shipped_val_acc"))
+            if acc is None or not math.isfinite(acc):
+                continue
+            key = (acc, -t.number)
+            if arm not in best or key > best[arm]["key"]:
+                best[arm] = {"trial_id": tid, "number": t.number, "params": dict(t.params), "val_acc": acc, "key": key}
+    return {arm: {k: v for k, v in b.items() if k != "key"} for arm, b in sorted(best.items())}
+
+
+def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Best versus best: each arm's best configuration retrained with ``confirm_seeds`` fresh
+    seeds, that arm alone, scored on the test split. A Tune experiment of its own (``confirm``
+    under the trial storage), so a killed driver resumes it like the search: every run once."""
+    from ray import tune
+
+    best = best_per_arm(cfg, client, exp_id)
+    cells = [{"arm": arm, "params": b["params"], "seed": seed, "source": b["trial_id"]}
+             for arm, b in best.items() for seed in cfg.confirm_seed_list]
+    summary: dict[str, Any] = {"best": best, "seeds": cfg.confirm_seed_list, "runs": {}}
+    if not cells:
+        return summary
+    path = str(Path(str(cfg.tune_path)) / "confirm")
+    param_space = {"confirm": tune.grid_search(cells)}
+    trainable = _trainable(cfg, ctx)
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
+                                        metric="objective", mode="max"),
+            run_config=tune.RunConfig(name="confirm", storage_path=str(cfg.tune_path), verbose=0,
+                                      callbacks=[progress_callback()],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+        )
+    print(f"confirmation: the best configuration of {', '.join(best)} retrained with seeds "
+          f"{cfg.confirm_seed_list}, scored on test ({len(cells)} runs)", flush=True)
+    results = tuner.fit()
+    runs = {r.data.tags.get(TAG_TRIAL): r for r in client.search_runs(
+        [exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'confirm'", max_results=5000)}
+    for res in results:
+        tid = (res.metrics or {}).get("trial_id")
+        run = runs.get(tid)
+        if run is not None and res.error is not None and run.data.tags.get(TAG_STATUS) != "failed":
+            client.set_tag(run.info.run_id, TAG_STATUS, "failed")
+            client.set_tag(run.info.run_id, TAG_REASON, str(res.error)[:5000])
+            client.set_terminated(run.info.run_id, "FAILED")
+    for run in client.search_runs([exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'confirm'", max_results=5000):
+        arm = run.data.tags.get(TAG_ARM)
+        summary["runs"].setdefault(arm, []).append({
+            "seed": int(run.data.tags.get(TAG_SEED, -1)), "status": run.data.tags.get(TAG_STATUS),
+            "test_acc": run.data.metrics.get(f"{FINAL}{arm}.test_acc"), "run_id": run.info.run_id})
+    for arm_runs in summary["runs"].values():
+        arm_runs.sort(key=lambda r: r["seed"])
+    client.log_text(parent_id, json.dumps(summary, indent=2), "confirm.json")
+    (cfg.home_path / "confirm.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def reconcile(cfg: StudyConfig, client, exp_id: str, results) -> tuple[dict[str, Any], int]:
+    """After the search's ``fit``: each trial run's status as Tune saw it (an errored trial is
+    ``failed``; one stopped before its final report, by ASHA, is ``pruned``), and Optuna
+    trials asked for Ray trials that never ran marked FAIL. Returns ``({trial id: Tune result},
+    orphans)``."""
+    import optuna
+
+    runs = trial_runs(client, exp_id)
+    by_trial: dict[str, Any] = {}
+    for res in results:
+        last = res.metrics or {}
+        tid = last.get("trial_id")  # Tune adds it to every result
+        by_trial[tid or res.path] = res
+        for run in runs.get(tid, []):
+            status = run.data.tags.get(TAG_STATUS)
+            if res.error is not None and status != "failed":
+                client.set_tag(run.info.run_id, TAG_STATUS, "failed")
+                client.set_tag(run.info.run_id, TAG_REASON, str(res.error)[:5000])
+                client.set_terminated(run.info.run_id, "FAILED")
+            elif res.error is None and not last.get("final") and status != "pruned":
+                client.set_tag(run.info.run_id, TAG_STATUS, "pruned")
+                client.set_tag(run.info.run_id, TAG_REASON, f"stopped early by ASHA after epoch {last.get('epoch')}")
+                client.set_terminated(run.info.run_id, "KILLED")
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    return by_trial, _fail_orphans(study, {t for t in by_trial if t})
+
+
+def count_states(study) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """``({status: count}, [each trial])`` of an Optuna study: a trial's status is the one this
+    service recorded (finished, pruned, diverged, failed, orphaned), else its Optuna state."""
+    counts: dict[str, int] = {}
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        s = t.user_attrs.get("status") or t.state.name.lower()
+        counts[s] = counts.get(s, 0) + 1
+        trials.append({"number": t.number, "trial_id": t.user_attrs.get("ray_trial_id"), "status": s,
+                       "params": t.params, "values": t.values})
+    return counts, trials
+
+
+def _tune_trial_ids(path: str) -> set[str]:
+    """The trials a Tune experiment knows (from its saved state)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id for t in ExperimentAnalysis(path).trials}
+    except Exception:  # no readable state yet: Tune knows none
+        return set()
+
+
+def release_orphans(cfg: StudyConfig, tune_path: str) -> int:
+    """Before a resumed search starts: Optuna trials asked for Ray trials that the Tune experiment
+    at ``tune_path`` never saved (the driver died between the two) become FAIL (``orphaned``),
+    and a grid design gets their cells back, so the resumed study runs every cell once.
+    Returns how many."""
+    import optuna
+    from ray import tune
+
+    known = _tune_trial_ids(tune_path) if tune.Tuner.can_restore(tune_path) else set()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    except KeyError:  # the search never started
+        return 0
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("ray_trial_id") in known:
+            continue
+        if "grid_id" in t.system_attrs:  # GridSampler counts a cell by its trials' search space: release it
+            study._storage.set_trial_system_attr(t._trial_id, "search_space", {"released": [t.number]})
+        optuna.trial.Trial(study, t._trial_id).set_user_attr("status", "orphaned")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        n += 1
+    if n:
+        print(f"resume: {n} Optuna trial(s) asked just before the driver stopped never started: marked FAIL "
+              "(orphaned)" + (", their grid cells run again" if cfg.cells is not None else ""), flush=True)
+    return n
+
+
+def _fail_orphans(study, known: set[str]) -> int:
+    import optuna
+
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("ray_trial_id") not in known:
+            optuna.trial.Trial(study, t._trial_id).set_user_attr("status", "orphaned")
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            n += 1
+    return n
+
+
+def pick_best(cfg: StudyConfig, study):
+    """Single objective: the highest value. Multi: on the Pareto front of (accuracy,
+    latency), the fastest trial whose accuracy is within ``pareto_tolerance`` of the
+    most accurate Pareto trial."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if not done:
+        return None
+    if cfg.objective != "multi":  # the first objective's arm (pair: rank1) ships
+        return max(done, key=lambda t: (t.values[0], -t.number))
+    front = study.best_trials
+    top = max(t.values[0] for t in front)
+    near = [t for t in front if t.values[0] >= top - cfg.pareto_tolerance]
+    return min(near, key=lambda t: (t.values[1], -t.values[0], t.number))
