@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser postgres test lint demo bench clean
+.PHONY: setup browser postgres test test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ postgres:
 test: setup browser postgres
 	$(BIN)/python -m ruff check rank1 study dashboards tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (real studies, clusters, browsers,
+# compiler builds). `make test` (and CI) still runs them all.
+test-fast: setup
+	$(BIN)/python -m ruff check rank1 study dashboards tests benchmarks
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/python -m ruff check rank1 study dashboards tests benchmarks

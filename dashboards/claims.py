@@ -11,8 +11,9 @@ claim, by fixed rules stated with each sentence, whichever way the data go:
   95% interval lies above that line, and holds only there.
 * gradient flow: per cell, the arm whose first/last RMS-gradient ratio after epoch 1 is
   closer to 1 (``|log ratio|`` smaller) has the better flow; the sentence counts cells.
-* low-rank outputs: rank1's mean effective rank (over layers, as a fraction of the
-  maximum) against the dense control's, cell by cell.
+* low-rank outputs: rank1's final (penultimate) features against the dense control's
+  (dimensions holding 99% of the energy), and each conv layer's mean effective rank (a
+  fraction of the maximum), cell by cell.
 * fast inference: the registered champion's deployed speedup over its dense form at every
   batch size measured, and the fraction of the FLOP ratio it reaches.
 """
@@ -81,13 +82,13 @@ def claims(records: list[dict[str, Any]], by: list[str], select: list[str], num_
             + (f" The reverse happens in {len(rank1_fails)} cell(s): {'; '.join(_where(by, k) for k in rank1_fails)}."
                if rank1_fails else ""))
     else:
-        parts = [f"flat1d is {v.split('(', 1)[-1].rstrip(')') if '(' in v else v} and "
-                 + ("; or ".join(_where(by, k) for k in ks) if len(ks) < len(cells) else "at every cell")
+        parts = [f"{v} " + ("at " + "; ".join(_where(by, k) for k in ks) if len(ks) < len(cells) else "at every cell")
                  for v, ks in failing.items()]
         fine = [v for v, ks in fails_where.items() if not ks]
+        everywhere = not fine and all(len(ks) == len(cells) for ks in failing.values())
         verdicts["trainability"] = (
-            ("Holds" if not fine and all(len(ks) == len(cells) for ks in failing.values()) else "Holds only when ")
-            + " or when ".join(parts) + f": there the consecutive-1-D network fails while rank-1 training trains ({line})"
+            ("Holds for " if everywhere else "Holds only for ") + ", and for ".join(parts)
+            + f": there the consecutive-1-D network fails while rank-1 training trains ({line})"
             + (f"; {', '.join(fine)} trains wherever rank1 does" if fine else "") + "."
             + (f" The reverse happens in {len(rank1_fails)} cell(s): {'; '.join(_where(by, k) for k in rank1_fails)}."
                if rank1_fails else ""))
@@ -103,29 +104,39 @@ def claims(records: list[dict[str, Any]], by: list[str], select: list[str], num_
         b = min(abs(math.log(r["grad_ratio_epoch1"])) for r in fl)
         (better if a < b * 0.9 else worse if b < a * 0.9 else ties).append(key)
     n = len(better) + len(worse) + len(ties)
-    verdicts["gradient_flow"] = (
-        (f"Holds in {len(better)} of {n} cells" if len(better) > len(worse) + len(ties) else
-         f"Does not hold in most cells: rank1's gradient flow after epoch 1 is better in {len(better)} of {n}")
-        + f" (closer first/last ratio of the RMS output gradient to 1 by more than 10%), worse in {len(worse)}, "
-          f"about equal in {len(ties)}; comparing each arm's best-flowing variant."
-    ) if n else "Not measured: no cell has both rank1 and flat1d gradient-flow measurements."
+    if n:
+        head = ("Holds" if len(better) >= 2 * n / 3 else "Does not hold" if len(better) <= n / 3 else "Mixed")
+        verdicts["gradient_flow"] = (
+            f"{head}: after epoch 1, rank1's gradient flow is better than flat1d's in {len(better)} of {n} cells "
+            f"(a first/last ratio of the RMS output gradient closer to 1 by more than 10%, each arm's best-flowing "
+            f"variant), worse in {len(worse)}, about equal in {len(ties)}.")
+    else:
+        verdicts["gradient_flow"] = "Not measured: no cell has both rank1 and flat1d gradient-flow measurements."
 
-    # (3) low-rank outputs: rank1 vs the dense control
-    lower, higher = [], []
-    gaps = []
-    for key, vs in cells.items():
-        r1 = [r["rank_mean.entropy_frac"] for r in vs.values() if r["arm"] == "rank1"]
-        de = [r["rank_mean.entropy_frac"] for r in vs.values() if r["arm"] == "dense"]
-        if r1 and de and all(map(math.isfinite, r1 + de)):
-            gap = statistics.mean(r1) - statistics.mean(de)
-            gaps.append(gap)
-            (lower if gap < 0 else higher).append(key)
-    if gaps:
+    # (3) low-rank outputs: rank1 vs the dense control, each conv layer's output and the final features
+    def compare(key: str) -> tuple[list[tuple], list[float]]:
+        lower, gaps = [], []
+        for k, vs in cells.items():
+            r1 = [r[key] for r in vs.values() if r["arm"] == "rank1" and math.isfinite(r[key])]
+            de = [r[key] for r in vs.values() if r["arm"] == "dense" and math.isfinite(r[key])]
+            if r1 and de:
+                gaps.append(statistics.mean(r1) - statistics.mean(de))
+                if gaps[-1] < 0:
+                    lower.append(k)
+        return lower, gaps
+
+    layer_lower, layer_gaps = compare("rank_mean.entropy_frac")
+    final_lower, final_gaps = compare("rank_penultimate.energy99")
+    if final_gaps:
+        n = len(final_gaps)
+        head = "Holds" if len(final_lower) == n else "Does not hold" if not final_lower else "Holds only when " + \
+            "; or ".join(_where(by, k) for k in final_lower)
         verdicts["low_rank"] = (
-            ("Holds" if len(lower) == len(gaps) else "Holds only in some cells" if lower else "Does not hold")
-            + f": rank1's outputs have a lower effective rank than the dense control's in {len(lower)} of {len(gaps)} "
-              f"cells (mean difference {statistics.mean(gaps):+.3f} of the maximum rank, entropy effective rank "
-              "averaged over layers).")
+            f"{head}: the final (penultimate) features of rank1 networks need fewer dimensions for 99% of their "
+            f"energy than the dense control's in {len(final_lower)} of {n} cells (mean difference "
+            f"{statistics.mean(final_gaps):+.1f} dimensions); each conv layer's own output is lower-rank in "
+            f"{len(layer_lower)} of {len(layer_gaps)} cells (mean difference {statistics.mean(layer_gaps):+.3f} of the "
+            "maximum, entropy effective rank averaged over layers).")
     else:
         verdicts["low_rank"] = "Not measured: no cell has both the rank1 and the dense arm."
 

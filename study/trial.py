@@ -13,6 +13,7 @@ Kept apart from the Tuner setup (study/driver.py): this file is the objective.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -184,6 +185,25 @@ class _RunLogger:
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
 
 
+class _Clock:
+    """Wall time by what the trial spent it on (``overhead.*_s`` in its final metrics): what
+    the service adds to training is everything but ``train`` and ``finish``."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[what] = self.spent.get(what, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"overhead.{k}_s": v for k, v in self.spent.items()}
+
+
 def _data(config: TrainConfig, ctx: dict[str, Any]):
     """The trial's data: the decoded splits the driver put in Ray's object store once (mapped,
     not copied, not decoded again) when this trial trains on them; else loaded here (cached)."""
@@ -239,12 +259,14 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     from the driver's confirmation phase) retrains the best configuration of one arm
     with one fresh seed, that arm alone, and is scored on test.
     """
-    from ray import tune
+    clock = _Clock()
+    with clock("setup"):
+        from ray import tune
 
-    from rank1.config import from_dict
-    from study.config import StudyConfig
+        from rank1.config import from_dict
+        from study.config import StudyConfig
 
-    study = from_dict(StudyConfig, ctx["study_config"])
+        study = from_dict(StudyConfig, ctx["study_config"])
     trial_id = tune.get_context().get_trial_id()
     torch.set_num_threads(max(1, int(study.resources.cpu)))
     confirm = params.get("confirm")
@@ -259,40 +281,47 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         configs = [study.trial_config(params, seed=s) for s in seeds]
         arms, split, role, logged_params, tags = study.value_arms(configs[0]), "val", "trial", params, None
         name = run_name(params)
-    data = _data(configs[0], ctx)
-    pairs = [PairTrainer(c, data=data) for c in configs]
-
-    state = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint(d)
-        for p, s in zip(pairs, state["seeds"]):
-            p.load_state_dict(s)
-    logger = _RunLogger(ctx, trial_id, state["run_id"] if state else None, logged_params, configs[0], role, tags,
-                        name)
-    started_at = state["epoch"] if state else 0
-    if started_at:
-        logger.client.set_tag(logger.run_id, TAG_RESUMED, str(started_at))
+    with clock("data"):
+        data = _data(configs[0], ctx)
+    with clock("setup"):
+        pairs = [PairTrainer(c, data=data) for c in configs]
+        state = None
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = load_checkpoint(d)
+            for p, s in zip(pairs, state["seeds"]):
+                p.load_state_dict(s)
+    with clock("mlflow"):
+        logger = _RunLogger(ctx, trial_id, state["run_id"] if state else None, logged_params, configs[0], role, tags,
+                            name)
+        started_at = state["epoch"] if state else 0
+        if started_at:
+            logger.client.set_tag(logger.run_id, TAG_RESUMED, str(started_at))
 
     epoch = started_at
     while not all(p.done() for p in pairs):
-        per_seed = [p.train_epoch([]) for p in pairs]
+        with clock("train"):
+            per_seed = [p.train_epoch([]) for p in pairs]
         epoch = max(p.epoch for p in pairs)
         metrics = aggregate_epoch([m for m in per_seed if m])
         metrics["objective"] = metrics.get(f"{arms[0]}.val_acc", float("nan"))
-        logger.log_epoch(epoch, metrics)
-        checkpoint = _save_checkpoint({
-            "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id,
-            "seeds": [p.state_dict() for p in pairs],
-        })
+        with clock("mlflow"):
+            logger.log_epoch(epoch, metrics)
+        with clock("checkpoint"):
+            checkpoint = _save_checkpoint({
+                "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id,
+                "seeds": [p.state_dict() for p in pairs],
+            })
         report = {k: v for k, v in metrics.items() if not (".grad" in k or ".weight." in k or ".residual." in k
                                                             or ".lowrank." in k)}
         report.update({"epoch": epoch, "run_id": logger.run_id, "final": False, "resumed_from": started_at})
-        tune.report(report, checkpoint=checkpoint)
+        with clock("report"):
+            tune.report(report, checkpoint=checkpoint)
 
     busy = _busy_trials()  # the latencies below are measured with these other trials running on the node
-    results = [p.finish([]).to_dict() for p in pairs]
+    with clock("finish"):  # final evaluation, gradient flow, effective ranks, the latency measurement
+        results = [p.finish([]).to_dict() for p in pairs]
     busy = max(busy, _busy_trials())
     status, reason, values = trial_value(results, arms, split)
     value = values[arms[0]]
@@ -301,8 +330,10 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     if any(r["arms"][a].get("inference", {}).get("threads") for r in results for a in r["arms"]):
         final["latency.threads"] = float(torch.get_num_threads())
         final["latency.other_trials_running"] = float(busy)
-    logger.log({final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
-               step=epoch)
+    final.update(clock.metrics())
+    with clock("mlflow"):
+        logger.log({final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
+                   step=epoch)
     # The shipped arm's trained weights of every seed: the driver registers the best.
     shipped = study.shipped_arm_of(configs[0]) if confirm is None else None
     models = {shipped: [p.trainers[shipped].model.state_dict() for p in pairs]} if status == "finished" and shipped else {}
