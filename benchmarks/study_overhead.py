@@ -1,23 +1,31 @@
 """What the study service costs: the same trials through Ray Tune + MLflow vs a plain loop.
 
-    python benchmarks/study_overhead.py [--trials 8] [--out benchmarks/results]
+    python benchmarks/study_overhead.py [--trials 4 12] [--out benchmarks/results]
 
-Runs N identical trials (digits, vgg depth 4, both arms) three ways:
-  plain    a loop over rank1.train.train_pair in this process (data loaded once)
-  c=1      `rank1 study run` with one trial at a time
-  c=2      `rank1 study run` with two trials at a time (this machine has 2 cores)
-and reports the service's fixed start-up cost (MLflow server, Ray), its overhead per
-trial (worker start, MLflow logging, checkpoints) and its parallel speedup.
+Runs identical trials (digits, vgg depth 4 width 16, 3 epochs, both arms) as
+  plain      a loop over rank1.train.train_pair in this process (data loaded once), and
+             the same loop in two processes at once: what this machine gives two trials
+  service    `rank1 study run` with one and with two trials at a time, each with a small
+             and a large number of trials.
+
+The service's fixed costs (start-up: MLflow server, Ray, data; first start of each trial
+worker; wrap-up) are paid once per study, so the cost *per trial* is the slope between the
+small and the large study: (fit(large) - fit(small)) / (large - small), less the plain
+loop's time per trial. The trials' own clocks (``final/overhead.*_s`` in MLflow) say where
+a trial's time goes inside it; what is left of the slope is outside it (Tune's bookkeeping,
+handing the worker to the next trial, the trial's last MLflow calls and report).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -25,9 +33,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"dataset": "digits", "model": "vgg", "depth": 4, "width": 16, "epochs": 3, "batch_size": 32,
          "latency_repeats": 5, "latency_batch": 32}
+PHASES = ("setup", "data", "mlflow", "checkpoint", "report", "train", "finish")  # the trial's _Clock
+SERVICE = ("setup", "data", "mlflow", "checkpoint", "report")  # what the service adds inside a trial
 
 
 def plain(n: int) -> float:
+    """``n`` trials in a loop in this process, data loaded once; seconds."""
     import torch
 
     from rank1.data import load_dataset
@@ -35,63 +46,109 @@ def plain(n: int) -> float:
 
     torch.set_num_threads(1)  # as a trial gets with resources.cpu = 1
     cfg = TrainConfig(**TRAIN)
-    t0 = time.perf_counter()
     data = load_dataset("digits")
+    train_pair(cfg, data=data)  # warm: the service's workers are warm after their first trial too
+    t0 = time.perf_counter()
     for _ in range(n):
         train_pair(cfg, data=data)
     return time.perf_counter() - t0
 
 
-def service(n: int, concurrent: int, tmp: Path) -> dict[str, float]:
-    study = {"name": f"overhead-c{concurrent}", "train": TRAIN, "search": {"init": ["kaiming"]},
-             "n_trials": n, "max_concurrent": concurrent, "sampler": "random", "home": str(tmp / f"c{concurrent}"),
-             "resources": {"cpu": 1}}
-    path = tmp / f"c{concurrent}.yaml"
+def plain_parallel(n: int) -> float:
+    """``n`` trials split over two processes running at once; wall seconds of the slower."""
+    with ProcessPoolExecutor(2) as ex:
+        return max(ex.map(plain, [n // 2, n - n // 2]))
+
+
+def service(n: int, concurrent: int, tmp: Path) -> dict[str, object]:
+    name = f"overhead-c{concurrent}-n{n}"
+    home = tmp / name
+    study = {"name": name, "train": TRAIN, "search": {"init": ["kaiming"]}, "n_trials": n,
+             "max_concurrent": concurrent, "sampler": "random", "home": str(home), "resources": {"cpu": 1}}
+    path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "study.cli", "study", "run", str(path)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "study.cli", "study", "run", str(path)], capture_output=True, text=True,
+                       cwd=REPO)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
-    timings = json.loads((tmp / f"c{concurrent}" / "outcome.json").read_text())["timings"]
-    return {"wall_s": wall, **timings}
+    timings = json.loads((home / "outcome.json").read_text())["timings"]
+    return {"n": n, "concurrent": concurrent, "wall_s": wall, **timings, "phases": _phases(home)}
+
+
+def _phases(home: Path) -> dict[str, float]:
+    """Mean seconds per trial in each phase of the trials' clocks, read from the study's MLflow store."""
+    from mlflow import MlflowClient
+
+    from study.names import FINAL, TAG_ROLE
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string=f"tags.`{TAG_ROLE}` = 'trial'", max_results=1000)
+    return {ph: statistics.fmean(r.data.metrics.get(f"{FINAL}overhead.{ph}_s", 0.0) for r in runs) for ph in PHASES}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--trials", type=int, nargs=2, default=[4, 12], metavar=("SMALL", "LARGE"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
+    small, large = args.trials
+    if not 0 < small < large:
+        ap.error(f"--trials: SMALL < LARGE, both positive (got {small} {large})")
     from rank1.measure import machine_info
 
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rank1-overhead-") as d:
         tmp = Path(d)
-        t_plain = plain(args.trials)
-        c1 = service(args.trials, 1, tmp)
-        c2 = service(args.trials, 2, tmp)
-    n = args.trials
+        t_plain = plain(large)
+        t_plain2 = plain_parallel(large)
+        runs = {(c, n): service(n, c, tmp) for c in (1, 2) for n in (small, large)}
+    per_plain = t_plain / large
+    slope = {c: (runs[c, large]["fit_s"] - runs[c, small]["fit_s"]) / (large - small) for c in (1, 2)}
+    ph = runs[1, large]["phases"]
+    inside = sum(ph[p] for p in SERVICE)
+    outside = slope[1] - sum(ph.values())
     res = {
-        "trials": n, "train": TRAIN, "plain_s": t_plain, "c1": c1, "c2": c2,
-        "per_trial_plain_s": t_plain / n,
-        "overhead_per_trial_s": (c1["fit_s"] - t_plain) / n,
-        "startup_s": c1["startup_s"], "finish_s": c1["finish_s"],
-        "parallel_speedup_fit": c1["fit_s"] / c2["fit_s"],
-        "speedup_vs_plain_wall": t_plain / c2["wall_s"],
+        "trials": [small, large], "train": TRAIN, "plain_s": t_plain, "plain_2proc_s": t_plain2,
+        "per_trial_plain_s": per_plain, "plain_2proc_speedup": t_plain / t_plain2,
+        "runs": {f"c{c}_n{n}": r for (c, n), r in runs.items()},
+        "per_trial_service_s": slope,
+        "overhead_per_trial_s": slope[1] - per_plain,
+        "overhead_inside_trial_s": {p: ph[p] for p in SERVICE},
+        "overhead_outside_trial_s": outside,
+        "trial_work_s": {"train": ph["train"], "finish": ph["finish"]},
+        "parallel_speedup": slope[1] / slope[2],
+        "startup_s": runs[1, large]["startup_s"], "finish_s": runs[1, large]["finish_s"],
+        "fixed_s": runs[1, small]["fit_s"] - small * slope[1],
         "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/study_overhead.py " + " ".join(sys.argv[1:]),
+        "benchmark_s": time.perf_counter() - t_start,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_overhead.json").write_text(json.dumps(res, indent=2))
+    f = res["overhead_inside_trial_s"]
     md = (
-        f"| {n} identical trials (digits, vgg depth 4 width 16, 3 epochs, rank1 + flat1d) | seconds |\n|---|---|\n"
-        f"| plain loop over `train_pair`, one process | {t_plain:.1f} ({t_plain / n:.1f} per trial) |\n"
-        f"| service, 1 trial at a time: Tuner.fit | {c1['fit_s']:.1f} |\n"
-        f"| service, 2 trials at a time: Tuner.fit | {c2['fit_s']:.1f} |\n"
-        f"| service start-up (MLflow server + Ray), once per study | {c1['startup_s']:.1f} |\n"
-        f"| service wrap-up (reconcile, register champion), once | {c1['finish_s']:.1f} |\n"
-        f"| **overhead per trial** (c=1 fit − plain) / {n} | **{res['overhead_per_trial_s']:.2f}** |\n"
-        f"| **parallel speedup** of fit, 2 vs 1 at a time | **{res['parallel_speedup_fit']:.2f}x** |\n"
-        f"| whole study wall time, c=2, vs plain loop | {c2['wall_s']:.1f} vs {t_plain:.1f} |\n"
+        f"Identical trials (digits, vgg depth 4 width 16, 3 epochs, rank1 + flat1d); {res['machine'].get('cpu', '')}, "
+        f"{res['date']}; `{res['command']}` ({res['benchmark_s'] / 60:.1f} min).\n\n"
+        f"| per trial | seconds |\n|---|---|\n"
+        f"| plain loop over `train_pair`, one process | {per_plain:.2f} |\n"
+        f"| service, 1 trial at a time (slope {small} → {large} trials) | {slope[1]:.2f} |\n"
+        f"| **overhead per trial** (service − plain) | **{res['overhead_per_trial_s']:.2f}** |\n"
+        f"| … inside the trial: setup {f['setup']:.3f}, data {f['data']:.3f}, MLflow {f['mlflow']:.3f}, "
+        f"checkpoints {f['checkpoint']:.3f}, Tune reports {f['report']:.3f} | {inside:.2f} |\n"
+        f"| … outside it (Tune's bookkeeping, next trial's hand-over, last MLflow calls) | {outside:.2f} |\n"
+        f"| … the trial's own work here vs plain: train {ph['train']:.2f} + finish {ph['finish']:.2f} | "
+        f"{ph['train'] + ph['finish']:.2f} vs {per_plain:.2f} |\n"
+        f"| service, 2 trials at a time (slope) | {slope[2]:.2f} |\n"
+        f"| **parallel speedup**, 2 vs 1 trial at a time | **{res['parallel_speedup']:.2f}x** |\n"
+        f"| plain loop in 2 processes vs 1 (what this machine gives) | {res['plain_2proc_speedup']:.2f}x |\n\n"
+        f"| once per study | seconds |\n|---|---|\n"
+        f"| start-up (Ray, MLflow server, data into the object store) | {res['startup_s']:.1f} |\n"
+        f"| first start of the trial workers (fit − trials × slope, {small} trials) | {res['fixed_s']:.1f} |\n"
+        f"| wrap-up (reconcile, register the champion, report) | {res['finish_s']:.1f} |\n"
     )
     (out / "study_overhead.md").write_text(md)
     print(md)

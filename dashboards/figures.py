@@ -542,7 +542,8 @@ def champion(data: StudyData, rows) -> Section:
         "registered model": c["name"], "version": c["version"], "alias": c["alias"],
         "trial": card.get("trial_id"), "config": " ".join(f"{k}={v}" for k, v in sorted(card.get("params", {}).items())),
         "decomposed val accuracy": f"{card.get('val_acc', float('nan')):.4f}",
-        "speedup vs dense": ", ".join(f"batch {k.rsplit('_b', 1)[1]}: {v:.2f}x" for k, v in sorted(m.items())
+        "speedup vs dense": ", ".join(f"batch {batch_of(k)}: {v:.2f}x"
+                                      for k, v in sorted(m.items(), key=lambda kv: batch_of(kv[0]) or 0)
                                       if k.startswith("rank1.speedup_b")) or "not measured",
         "parameters (dense / decomposed)": f"{int(m.get('rank1.dense_params', 0))} / {int(m.get('rank1.decomposed_params', 0))}",
         "pull": f"rank1 pull {c['name']}@{c['alias']} --out model/",

@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rank1.config import ConfigError
+from rank1.measure import machine_info
 
 __all__ = ["export", "load", "pull", "records", "report", "results", "resume", "run", "status", "tracking"]
 
@@ -176,12 +178,21 @@ def export(home: str | Path, out: str | Path, tracking_uri: str | None = None) -
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(cfg.name)
         summary["mlflow_experiment_id"] = exp.experiment_id if exp else None
+        parent = summary.get("state", {}).get("parent_run_id")
+        if parent:  # when the study ran, as its parent run says (a resumed study: first start to last end)
+            info = client.get_run(parent).info
+            summary["started"], summary["ended"] = (
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t / 1000)) if t else None
+                for t in (info.start_time, info.end_time))
         try:
             mv = client.get_model_version_by_alias(cfg.model_name, "champion")
             summary["champion"] = {"model": cfg.model_name, "version": mv.version, "run_id": mv.run_id,
                                    **{k: mv.tags.get(k) for k in ("trial_id", "seed", "arm", "value", "metric")}}
         except Exception:  # no champion registered
             summary["champion"] = None
+    # Where it ran: the driver's record of its machine, else (a study from before it kept one) this one's.
+    summary["machine"] = summary.get("outcome", {}).get("machine") or {**machine_info("cpu"),
+                                                                         "source": "the machine that exported it"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return {"runs": out / "runs.jsonl", "trials": out / "trials.csv", "summary": out / "summary.json"}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rank1.config import ConfigError
+from rank1.measure import machine_info
 from study.checks import check_cluster_resources, preflight
 from study.config import StudyConfig, load_study
 from study.console import print_summary
@@ -54,6 +55,8 @@ class StudyOutcome:
     model_version: str | None = None
     alias: str | None = None
     confirm: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)  # the driver's machine (the trials' on one machine)
+    started: str = ""  # when the run (or this resume) began, UTC
 
 
 def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool = False,
@@ -78,6 +81,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
     from mlflow import MlflowClient
 
     t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # Ray first: on a cluster, what its nodes can reach is checked before the home is written.
     with start_ray(home, address):
         if address:
@@ -100,6 +104,8 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
             _report(cfg, uri)
             outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
                                "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
+            outcome.machine = {**machine_info("cpu"), "cluster": bool(address)}
+            outcome.started = started
             (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
             for k, v in outcome.timings.items():
                 client.log_metric(parent_id, f"study.{k}", v)

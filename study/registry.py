@@ -25,6 +25,7 @@ import rank1
 from rank1 import decompose_model
 from rank1.config import ConfigError
 from rank1.data import TensorLoader
+from rank1.measure import batch_of, batched
 from rank1.models import model_for
 from rank1.train import data_for
 
@@ -126,8 +127,8 @@ def card_markdown(card: dict[str, Any], version: str | None = None) -> str:
     m, arm = card.get("metrics", {}), card.get("arm", "rank1")
     c = card["train_config"]
     speed = "; ".join(
-        f"batch {k.rsplit('_b', 1)[1]}: {v:.2f}x ({m.get(f'{arm}.deploy_b' + k.rsplit('_b', 1)[1], '')})"
-        for k, v in sorted(m.items()) if k.startswith(f"{arm}.speedup_b"))
+        f"batch {batch_of(k)}: {v:.2f}x ({m.get(batched(f'{arm}.deploy', batch_of(k)), '')})"
+        for k, v in sorted(m.items(), key=lambda kv: batch_of(kv[0]) or 0) if k.startswith(f"{arm}.speedup_b"))
     frac = ", ".join(f"{v:.0%}" for k, v in sorted(m.items()) if k.startswith(f"{arm}.fraction_of_flop_ratio_b"))
     ref = f"{card['name']}/{version}" if version else f"{card['name']}@champion"
     lines = [

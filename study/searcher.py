@@ -54,7 +54,8 @@ class OptunaRDBSearcher(Searcher):
         self.objectives = objectives
         self.cells = cells  # a grid design: each trial takes one cell's parameters
         self._study = None
-        self._numbers: dict[str, int] = {}
+        self._numbers: dict[str, tuple[int, int]] = {}  # Ray trial id -> (Optuna number, storage id)
+        self._scanned = False
 
     # The Optuna study (an open database connection) is not pickled with the
     # experiment state; a restored searcher reconnects on first use.
@@ -62,6 +63,7 @@ class OptunaRDBSearcher(Searcher):
         state = self.__dict__.copy()
         state["_study"] = None
         state["_numbers"] = {}
+        state["_scanned"] = False
         return state
 
     @property
@@ -80,28 +82,35 @@ class OptunaRDBSearcher(Searcher):
             )
         return self._study
 
-    def _number(self, trial_id: str) -> int | None:
-        if trial_id not in self._numbers:
+    def _ids(self, trial_id: str) -> tuple[int, int] | None:
+        """The Optuna trial of a Ray trial. The storage is read in full once per searcher (after a
+        restore, trials from before it); later trials are remembered when they are asked for."""
+        if trial_id not in self._numbers and not self._scanned:
             for t in self.study.get_trials(deepcopy=False):
                 rid = t.user_attrs.get(RAY_TRIAL_ID)
                 if rid is not None:
-                    self._numbers[rid] = t.number
+                    self._numbers[rid] = (t.number, t._trial_id)
+            self._scanned = True
         return self._numbers.get(trial_id)
 
-    def _trial(self, number: int):
+    def _number(self, trial_id: str) -> int | None:
+        ids = self._ids(trial_id)
+        return None if ids is None else ids[0]
+
+    def _trial(self, trial_id: str):
+        """``(Trial, FrozenTrial)`` of a known Ray trial: one trial read from the storage, not all."""
         import optuna
 
-        frozen = self.study.get_trials(deepcopy=False)[number]
-        return optuna.trial.Trial(self.study, frozen._trial_id), frozen
+        storage_id = self._numbers[trial_id][1]
+        return optuna.trial.Trial(self.study, storage_id), self.study._storage.get_trial(storage_id)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         # The space is ours (define-by-run); Tune's metric must be our first objective.
         return metric in (None, self.metric) and mode in (None, self.mode) and not config
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        number = self._number(trial_id)
-        if number is not None:  # asked before a restart: the same parameters again
-            return dict(self._trial(number)[1].params)
+        if self._ids(trial_id) is not None:  # asked before a restart: the same parameters again
+            return dict(self._trial(trial_id)[1].params)
         trial = self.study.ask()
         params: dict[str, Any] = {}
         if self.cells is not None:  # the grid sampler put this trial's cell in its system attributes
@@ -109,7 +118,7 @@ class OptunaRDBSearcher(Searcher):
             for name in sorted(cell):
                 params[name] = trial.suggest_categorical(name, self.space[name])
             trial.set_user_attr(RAY_TRIAL_ID, trial_id)
-            self._numbers[trial_id] = trial.number
+            self._numbers[trial_id] = (trial.number, trial._trial_id)
             return params
         for name, spec in self.space.items():
             if isinstance(spec, Range):
@@ -121,15 +130,15 @@ class OptunaRDBSearcher(Searcher):
             else:
                 params[name] = trial.suggest_categorical(name, spec)
         trial.set_user_attr(RAY_TRIAL_ID, trial_id)
-        self._numbers[trial_id] = trial.number
+        self._numbers[trial_id] = (trial.number, trial._trial_id)
         return params
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         # Intermediate values feed Optuna's history (single objective only).
-        number = self._number(trial_id)
-        if number is None or len(self.objectives) > 1 or self.metric not in result or result.get("final"):
+        if (self._ids(trial_id) is None or len(self.objectives) > 1 or self.metric not in result
+                or result.get("final")):
             return
-        trial, frozen = self._trial(number)
+        trial, frozen = self._trial(trial_id)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         if frozen.state.name == "RUNNING" and step not in frozen.intermediate_values:
             trial.report(float(result[self.metric]), step)
@@ -141,7 +150,7 @@ class OptunaRDBSearcher(Searcher):
         if number is None:
             log.warning("trial %s is not in the Optuna study %s", trial_id, self.study_name)
             return
-        trial, frozen = self._trial(number)
+        trial, frozen = self._trial(trial_id)
         if frozen.state != optuna.trial.TrialState.RUNNING:
             return  # already told (a restored driver may see the completion twice)
         State = optuna.trial.TrialState
@@ -167,3 +176,4 @@ class OptunaRDBSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         self._study = None
         self._numbers = {}
+        self._scanned = False

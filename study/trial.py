@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.entities import Metric, Param, RunTag
 
 from rank1.data import from_shared, with_subsets
 from rank1.train import PairTrainer, TrainConfig, data_for
@@ -47,8 +48,9 @@ from study.names import (
 __all__ = ["CHECKPOINT_FILE", "aggregate_epoch", "final_metrics", "run_trial", "trial_value"]
 
 CHECKPOINT_FILE = "state.pt"
-_MAX_BATCH = 900
-_FINAL_RENAME = {"val_acc": "shipped_val_acc", "val_loss": "shipped_val_loss"}  # MLflow takes at most 1000 metrics per log_batch
+_MAX_BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
+_MAX_PARAMS = 100  # and at most 100 params
+_FINAL_RENAME = {"val_acc": "shipped_val_acc", "val_loss": "shipped_val_loss"}
 
 
 def _mean(values: list[float]) -> float:
@@ -123,30 +125,36 @@ class _RunLogger:
 
         self.client = MlflowClient(ctx["tracking_uri"])
         self.ctx = ctx
+        # As few calls as the server allows (each is a request): a new trial's run is created
+        # with its tags and gets its params in one batch; a restarted one is found by its tag.
         if run_id is None:
             found = self.client.search_runs(
                 [ctx["experiment_id"]], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}'", max_results=2
             )
             run_id = found[0].info.run_id if found else None
+        live = {TAG_STATUS: "running", TAG_PID: str(os.getpid()), TAG_NODE: _node_id()}
+        # Re-logging a param with the same value is allowed, so a restarted trial can do this again.
+        logged = {**config.to_dict(), **{f"search.{k}": v for k, v in params.items()}}
+        batch = [Param(k, str(v)[:6000]) for k, v in sorted(logged.items())]
         if run_id is None:
             run = self.client.create_run(
                 ctx["experiment_id"], run_name=name or trial_id,
                 tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, TAG_ROLE: role,
-                      TAG_STUDY: ctx["study"], TAG_STATUS: "running", **(tags or {})},
+                      TAG_STUDY: ctx["study"], **live, **(tags or {})},
             )
-            run_id = run.info.run_id
+            self.run_id = run.info.run_id
+            self._log_params(batch, [])
+            self.last_logged = 0
+            return
         self.run_id = run_id
         self.client.set_terminated(run_id, "RUNNING")
-        self.client.set_tag(run_id, TAG_STATUS, "running")
-        self.client.set_tag(run_id, TAG_PID, str(os.getpid()))
-        self.client.set_tag(run_id, TAG_NODE, _node_id())
-        # Re-logging a param with the same value is allowed, so a restarted trial can do this again.
-        from mlflow.entities import Param
-
-        logged = {**config.to_dict(), **{f"search.{k}": v for k, v in params.items()}}
-        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(logged.items())])
+        self._log_params(batch, [RunTag(k, v) for k, v in live.items()])
         history = self.client.get_metric_history(run_id, "objective")
         self.last_logged = max((m.step for m in history), default=0)
+
+    def _log_params(self, params: list[Param], tags: list[RunTag]) -> None:
+        for i in range(0, max(len(params), 1), _MAX_PARAMS):  # MLflow takes 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i:i + _MAX_PARAMS], tags=tags if i == 0 else [])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch <= self.last_logged:  # already there from before a restart
@@ -154,34 +162,29 @@ class _RunLogger:
         self.log({epoch_metric(k): v for k, v in metrics.items()}, step=epoch)
         self.last_logged = epoch
 
-    def log(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
+    def log(self, metrics: dict[str, float], step: int = 0, tags: list[RunTag] | None = None) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
                  if isinstance(v, (int, float)) and math.isfinite(float(v))]
-        for i in range(0, len(items), _MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_BATCH])
+        for i in range(0, max(len(items), 1), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_BATCH], tags=(tags or []) if i == 0 else [])
 
-    def finish(self, status: str, reason: str | None, results: list[dict[str, Any]]) -> None:
-        self.client.set_tag(self.run_id, TAG_STATUS, status)
+    def finish(self, status: str, reason: str | None, results: list[dict[str, Any]], metrics: dict[str, float],
+               step: int) -> None:
+        """The end of the run in three calls: its final numbers and tags, its files, its status."""
+        tags = {TAG_STATUS: status}
         if reason:
-            self.client.set_tag(self.run_id, TAG_REASON, reason[:5000])
+            tags[TAG_REASON] = reason[:5000]
         # Which kernel each layer got in the deployed form, per arm and batch size (first seed).
         plans = {arm: {k: v for k, v in r.get("inference", {}).items() if k.startswith("deploy_")}
                  for arm, r in results[0]["arms"].items()} if results else {}
-        for arm, plan in plans.items():
-            for k, v in plan.items():
-                if isinstance(v, str):
-                    self.client.set_tag(self.run_id, f"rank1.{arm}.{k}", v)
+        tags.update({f"rank1.{arm}.{k}": v for arm, plan in plans.items() for k, v in plan.items() if isinstance(v, str)})
+        self.log(metrics, step=step, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
         with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "trial_result.json"
-            path.write_text(json.dumps(results, indent=1, default=str))
-            self.client.log_artifact(self.run_id, str(path))
+            (Path(d) / "trial_result.json").write_text(json.dumps(results, indent=1, default=str))
             if any(plans.values()):
-                path = Path(d) / "deploy_plan.json"
-                path.write_text(json.dumps(plans, indent=1))
-                self.client.log_artifact(self.run_id, str(path))
+                (Path(d) / "deploy_plan.json").write_text(json.dumps(plans, indent=1))
+            self.client.log_artifacts(self.run_id, d)
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
 
 
@@ -330,20 +333,20 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     if any(r["arms"][a].get("inference", {}).get("threads") for r in results for a in r["arms"]):
         final["latency.threads"] = float(torch.get_num_threads())
         final["latency.other_trials_running"] = float(busy)
-    final.update(clock.metrics())
-    with clock("mlflow"):
-        logger.log({final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
-                   step=epoch)
     # The shipped arm's trained weights of every seed: the driver registers the best.
     shipped = study.shipped_arm_of(configs[0]) if confirm is None else None
     models = {shipped: [p.trainers[shipped].model.state_dict() for p in pairs]} if status == "finished" and shipped else {}
-    checkpoint = _save_checkpoint({
-        "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
-        "seeds": [p.state_dict() for p in pairs], "models": models,
-        "val_acc": {a: [arm_accuracy(r["arms"][a]) for r in results] for a in models},
-        "params": params,
-    })
-    logger.finish(status, reason, results)
+    with clock("checkpoint"):
+        checkpoint = _save_checkpoint({
+            "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
+            "seeds": [p.state_dict() for p in pairs], "models": models,
+            "val_acc": {a: [arm_accuracy(r["arms"][a]) for r in results] for a in models},
+            "params": params,
+        })
+    final.update(clock.metrics())  # the calls below are not in it: the benchmark counts them as outside the trial
+    logger.finish(status, reason, results,
+                  {final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
+                  step=epoch)
     extra = {f"objective.{a}": v for a, v in values.items() if a != arms[0] and math.isfinite(v)}
     tune.report({**{k: v for k, v in final.items() if math.isfinite(v)}, **extra,
                  "objective": value if math.isfinite(value) else 0.0,

@@ -19,9 +19,31 @@ from dashboards.stats import best_vs_best
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+VBEGIN, VEND = "<!-- verdicts:begin -->", "<!-- verdicts:end -->"  # the introduction's one sentence per claim
 
 
-def build(d: Path, by: list[str], select: list[str]) -> str:
+def provenance(summary: dict, caveat: str | None) -> str:
+    """Where, when and on what the study ran: the machine, the dates, the wall time, the data, the seeds."""
+    cfg = summary["study_config"]
+    train = cfg["train"]
+    m = summary.get("machine") or {}
+    wall = (summary.get("outcome") or {}).get("timings", {}).get("total_s")
+    sub = ", ".join(f"{k} {train[k]:,} (stratified)" for k in ("train_subset", "val_subset") if train.get(k))
+    parts = [
+        f"Ran on {m.get('cpu', m.get('processor', '?'))} ({m.get('threads', '?')} threads, torch {m.get('torch', '?')}"
+        + (f"; {m['source']}" if m.get("source") else "") + ")",
+        f"from {summary.get('started', '?')} to {summary.get('ended', '?')}"
+        + (f", {wall / 3600:.2f} h wall time" if wall else ""),
+        f"{train.get('dataset')} at {train.get('image_size') or 'native'} px"
+        + (f", {sub}" if sub else "") + ", test on the full test split",
+        f"{cfg.get('seeds_per_trial')} seeds per cell (seeds {train.get('seed', 0)}..{train.get('seed', 0) + cfg.get('seeds_per_trial', 1) - 1})"
+        + (f", {cfg['confirm_seeds']} fresh seeds per arm's best" if cfg.get("confirm_seeds") else ""),
+    ]
+    return "; ".join(parts) + "." + (f" {caveat}" if caveat else "")
+
+
+def build(d: Path, by: list[str], select: list[str], caveat: str | None = None) -> tuple[str, str]:
+    """``(tables, verdicts)``: the claims section and the verdicts alone (markdown)."""
     recs = [json.loads(line) for line in (d / "runs.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((d / "summary.json").read_text())
     search = [r for r in recs if r["phase"] == "search"]
@@ -41,12 +63,12 @@ def build(d: Path, by: list[str], select: list[str]) -> str:
              f"{cfg.get('n_trials')} grid cells x {cfg.get('seeds_per_trial')} seeds, then "
              f"{cfg.get('confirm_seeds')} fresh seeds for each arm's best configuration; "
              f"{len(search)} (trial, seed, arm) runs and {len(confirm)} confirmation runs; MLflow experiment "
-             f"{summary.get('mlflow_experiment_id')}, {len(summary.get('mlflow_run_ids', []))} runs.", ""]
-    for claim, title in (("trainability", "Trainability"), ("gradient_flow", "Gradient flow"),
-                         ("low_rank", "Low-rank outputs"), ("fast_inference", "Fast inference")):
-        if claim in c["verdicts"]:
-            lines.append(f"- **{title}.** {c['verdicts'][claim]}")
-    lines += ["", c["markdown"], ""]
+             f"{summary.get('mlflow_experiment_id')}, {len(summary.get('mlflow_run_ids', []))} runs.", "",
+             provenance(summary, caveat), ""]
+    verdicts = [f"- **{title}.** {c['verdicts'][claim]}" for claim, title in (
+        ("trainability", "Trainability"), ("gradient_flow", "Gradient flow"), ("low_rank", "Low-rank outputs"),
+        ("fast_inference", "Fast inference")) if claim in c["verdicts"]]
+    lines += [*verdicts, "", c["markdown"], ""]
     if c["speed_markdown"]:
         lines += ["**Fast inference**: the registered champion, as deployed where it was trained", "",
                   c["speed_markdown"]]
@@ -59,7 +81,14 @@ def build(d: Path, by: list[str], select: list[str]) -> str:
         for a, b in (("rank1", "flat1d"), ("rank1", "dense"), ("flat1d", "dense")):
             if a in accs and b in accs:
                 lines.append(f"- {best_vs_best(a, accs[a], b, accs[b]).sentence}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", "\n".join(verdicts) + "\n"
+
+
+def _replace(text: str, begin: str, end: str, body: str, where: Path) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"{where} has no {begin} ... {end} section")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
 
 
 def main() -> None:
@@ -68,16 +97,15 @@ def main() -> None:
     ap.add_argument("--by", nargs="+", default=["batchnorm", "depth"], help="the cells of the tables")
     ap.add_argument("--select", nargs="*", default=["lr"], help="fields each arm variant takes at its own best")
     ap.add_argument("--readme", type=Path, default=None, help="replace the README's claims section")
+    ap.add_argument("--caveat", default=None, help="a sentence on the data to state with the numbers")
     args = ap.parse_args()
-    md = build(args.dir, args.by, args.select)
+    md, verdicts = build(args.dir, args.by, args.select, args.caveat)
     (args.dir / "tables.md").write_text(md)
     if args.readme:
-        text = args.readme.read_text()
-        if BEGIN not in text or END not in text:
-            raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} section")
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        args.readme.write_text(f"{head}{BEGIN}\n{md}{END}{tail}")
+        text = _replace(args.readme.read_text(), BEGIN, END, md, args.readme)
+        if VBEGIN in text:
+            text = _replace(text, VBEGIN, VEND, verdicts, args.readme)
+        args.readme.write_text(text)
     print(md)
 
 

@@ -47,3 +47,40 @@ def test_fast_inference_from_the_champion():
     c = claims(_study(flat_acc_deep=0.85), ["depth"], [], champion=champ)
     assert c["verdicts"]["fast_inference"].startswith("Holds only at some batch sizes: the champion's deployed")
     assert "1.50x its dense form at batch 1" in c["verdicts"]["fast_inference"] and "| 32 |" in c["speed_markdown"]
+
+
+def test_the_readme_tables_regenerate_from_an_export(tmp_path, monkeypatch):
+    """benchmarks/replication/tables.py: one command from the committed export to the README's
+    claims section and its introduction's verdicts, with where, when and on what it ran."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "replication" / "tables.py"
+    spec = importlib.util.spec_from_file_location("replication_tables", path)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    recs = [{**r, "phase": "search", "trial_id": f"t{r['config']['depth']}", "inference": {}}
+            for r in _study(flat_acc_deep=None)]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = {"study": "s", "study_config": {"n_trials": 2, "seeds_per_trial": 3, "confirm_seeds": 0,
+                                              "train": {"dataset": "imagefolder", "train_subset": 4000, "seed": 0}},
+               "machine": {"cpu": "Test CPU", "threads": 2, "torch": "2.x"}, "started": "2026-12-01T11:11:00Z",
+               "ended": "2026-12-01T13:40:00Z", "outcome": {"timings": {"total_s": 9000.0}},
+               "mlflow_experiment_id": "1", "mlflow_run_ids": ["a", "b"]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- verdicts:begin -->\nstale\n<!-- verdicts:end -->\nmid\n"
+                      "<!-- claims:begin -->\nstale tables\n<!-- claims:end -->\nend\n")
+    monkeypatch.setattr(sys, "argv", ["tables.py", "--dir", str(tmp_path), "--by", "depth", "--select",
+                                      "--readme", str(readme), "--caveat", "JPEG caveat."])
+    tables.main()
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    intro = text.split("<!-- verdicts:begin -->\n")[1].split("<!-- verdicts:end -->")[0]
+    assert intro.startswith("- **Trainability.** Holds only for flat1d at depth 16") and "|" not in intro
+    body = text.split("<!-- claims:begin -->\n")[1].split("<!-- claims:end -->")[0]
+    assert "Ran on Test CPU (2 threads" in body and "2.50 h wall time" in body and "train_subset 4,000" in body
+    assert "3 seeds per cell" in body and "JPEG caveat." in body
+    assert (tmp_path / "tables.md").read_text() == body
