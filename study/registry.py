@@ -13,8 +13,10 @@ stages (stages are deprecated in MLflow).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,30 +94,30 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
     card["val_acc"] = acc
     x_example = next(iter(TensorLoader(data.val, 4, data.mean, data.std)))[0]
     run_id = best["run_id"]
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
-        d = Path(d)
-        (d / CARD).write_text(json.dumps(card, indent=2, default=str))
-        torch.save(model.state_dict(), d / WEIGHTS)
-        xs, ys = next(iter(TensorLoader(data.val, 16, data.mean, data.std)))
-        torch.save({"x": xs, "y": ys}, d / EXAMPLE)
-        batch = torch.export.Dim("batch", min=1)  # any batch size; the image shape is fixed
-        torch.export.save(torch.export.export(exportable, (x_example,), dynamic_shapes=({0: batch},)),
-                          d / EXPORTABLE)
-        for f in (CARD, WEIGHTS, EXAMPLE):
-            mlflow.log_artifact(str(d / f), artifact_path="decomposed_model_card")
-        with torch.no_grad():
-            logits = exportable(x_example).numpy()
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(SERVING), code_paths=[str(Path(rank1.__file__).parent)],
-            artifacts={"card": str(d / CARD), "weights": str(d / WEIGHTS), "exportable": str(d / EXPORTABLE)},
-            signature=mlflow.models.infer_signature(x_example.numpy(), logits), input_example=x_example.numpy(),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
-        )
-    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
-        "dataset": train_cfg.dataset, "metric": cfg.metric, "value": f"{acc:.6f}", "study": cfg.name,
-        "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,
-    })
+    with _tracking_uri(uri), tempfile.TemporaryDirectory() as d:
+        with mlflow.start_run(run_id=run_id):
+            d = Path(d)
+            (d / CARD).write_text(json.dumps(card, indent=2, default=str))
+            torch.save(model.state_dict(), d / WEIGHTS)
+            xs, ys = next(iter(TensorLoader(data.val, 16, data.mean, data.std)))
+            torch.save({"x": xs, "y": ys}, d / EXAMPLE)
+            batch = torch.export.Dim("batch", min=1)  # any batch size; the image shape is fixed
+            torch.export.save(torch.export.export(exportable, (x_example,), dynamic_shapes=({0: batch},)),
+                              d / EXPORTABLE)
+            for f in (CARD, WEIGHTS, EXAMPLE):
+                mlflow.log_artifact(str(d / f), artifact_path="decomposed_model_card")
+            with torch.no_grad():
+                logits = exportable(x_example).numpy()
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(SERVING), code_paths=[str(Path(rank1.__file__).parent)],
+                artifacts={"card": str(d / CARD), "weights": str(d / WEIGHTS), "exportable": str(d / EXPORTABLE)},
+                signature=mlflow.models.infer_signature(x_example.numpy(), logits), input_example=x_example.numpy(),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
+            )
+        version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
+            "dataset": train_cfg.dataset, "metric": cfg.metric, "value": f"{acc:.6f}", "study": cfg.name,
+            "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,
+        })
     alias = _set_alias(client, cfg.model_name, version, train_cfg.dataset, cfg.metric, acc)
     describe_version(client, cfg, card, version.version)
     return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": version.version, "alias": alias,
@@ -173,6 +175,21 @@ def _registered(client, name: str, study: str, trial_id: str, seed: int):
     return None
 
 
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's fluent API pointed at ``uri`` for the block, and put back after: MLflow also
+    writes it to ``$MLFLOW_TRACKING_URI``, which would leave every later reader in this
+    process (a notebook's ``study.results``) at a server that has since stopped."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 def _set_alias(client, name: str, version, dataset: str, metric: str, value: float) -> str:
     """``champion`` if no comparable champion beats ``value``; else ``challenger``."""
     try:
@@ -211,7 +228,6 @@ def pull(ref: str, out: str | Path, tracking_uri: str) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     uri = parse_model_ref(ref)
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     name = uri[len("models:/"):].split("@")[0].split("/")[0]
     try:
@@ -223,8 +239,9 @@ def pull(ref: str, out: str | Path, tracking_uri: str) -> dict[str, Any]:
         raise ConfigError(f"model: {ref!r} was not found in the registry at {tracking_uri} ({e})") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out / "model"))
-    mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="decomposed_model_card", dst_path=str(out))
+    with _tracking_uri(tracking_uri):
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(out / "model"))
+        mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="decomposed_model_card", dst_path=str(out))
     card = json.loads((out / "decomposed_model_card" / CARD).read_text())
     card["version"] = mv.version
     card["aliases"] = list(getattr(mv, "aliases", []) or [])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from study.names import final_metric
 from study.services import free_port
 from tests.study.conftest import cli, mlflow_client, tracking_server, trial_runs, write_study
 
@@ -57,7 +58,7 @@ def test_trials_run_on_more_than_one_node(tmp_path, cluster):
             assert len(runs) == 4 and all(r.data.tags["rank1.status"] == "finished" for r in runs)
             used = {r.data.tags["rank1.node_id"] for r in runs}
             assert used <= node_ids and len(used) == 2, (used, node_ids)  # both nodes ran trials
-            assert all("rank1.decomposed_val_acc" in r.data.metrics for r in runs)
+            assert all(final_metric("rank1.decomposed_val_acc") in r.data.metrics for r in runs)
     assert list((tmp_path / "shared" / "tune").glob("*/checkpoint_*")), "trial checkpoints in the shared storage"
 
 

@@ -269,7 +269,7 @@ def test_asha_stopped_trials_are_pruned_in_optuna_and_mlflow(tmp_path):
         if tid in pruned:
             assert optuna_state[tid] == "PRUNED" and r.info.status == "KILLED"
             assert "stopped early by ASHA" in r.data.tags["rank1.reason"]
-            assert "rank1.decomposed_val_acc" not in r.data.metrics
+            assert "final/rank1.decomposed_val_acc" not in r.data.metrics and "rank1.val_acc" in r.data.metrics
         else:
             assert optuna_state[tid] == "COMPLETE" and r.data.tags["rank1.status"] == "finished"
 

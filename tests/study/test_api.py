@@ -1,0 +1,52 @@
+"""The Python API: a study run from Python, read back as a table that equals what MLflow and
+Optuna hold."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+import study
+from study.names import FINAL
+from tests.study.conftest import mlflow_client, optuna_trials, trial_runs, write_study
+
+pytestmark = pytest.mark.slow
+
+
+def test_run_then_results_equal_mlflow_and_optuna(tmp_path):
+    path = write_study(tmp_path, name="api", n_trials=3, seeds_per_trial=2, train={"arm": "all", "epochs": 1},
+                       search={"depth": {"low": 1, "high": 2}, "init": ["kaiming", "dirac"]})
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    outcome = study.run(path)  # in this process, as a notebook would
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # not left at the study's stopped server
+    home = tmp_path / "home"
+    assert outcome.trials.get("finished") == 3 and outcome.model_uri == "models:/api-decomposed@champion"
+    assert study.load(home).name == "api" and study.status(home)["states"] == {"finished": 3}
+
+    df = study.results(home)
+    assert len(df) == 3 * 2 * 3  # trials x seeds x arms
+    assert set(df["arm"]) == {"rank1", "flat1d", "dense"} and set(df["phase"]) == {"search"}
+    assert sorted(df["seed"].unique()) == [0, 1]
+
+    optuna = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(home, "api")}
+    with mlflow_client(home) as (client, _):
+        runs = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "api")}
+    assert set(df["trial_id"]) == set(runs) == set(optuna)
+    for tid, rows in df.groupby("trial_id"):
+        t, run = optuna[tid], runs[tid]
+        assert set(rows["run_id"]) == {run.info.run_id} and set(rows["optuna_number"]) == {t.number}
+        assert set(rows["optuna_state"]) == {"COMPLETE"} and set(rows["trial_status"]) == {"finished"}
+        for name, value in t.params.items():
+            assert set(rows[f"param.{name}"]) == {value}
+        for arm, arm_rows in rows.groupby("arm"):
+            # the arm's accuracy over seeds: MLflow's trial-level mean, and for rank1 Optuna's value
+            mean = arm_rows["val_acc"].mean()
+            m = run.data.metrics
+            assert math.isclose(mean, m.get(f"{FINAL}{arm}.decomposed_val_acc", m.get(f"{FINAL}{arm}.shipped_val_acc")),
+                                abs_tol=1e-9)
+            if arm == "rank1":
+                assert math.isclose(mean, t.value, abs_tol=1e-9)
+            if arm != "dense":  # the decomposed arms' speed, as MLflow has it (mean over seeds)
+                assert math.isclose(arm_rows["speedup_b8"].mean(), m[f"{FINAL}{arm}.speedup_b8"], rel_tol=1e-9)
