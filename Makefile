@@ -35,7 +35,7 @@ postgres:
 
 test: setup browser postgres
 	$(BIN)/python -m ruff check rank1 study dashboards tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The inner loop: everything but the tests marked slow (real studies, clusters, browsers,
 # compiler builds). `make test` (and CI) still runs them all.

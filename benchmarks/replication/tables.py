@@ -27,13 +27,23 @@ def provenance(summary: dict, caveat: str | None) -> str:
     cfg = summary["study_config"]
     train = cfg["train"]
     m = summary.get("machine") or {}
-    wall = (summary.get("outcome") or {}).get("timings", {}).get("total_s")
+    wall = (summary.get("outcome") or {}).get("timings", {}).get("total_s")  # the last driver's
+    start, end = (summary.get(k) for k in ("started", "ended"))
+    elapsed = None
+    if start and end:  # first start to last end: a resumed study's restarts included
+        from datetime import datetime
+
+        elapsed = (datetime.fromisoformat(end.replace("Z", "+00:00"))
+                   - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
     sub = ", ".join(f"{k} {train[k]:,} (stratified)" for k in ("train_subset", "val_subset") if train.get(k))
     parts = [
         f"Ran on {m.get('cpu', m.get('processor', '?'))} ({m.get('threads', '?')} threads, torch {m.get('torch', '?')}"
         + (f"; {m['source']}" if m.get("source") else "") + ")",
-        f"from {summary.get('started', '?')} to {summary.get('ended', '?')}"
-        + (f", {wall / 3600:.2f} h wall time" if wall else ""),
+        f"from {start or '?'} to {end or '?'}"
+        + (f", {elapsed / 3600:.2f} h elapsed" if elapsed else "")
+        + (f" (the last driver's {wall / 3600:.2f} h: the study was resumed)"
+           if wall and elapsed and elapsed - wall > 60 else "")
+        + (f", {wall / 3600:.2f} h wall time" if wall and not elapsed else ""),
         f"{train.get('dataset')} at {train.get('image_size') or 'native'} px"
         + (f", {sub}" if sub else "") + ", test on the full test split",
         f"{cfg.get('seeds_per_trial')} seeds per cell (seeds {train.get('seed', 0)}..{train.get('seed', 0) + cfg.get('seeds_per_trial', 1) - 1})"

@@ -81,6 +81,6 @@ def test_the_readme_tables_regenerate_from_an_export(tmp_path, monkeypatch):
     intro = text.split("<!-- verdicts:begin -->\n")[1].split("<!-- verdicts:end -->")[0]
     assert intro.startswith("- **Trainability.** Holds only for flat1d at depth 16") and "|" not in intro
     body = text.split("<!-- claims:begin -->\n")[1].split("<!-- claims:end -->")[0]
-    assert "Ran on Test CPU (2 threads" in body and "2.50 h wall time" in body and "train_subset 4,000" in body
+    assert "Ran on Test CPU (2 threads" in body and "2.48 h elapsed" in body and "train_subset 4,000" in body
     assert "3 seeds per cell" in body and "JPEG caveat." in body
     assert (tmp_path / "tables.md").read_text() == body
