@@ -375,8 +375,15 @@ def _bench_networks(args: argparse.Namespace, device: str, console) -> dict[str,
             rows.append(bench_network(d, w, b, s, device, rounds=2 if args.smoke else 3,
                                       min_time_s=0.01 if args.smoke else 0.1))
             progress.advance(task)
-    md = networks_markdown(rows) + (f"\n\nCommand: `rank1 bench --networks --out DIR`, {time.strftime('%Y-%m-%d')}, "
-                                    f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
+            if args.out and len(rows) < len(plan):  # an hour-long grid: what is measured is on disk as it goes
+                out = Path(args.out)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "networks.partial.json").write_text(json.dumps({"networks": rows, "of": len(plan)}, indent=2))
+    md = networks_markdown(rows) + (f"\n\nCommand: `rank1 bench --networks --thread-counts "
+                                    f"{' '.join(map(str, dict.fromkeys(threads)))} --out DIR`, "
+                                    f"{time.strftime('%Y-%m-%d')}, {(time.perf_counter() - t0) / 60:.1f} min.\n")
+    if args.out:
+        (Path(args.out) / "networks.partial.json").unlink(missing_ok=True)
     console.print(md)
     return {"networks": rows, "markdown": md}
 

@@ -29,6 +29,9 @@ def _auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+AGENT_WAIT_S = 120.0  # how long a submit waits for a starting head's job agent
+
+
 def client(address: str):
     """A Jobs client, or a clear error when the dashboard cannot be reached."""
     from ray.job_submission import JobSubmissionClient
@@ -50,12 +53,25 @@ def submit(study_file: str | Path, address: str, node_wait_s: float = 600.0) -> 
     path = Path(study_file).resolve()
     cfg = load_study(path)  # a bad study fails here, before anything reaches the cluster
     c = client(address)
-    return c.submit_job(
-        entrypoint=f"rank1 study run {path.name} --address auto --node-wait {node_wait_s:g}",
-        runtime_env={"working_dir": str(path.parent), "excludes": ["runs/", ".venv/", "*.db"]},
-        metadata={"rank1.study": cfg.name},
-        entrypoint_num_cpus=0,
-    )
+    # A head that has just started answers "No available agent" until its job agent is up
+    # (seconds, longer on a loaded machine): wait for it, then say so instead of a traceback.
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=f"rank1 study run {path.name} --address auto --node-wait {node_wait_s:g}",
+                runtime_env={"working_dir": str(path.parent), "excludes": ["runs/", ".venv/", "*.db"]},
+                metadata={"rank1.study": cfg.name},
+                entrypoint_num_cpus=0,
+            )
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise ConfigError(f"--address: the Ray cluster at {address} has no job agent ready after "
+                                  f"{AGENT_WAIT_S:g} s (is the head still starting, or could its dashboard agent not "
+                                  "start? Its port, --dashboard-agent-listen-port, is 52365 unless set)") from None
+            time.sleep(1.0)
 
 
 def wait(address: str, job_id: str, poll_s: float = 1.0, out=print) -> str:

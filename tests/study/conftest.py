@@ -177,3 +177,38 @@ def tracking_server(home: Path, *args: str, env: dict | None = None):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+MARK = "RANK1_TEST_PROCESS_MARK"  # set in the environment of what a test starts: every child inherits it
+
+
+def marked(mark: str) -> list[str]:
+    """The live processes carrying ``mark`` in their environment (zombies are gone already)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and p.environ().get(MARK) == mark:
+                out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.Error:
+            continue
+    return out
+
+
+def stop_marked(mark: str, timeout: float = 15.0) -> None:
+    """Stop the processes carrying ``mark`` (SIGTERM, then SIGKILL), and only those: never
+    ``ray stop``, which stops every Ray instance of the user on the machine, theirs too."""
+    import psutil
+
+    procs = []
+    for line in marked(mark):
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(int(line.split()[0])))
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.study.conftest import cli, write_study
+from tests.study.conftest import MARK, cli, stop_marked, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +28,20 @@ def _port() -> int:
 def head():
     """A one-node Ray cluster with its dashboard (the Jobs API) on loopback."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    mark = f"jobs-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), MARK: mark}
     dash, gcs = _port(), _port()
     tmp = f"/tmp/r1j-{uuid.uuid4().hex[:8]}"
     subprocess.run([os.path.join(bin_dir, "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host",
                     "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", tmp,
+                    # its own agent port: the default (52365) is taken when another Ray runs on this machine
+                    "--dashboard-agent-listen-port", str(_port()),
                     "--include-dashboard", "true"], check=True, env=env, capture_output=True)
     url = f"http://127.0.0.1:{dash}"
     try:
         yield url, env
     finally:
-        subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True)
+        stop_marked(mark)  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
 
 
 def test_submit_wait_jobs_logs(tmp_path, head):

@@ -15,7 +15,15 @@ import pytest
 
 from study.names import final_metric
 from study.services import free_port
-from tests.study.conftest import cli, mlflow_client, tracking_server, trial_runs, write_study
+from tests.study.conftest import (
+    MARK,
+    cli,
+    mlflow_client,
+    stop_marked,
+    tracking_server,
+    trial_runs,
+    write_study,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +33,8 @@ def cluster():
     """Two Ray nodes of 1 CPU each (a head and a worker), token auth on, as `ray start` sets it."""
     bin_dir = str(Path(sys.executable).parent)
     ray = os.path.join(bin_dir, "ray")
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token"}
+    mark = f"multinode-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token", MARK: mark}
     gcs, tmp = free_port(), f"/tmp/r1m-{uuid.uuid4().hex[:8]}"
     subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmp,
                     "--include-dashboard", "false"], check=True, env=env, capture_output=True)
@@ -41,7 +50,7 @@ def cluster():
         assert len(node_ids) == 2, nodes.stdout + nodes.stderr
         yield address, env, set(node_ids)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        stop_marked(mark)  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
 
 
 def test_trials_run_on_more_than_one_node(tmp_path, cluster):

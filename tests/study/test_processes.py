@@ -15,28 +15,14 @@ import sys
 import time
 import uuid
 
-import psutil
 import pytest
 
-from tests.study.conftest import REPO, cli, write_study
+from tests.study.conftest import MARK, REPO, cli, marked, write_study
 from tests.study.test_exactly_once import _checkpoints, _wait_for
 
 pytestmark = pytest.mark.slow
 
-KEY = "RANK1_TEST_PROCESS_MARK"
 RUNNING = dict(train={"epochs": 6, "width": 16}, search={"depth": {"low": 2, "high": 3}})
-
-
-def marked(mark: str) -> list[str]:
-    """The live processes carrying ``mark`` in their environment (zombies are gone already)."""
-    out = []
-    for p in psutil.process_iter(["pid", "name", "status"]):
-        try:
-            if p.info["status"] != psutil.STATUS_ZOMBIE and p.environ().get(KEY) == mark:
-                out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.Error:
-            continue
-    return out
 
 
 def settle(mark: str, timeout: float = 30.0) -> list[str]:
@@ -48,7 +34,7 @@ def settle(mark: str, timeout: float = 30.0) -> list[str]:
 
 
 def _env(mark: str) -> dict[str, str]:
-    return {**os.environ, KEY: mark}
+    return {**os.environ, MARK: mark}
 
 
 def _start(path, log, mark):
@@ -59,7 +45,7 @@ def _start(path, log, mark):
 def test_a_finished_study_leaves_nothing_running(tmp_path):
     mark = uuid.uuid4().hex
     assert marked(mark) == []
-    p = cli("study", "run", str(write_study(tmp_path, name="procs-done")), env={KEY: mark})
+    p = cli("study", "run", str(write_study(tmp_path, name="procs-done")), env={MARK: mark})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert settle(mark, 5) == []  # nothing to wait for: the driver stopped everything before it exited
 
@@ -74,7 +60,7 @@ def test_ctrl_c_leaves_nothing_running_and_the_study_resumes(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     proc.wait(timeout=120)
     assert settle(mark) == [], log.read_text()[-3000:]
-    p = cli("study", "resume", str(home), env={KEY: mark})
+    p = cli("study", "resume", str(home), env={MARK: mark})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert settle(mark, 5) == []
 
@@ -89,7 +75,7 @@ def test_a_sigkilled_driver_is_cleaned_up_by_the_next_start(tmp_path):
     proc.wait()
     time.sleep(3)
     left = marked(mark)
-    p = cli("study", "resume", str(home), env={KEY: mark + "-resume"})
+    p = cli("study", "resume", str(home), env={MARK: mark + "-resume"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     if left:  # whatever the killed driver left behind, the resume stopped first
         assert "an earlier, killed run of this study left behind" in p.stdout
@@ -101,6 +87,6 @@ def test_a_failed_start_leaves_nothing_running(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the trial storage should be a folder")
     path = write_study(tmp_path, name="procs-fail", storage_path=str(blocker / "ray"))
-    p = cli("study", "run", str(path), env={KEY: mark}, timeout=300)
+    p = cli("study", "run", str(path), env={MARK: mark}, timeout=300)
     assert p.returncode != 0  # Tune cannot write its experiment: the study fails after Ray and MLflow started
     assert settle(mark, 15) == []
