@@ -36,6 +36,8 @@ class ProgressTable:
                       _f3(r.get("flat1d.val_acc")), _f3(r.get("value")))
         return t
 
+ARMS = ("rank1", "flat1d", "dense")
+
 
 def _f3(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else ""
@@ -61,19 +63,20 @@ def progress_callback():
             row["status"] = status
             row["params"] = " ".join(f"{k}={v}" for k, v in sorted(trial.config.items()))
             if result:
-                row.update({k: result.get(k) for k in ("rank1.val_acc", "flat1d.val_acc", "epoch")
+                row.update({k: result.get(k) for k in (*(f"{a}.val_acc" for a in ARMS), "epoch")
                             if result.get(k) is not None})
                 if result.get("final"):  # the shipped (decomposed) models' accuracy, not the last epoch's
                     row["value"] = result.get("objective")
                     row["status"] = result.get("trial_status", status)
-                    for arm in ("rank1", "flat1d"):
-                        if f"{arm}.decomposed_val_acc" in result:
-                            row[f"{arm}.val_acc"] = result[f"{arm}.decomposed_val_acc"]
+                    for arm in ARMS:
+                        for key in (f"{arm}.decomposed_val_acc", f"{arm}.shipped_val_acc"):
+                            if key in result:
+                                row[f"{arm}.val_acc"] = result[key]
             if self._live is not None:
                 self._live.update(self._render())
             elif status != "running":
-                print(f"trial {trial.trial_id} {row['status']}: {row['params']}  val acc "
-                      f"rank1 {_f3(row.get('rank1.val_acc'))} flat1d {_f3(row.get('flat1d.val_acc'))}", flush=True)
+                accs = " ".join(f"{a} {_f3(row[f'{a}.val_acc'])}" for a in ARMS if row.get(f"{a}.val_acc") is not None)
+                print(f"trial {trial.trial_id} {row['status']}: {row['params']}  val acc {accs or '-'}", flush=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._update(trial, "running")
@@ -113,12 +116,13 @@ def print_summary(outcome, keep_ui: bool) -> None:
         t.add_row("flat1d decomposed val acc", _f3(m.get("flat1d.decomposed_val_acc")))
         if "dense.shipped_val_acc" in m:
             t.add_row("dense val acc (the control)", _f3(m.get("dense.shipped_val_acc")))
-        for key, label in (("rank1.speedup_b1", "speedup vs dense, batch 1"),):
-            if key in m:
-                t.add_row(label, f"{m[key]:.2f}x")
-        speedups = sorted((k for k in m if k.startswith("rank1.speedup_b") and k != "rank1.speedup_b1"), key=batch_of)
-        for key in speedups:
-            t.add_row(f"speedup vs dense, batch {batch_of(key)}", f"{m[key]:.2f}x")
+        arm = b.get("arm") or next((a for a in ("rank1", "flat1d") if f"{a}.flop_ratio" in m), "rank1")
+        for key in sorted((k for k in m if k.startswith(f"{arm}.speedup_b")), key=batch_of):
+            n = batch_of(key)
+            frac = m.get(f"{arm}.fraction_of_flop_ratio_b{n}")
+            t.add_row(f"speedup vs dense, batch {n}", f"{m[key]:.2f}x, {arm} as deployed" + (
+                f" ({frac:.0%} of its {m[f'{arm}.flop_ratio']:.2f}x FLOP ratio)"
+                if frac is not None and f"{arm}.flop_ratio" in m else ""))
         t.add_row("model", f"{outcome.model_uri} (version {outcome.model_version}, alias {outcome.alias})")
     else:
         t.add_row("best trial", "none finished")

@@ -161,7 +161,7 @@ def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str
         state = load_checkpoint(d)
     from study.registry import register_champion
 
-    outcome.best = {"trial_id": tid, "optuna_number": best.number, "params": dict(best.params),
+    outcome.best = {"trial_id": tid, "optuna_number": best.number, "params": dict(best.params), "arm": cfg.shipped_arm,
                     "value": best.values[0], "run_id": state["run_id"], "metrics": dict(res.metrics)}
     reg = register_champion(cfg, client, uri, state, outcome.best)
     outcome.model_uri, outcome.model_version, outcome.alias = reg["model_uri"], reg["version"], reg["alias"]
