@@ -363,8 +363,9 @@ def _bench_networks(args: argparse.Namespace, device: str, console) -> dict[str,
 
     grid = NET_GRID if not args.smoke else dict(depths=(2,), widths=(8,), batches=(1, 4), sizes=(16,))
     threads = args.thread_counts or [1, torch.get_num_threads()]
-    plan = [(t, d, w, b, s) for t in dict.fromkeys(threads) for d in grid["depths"] for w in grid["widths"]
-            for b in grid["batches"] for s in grid["sizes"]]
+    # each shape at every thread count before the next shape: a grid stopped early still compares them
+    plan = [(t, d, w, b, s) for d in grid["depths"] for w in grid["widths"] for b in grid["batches"]
+            for s in grid["sizes"] for t in dict.fromkeys(threads)]
     rows = []
     t0 = time.perf_counter()
     with Progress(console=console) as progress:
