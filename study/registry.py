@@ -63,16 +63,17 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
     accs = state["val_acc"][arm]
     idx = max(range(len(accs)), key=lambda i: (accs[i], -i))  # the best seed of the trial ships
     train_cfg = cfg.trial_config(state["params"], seed=cfg.base.seed + idx)
+    metric = f"{arm}.decomposed_val_acc"  # the shipped arm's own (objective `arm`: not always rank1's)
     existing = _registered(client, cfg.model_name, cfg.name, best["trial_id"], train_cfg.seed)
     if existing is not None:  # a resumed study that had registered it already: the same version
-        alias = _set_alias(client, cfg.model_name, existing, train_cfg.dataset, cfg.metric,
+        alias = _set_alias(client, cfg.model_name, existing, train_cfg.dataset, existing.tags.get("metric", metric),
                            float(existing.tags["value"]))
         return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": existing.version, "alias": alias,
                 "val_acc": float(existing.tags["value"])}
     data = data_for(train_cfg)
     card = {
         "name": cfg.model_name, "study": cfg.name, "trial_id": best["trial_id"], "seed": train_cfg.seed, "arm": arm,
-        "dataset": train_cfg.dataset, "metric": cfg.metric, "trial_value": best["value"], "params": best["params"],
+        "dataset": train_cfg.dataset, "metric": metric, "trial_value": best["value"], "params": best["params"],
         "train_config": train_cfg.to_dict(), "latency_batch": train_cfg.latency_batch,
         "input": {"channels": data.in_channels, "size": list(data.image_size), "mean": list(data.mean),
                   "std": list(data.std), "classes": data.num_classes},
@@ -115,10 +116,10 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
             )
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
-            "dataset": train_cfg.dataset, "metric": cfg.metric, "value": f"{acc:.6f}", "study": cfg.name,
+            "dataset": train_cfg.dataset, "metric": metric, "value": f"{acc:.6f}", "study": cfg.name,
             "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,
         })
-    alias = _set_alias(client, cfg.model_name, version, train_cfg.dataset, cfg.metric, acc)
+    alias = _set_alias(client, cfg.model_name, version, train_cfg.dataset, metric, acc)
     describe_version(client, cfg, card, version.version)
     return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": version.version, "alias": alias,
             "val_acc": acc}
@@ -159,7 +160,7 @@ def describe_version(client, cfg, card: dict[str, Any], version: str) -> None:
     """The model card as the registered model's and the version's description in the UI."""
     client.update_model_version(cfg.model_name, version, description=card_markdown(card, version))
     client.update_registered_model(cfg.model_name, description=(
-        f"Decomposed rank-1 networks from the study `{cfg.name}`; alias `champion` is the best on {cfg.metric}. "
+        f"Decomposed rank-1 networks from the study `{cfg.name}`; alias `champion` is the best on {card.get('metric', cfg.metric)}. "
         f"Each version's description is its model card.\n\n" + card_markdown(card)))
 
 

@@ -61,6 +61,9 @@ def test_a_grid_design_runs_every_cell_once_and_resumes_without_repeating_or_ski
     assert mlflow_cells == expected and set(statuses) == {"finished"}  # and one finished MLflow run each
     others = [t for t in optuna_trials(home, "grid") if t.state.name != "COMPLETE"]
     assert all(t.user_attrs.get("status") == "orphaned" for t in others)  # asked just before the kill, never run
+    with mlflow_client(home) as (client, _):  # the champion is the best cell's own arm, named by its own metric
+        mv = client.get_model_version_by_alias("grid-decomposed", "champion")
+        assert mv.tags["arm"] in ("rank1", "flat1d") and mv.tags["metric"] == f"{mv.tags['arm']}.decomposed_val_acc"
 
 
 def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_path):
