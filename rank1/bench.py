@@ -288,10 +288,10 @@ def networks_markdown(rows: list[dict[str, Any]]) -> str:
         worst = max(rows, key=lambda r: r["auto_vs_best_single"])
         slow = [r for r in rows if r["speedup"] < 1]
         lines += ["", f"auto within {100 * (worst['auto_vs_best_single'] - 1):.1f}% of the best single form at worst "
-                      f"(vgg depth {worst['depth']} width {worst['width']} batch {worst['batch']} "
+                      f"({worst['model']} depth {worst['depth']} width {worst['width']} batch {worst['batch']} "
                       f"{worst['size']}x{worst['size']}, {worst['threads']} threads); the decomposed network is "
                   + ("faster than dense at every shape" if not slow else
                      f"slower than dense at {len(slow)} of {len(rows)}: " + "; ".join(
-                         f"d{r['depth']} w{r['width']} b{r['batch']} {r['size']}px {r['threads']}t "
+                         f"{r['model']} d{r['depth']} w{r['width']} b{r['batch']} {r['size']}px {r['threads']}t "
                          f"({r['speedup']:.2f}x)" for r in slow)) + "."]
     return "\n".join(lines)

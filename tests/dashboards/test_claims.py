@@ -45,7 +45,7 @@ def test_fast_inference_from_the_champion():
     champ = {"arm": "rank1", "metrics": {"rank1.speedup_b1": 1.5, "rank1.speedup_b32": 0.8, "rank1.flop_ratio": 8.0,
                                          "rank1.fraction_of_flop_ratio_b1": 0.19, "rank1.threads": 1.0}}
     c = claims(_study(flat_acc_deep=0.85), ["depth"], [], champion=champ)
-    assert c["verdicts"]["fast_inference"].startswith("Holds only at some batch sizes: the champion's deployed")
+    assert c["verdicts"]["fast_inference"].startswith("Holds only at some batch sizes: the champion's (rank1) deployed")
     assert "1.50x its dense form at batch 1" in c["verdicts"]["fast_inference"] and "| 32 |" in c["speed_markdown"]
 
 
