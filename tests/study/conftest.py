@@ -201,14 +201,11 @@ def stop_marked(mark: str, timeout: float = 15.0) -> None:
     ``ray stop``, which stops every Ray instance of the user on the machine, theirs too."""
     import psutil
 
-    procs = []
+    from study.services import _terminate
+
+    procs = {}
     for line in marked(mark):
         with contextlib.suppress(psutil.Error):
-            procs.append(psutil.Process(int(line.split()[0])))
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+            pid = int(line.split()[0])
+            procs[pid] = psutil.Process(pid).create_time()
+    _terminate(procs, timeout)
