@@ -9,7 +9,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,14 @@ from rank1.convert import dense_model
 from rank1.data import load_dataset
 from rank1.kernels import KERNELS
 from rank1.layers import Flat1dConv2d, Rank1Conv2d
-from rank1.measure import count_flops, layer_flops, time_forward
+from rank1.measure import count_flops, layer_flops, time_forward, time_paired, time_side_by_side
 from rank1.models import build_model
 from rank1.roofline import bound_ms, bound_with_calls_ms, impl_cost
 from rank1.train import ArmTrainer, TrainConfig
 
 __all__ = [
     "GRID_BATCHES", "GRID_CHANNELS", "GRID_KERNELS", "GRID_SIZES", "NET_GRID", "bench_grid_point", "bench_layer",
-    "bench_network", "grid_markdown", "networks_markdown", "projection_cost", "time_side_by_side",
+    "bench_network", "grid_markdown", "networks_markdown", "projection_cost",
 ]
 
 
@@ -216,17 +215,6 @@ def projection_cost(depth: int = 16, width: int = 128, repeats: int = 3) -> dict
 NET_GRID = dict(depths=(4, 8, 16), widths=(16, 32, 64, 128), batches=(1, 32), sizes=(16, 32))
 
 
-def time_side_by_side(fns: dict[str, Callable[[torch.Tensor], Any]], xs: dict[str, torch.Tensor],
-                      rounds: int = 3, min_time_s: float = 0.1) -> dict[str, float]:
-    """Median over ``rounds`` of each function's median time, the functions interleaved round
-    by round so that a drifting machine (frequency, other load) touches them alike."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            samples[k].append(time_forward(fn, xs[k], warmup=2, repeats=5, min_time_s=min_time_s).median_ms)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 @torch.inference_mode()
 def bench_network(depth: int, width: int, batch: int, size: int, device: torch.device | str = "cpu",
                   rounds: int = 3, min_time_s: float = 0.1, model_name: str = "vgg",
@@ -264,34 +252,62 @@ def bench_network(depth: int, width: int, batch: int, size: int, device: torch.d
     dense_best = min(times["dense"], times["dense-cl"])
     singles = {k: v for k, v in times.items() if k.split("-")[0] in candidates}
     best_single = min(singles, key=singles.get)
+    # The best of a dozen noisy times is biased low (the winner's curse: an identical network
+    # timed again is slower): auto is judged against the best single form re-timed beside it,
+    # paired round by round, with a second, separately built copy of that form as the noise floor.
+    name, _, cl = best_single.partition("-")
+    copy_ = formatted(assemble(model, table, {t.name: name for t in table}), "channels_last" if cl else "nchw")
+    paired = time_paired({"best": nets[best_single], "auto": auto,
+                          "copy": DeployedModel(copy_, Plan({}, "channels_last")) if cl else copy_},
+                         x, "best", rounds=2 * rounds + 1, min_time_s=min_time_s / 2)
     flop_ratio = count_flops(dense, x) / count_flops(nets["chain"], x)
     return {
         "model": model_name, "depth": depth, "width": width, "batch": batch, "size": size, "device": str(device),
         "threads": torch.get_num_threads(), "times_ms": times, "dense_ms": dense_best, "best_single": best_single,
         "auto_ms": times["auto"], "auto_plan": auto.plan.summary(), "auto_impls": auto.plan.impls,
-        "auto_vs_best_single": times["auto"] / singles[best_single], "speedup": dense_best / times["auto"],
+        "auto_vs_best_single": paired["auto"][0], "auto_vs_best_single_range": paired["auto"][1:],
+        "best_single_copy_ratio": paired["copy"][0], "best_single_copy_range": paired["copy"][1:],
+        "auto_vs_best_single_first_pass": times["auto"] / singles[best_single],
+        "auto_candidate": auto.plan.candidate, "speedup": dense_best / times["auto"],
         "flop_ratio": flop_ratio, "fraction_of_flop_ratio": dense_best / times["auto"] / flop_ratio,
         "plan_s": plan_s,
     }
+
+
+def _ratio(row: dict[str, Any], value: str, spread: str) -> str:
+    """``1.012 [0.98, 1.04]``; rows of an older run without the paired re-timing: the value alone."""
+    if value not in row:
+        return "-"
+    lo_hi = row.get(spread)
+    return f"{row[value]:.3f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "")
 
 
 def networks_markdown(rows: list[dict[str, Any]]) -> str:
     """The whole-network table: dense, every single form, greedy, auto, and auto's margin to the best single form."""
     forms = [k for k in rows[0]["times_ms"] if k not in ("dense", "dense-cl", "auto")] if rows else []
     head = ["threads", "model", "depth", "width", "batch", "HxW", "dense ms", *forms, "auto ms", "auto plan",
-            "auto / best single", "speedup vs dense", "FLOP ratio", "of FLOP ratio"]
+            "auto / best single (paired: median [min, max])", "copy of best / best (noise)", "auto / best single (first pass)",
+            "speedup vs dense", "FLOP ratio", "of FLOP ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r["times_ms"]
         cells = [r["threads"], r["model"], r["depth"], r["width"], r["batch"], f"{r['size']}x{r['size']}", f"{r['dense_ms']:.3f}",
                  *(f"{t[f]:.3f}" for f in forms), f"{r['auto_ms']:.3f}", r["auto_plan"],
-                 f"{r['auto_vs_best_single']:.3f}", f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x",
+                 _ratio(r, "auto_vs_best_single", "auto_vs_best_single_range"),
+                 _ratio(r, "best_single_copy_ratio", "best_single_copy_range"),
+                 f"{r.get('auto_vs_best_single_first_pass', r['auto_vs_best_single']):.3f}", f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x",
                  f"{r['fraction_of_flop_ratio']:.0%}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if rows:
         worst = max(rows, key=lambda r: r["auto_vs_best_single"])
         slow = [r for r in rows if r["speedup"] < 1]
-        lines += ["", f"auto within {100 * (worst['auto_vs_best_single'] - 1):.1f}% of the best single form at worst "
+        within = sum(r["auto_vs_best_single"] <= 1.05 for r in rows)
+        lines += ["", f"auto within 5% of the best single form (re-timed beside it, paired) on {within} of {len(rows)} "
+                      f"networks, median ratio {statistics.median(r['auto_vs_best_single'] for r in rows):.3f}; "
+                      f"a separately built copy of the best form, timed the same way, "
+                      f"{statistics.median(r.get('best_single_copy_ratio', 1.0) for r in rows):.3f} "
+                      f"(worst {max(r.get('best_single_copy_ratio', 1.0) for r in rows):.3f}): the noise floor.",
+                  "", f"auto within {100 * (worst['auto_vs_best_single'] - 1):.1f}% of the best single form at worst "
                       f"({worst['model']} depth {worst['depth']} width {worst['width']} batch {worst['batch']} "
                       f"{worst['size']}x{worst['size']}, {worst['threads']} threads); the decomposed network is "
                   + ("faster than dense at every shape" if not slow else

@@ -361,7 +361,9 @@ def _bench_networks(args: argparse.Namespace, device: str, console) -> dict[str,
 
     from rank1.bench import NET_GRID, bench_network, networks_markdown
 
-    grid = NET_GRID if not args.smoke else dict(depths=(2,), widths=(8,), batches=(1, 4), sizes=(16,))
+    grid = dict(NET_GRID) if not args.smoke else dict(depths=(2,), widths=(8,), batches=(1, 4), sizes=(16,))
+    chosen = {k: tuple(dict.fromkeys(getattr(args, k))) for k in grid if getattr(args, k, None)}
+    grid.update(chosen)
     threads = args.thread_counts or [1, torch.get_num_threads()]
     # each shape at every thread count before the next shape: a grid stopped early still compares them
     plan = [(t, d, w, b, s) for d in grid["depths"] for w in grid["widths"] for b in grid["batches"]
@@ -380,7 +382,8 @@ def _bench_networks(args: argparse.Namespace, device: str, console) -> dict[str,
                 out = Path(args.out)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "networks.partial.json").write_text(json.dumps({"networks": rows, "of": len(plan)}, indent=2))
-    md = networks_markdown(rows) + (f"\n\nCommand: `rank1 bench --networks --thread-counts "
+    options = "".join(f" --{k} {' '.join(map(str, v))}" for k, v in chosen.items())
+    md = networks_markdown(rows) + (f"\n\nCommand: `rank1 bench --networks{options} --thread-counts "
                                     f"{' '.join(map(str, dict.fromkeys(threads)))} --out DIR`, "
                                     f"{time.strftime('%Y-%m-%d')}, {(time.perf_counter() - t0) / 60:.1f} min.\n")
     if args.out:
@@ -566,7 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "form, greedy and auto")
     bench.add_argument("--thread-counts", type=int, nargs="+", default=None, metavar="N",
                        help="with --networks: thread counts to measure at (default: 1 and torch's)")
-    bench.add_argument("--batches", type=int, nargs="+", default=None, help="with --grid: batch sizes (default 1 32)")
+    bench.add_argument("--batches", type=int, nargs="+", default=None,
+                       help="with --grid or --networks: batch sizes (default 1 32)")
+    bench.add_argument("--depths", type=int, nargs="+", default=None, metavar="D",
+                       help="with --networks: vgg depths (default 4 8 16)")
+    bench.add_argument("--widths", type=int, nargs="+", default=None, metavar="W",
+                       help="with --networks: first-stage widths (default 16 32 64 128)")
+    bench.add_argument("--sizes", type=int, nargs="+", default=None, metavar="PX",
+                       help="with --networks: input image sides (default 16 32)")
     bench.add_argument("--max-gmac", type=float, default=8.0,
                        help="with --grid: skip shapes whose dense layer needs more giga-MACs (default 8)")
     bench.add_argument("--compile", action="store_true", help="with --grid: add torch.compile'd variants (slow)")
@@ -597,10 +607,19 @@ def _check_bench(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise CliError(f"--{name} must be >= 1, got {v}")
-    for name in ("batches", "thread_counts"):
+    for name in ("batches", "thread_counts", "sizes"):
         for v in getattr(args, name) or []:
             if v < 1:
                 raise CliError(f"--{name.replace('_', '-')}: {v} is not allowed (allowed: integers >= 1)")
+    for name in ("depths", "widths"):  # each value held to the TrainConfig rule of depth / width
+        for v in getattr(args, name) or []:
+            try:
+                from_dict(TrainConfig, {name[:-1]: v})
+            except ConfigError as e:
+                raise CliError(f"--{name}: {e}") from None
+    grid_only = [f"--{n}" for n in ("depths", "widths", "sizes") if getattr(args, n) is not None]
+    if grid_only and not args.networks:
+        raise CliError(f"{', '.join(grid_only)}: allowed only with --networks (they set its grid)")
     if not (math.isfinite(args.max_gmac) and args.max_gmac > 0):
         raise CliError(f"--max-gmac: {args.max_gmac:g} is not allowed (allowed: a finite number > 0)")
 

@@ -31,6 +31,8 @@ __all__ = [
     "layer_flops",
     "machine_info",
     "time_forward",
+    "time_paired",
+    "time_side_by_side",
 ]
 
 
@@ -102,6 +104,36 @@ def time_forward(
         total += dt
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
     return Timing(statistics.median(times), q[0], q[-1], len(times))
+
+
+def time_side_by_side(fns: dict[str, Callable[[torch.Tensor], Any]], xs: dict[str, torch.Tensor],
+                      rounds: int = 3, min_time_s: float = 0.1) -> dict[str, float]:
+    """Median over ``rounds`` of each function's median time, the functions interleaved round
+    by round so that a drifting machine (frequency, other load) touches them alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(time_forward(fn, xs[k], warmup=2, repeats=5, min_time_s=min_time_s).median_ms)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def time_paired(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, reference: str,
+                rounds: int = 7, min_time_s: float = 0.05) -> dict[str, tuple[float, float, float]]:
+    """Each function's time as a ratio to ``reference``'s, paired round by round.
+
+    Every round times all functions back to back (the order rotating, so no function is
+    always first after another), and a ratio is taken within the round: drift between
+    rounds cancels, which on a shared 2-core machine is most of the noise. Returns per
+    function the median ratio over the rounds and its min and max (the reference: 1, 1, 1).
+    """
+    names = list(fns)
+    ratios: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        t = {k: time_forward(fns[k], x, warmup=1, repeats=3, min_time_s=min_time_s).median_ms for k in order}
+        for k in names:
+            ratios[k].append(t[k] / t[reference])
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in ratios.items()}
 
 
 _ALLOCATOR_NOTE = "glibc default"

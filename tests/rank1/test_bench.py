@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
-from rank1 import Flat1dConv2d, Rank1Conv2d, decompose_model
+from rank1 import Flat1dConv2d, Rank1Conv2d, decompose_model, measure
 from rank1.cli import main
-from rank1.measure import count_flops, count_params, layer_flops, time_forward
+from rank1.measure import count_flops, count_params, layer_flops, time_forward, time_paired
 
 
 def test_count_flops_matches_hand_counts():
@@ -31,6 +32,24 @@ def test_count_params_and_timing_are_sane():
     assert count_params(layer.decompose()) == 16 * 8 + 16 * 3 + 16 * 3 + 16
     t = time_forward(layer, torch.randn(1, 8, 6, 6), warmup=1, repeats=5)
     assert t.repeats >= 5 and 0 < t.p10_ms <= t.median_ms <= t.p90_ms
+
+
+def test_paired_timing_cancels_drift_between_rounds(monkeypatch):
+    """A virtual clock: ``b`` costs twice ``a``, and every other round the machine is 5x slower.
+    Paired within rounds the ratio is exactly 2 in every round; unpaired medians would mix rounds."""
+    clock, calls = [0.0], [0]
+    per_round = 2 * (1 + 3)  # two functions, warm-up 1 + 3 repeats each
+
+    def cost(units):
+        def fn(x):
+            drift = 5.0 if (calls[0] // per_round) % 2 else 1.0
+            calls[0] += 1
+            clock[0] += units * drift * 1e-3
+        return fn
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    r = time_paired({"a": cost(1), "b": cost(2)}, torch.zeros(1), "a", rounds=4, min_time_s=0.0)
+    assert r["a"] == (1.0, 1.0, 1.0) and r["b"] == pytest.approx((2.0, 2.0, 2.0))
 
 
 def test_bench_smoke_prints_a_table_and_writes_json(tmp_path, capsys):
