@@ -61,12 +61,12 @@ def test_auto_measures_every_candidate_on_the_whole_network_and_keeps_the_fastes
 
 
 def test_the_finalists_are_retimed_and_the_paired_winner_kept_not_the_first_pass_one(vgg, tmp_path, monkeypatch):
-    """A first pass that a noisy machine got wrong: "cpp, nchw" looked 10% faster, re-timed
+    """A first pass that a noisy machine got wrong: "chain, nchw" looked 10% faster, re-timed
     paired "dw2d, channels_last" is faster; a candidate 50% slower is not a finalist."""
     model, x = vgg
-    first = {"cpp, nchw": 1.0, "dw2d, channels_last": 1.1}
+    first = {"chain, nchw": 1.0, "dw2d, channels_last": 1.1}
     monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: first.get(_label(fn), 1.5))
-    monkeypatch.setattr(autotune, "greedy_pick", lambda table, *a: {t.name: "chain" for t in table})
+    monkeypatch.setattr(autotune, "greedy_pick", lambda table, *a: {t.name: "dense" for t in table})
     seen = []
 
     def paired(fns, x, reference, rounds, min_time_s):
@@ -75,9 +75,23 @@ def test_the_finalists_are_retimed_and_the_paired_winner_kept_not_the_first_pass
 
     monkeypatch.setattr(autotune, "time_paired", paired)
     plan = decompose_model(model, "auto", example=x, cache=tmp_path / "c.json").plan
-    assert seen == [({"cpp, nchw", "dw2d, channels_last"}, "cpp, nchw")]
+    assert seen == [({"chain, nchw", "dw2d, channels_last"}, "chain, nchw")]
     assert plan.candidate == "dw2d, channels_last" and plan.memory_format == "channels_last"
     assert set(plan.impls.values()) == {"dw2d"} and plan.final_ratios["dw2d, channels_last"] == 0.9
+
+
+@pytest.mark.parametrize("greedy_ratio, kept", [(0.99, "dw2d, nchw"), (0.95, "greedy, nchw")])
+def test_a_greedy_mix_is_kept_only_where_it_beats_the_best_single_form_by_a_margin(vgg, tmp_path, monkeypatch,
+                                                                                   greedy_ratio, kept):
+    model, x = vgg
+    monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: {"dw2d, nchw": 1.0, "mixed": 1.05}.get(_label(fn), 1.5))
+    monkeypatch.setattr(autotune, "greedy_pick", lambda table, *a: {t.name: ("dense", "chain")[i % 2]
+                                                                   for i, t in enumerate(table)})
+    monkeypatch.setattr(autotune, "time_paired", lambda fns, x, ref, rounds, min_time_s: {
+        k: ((greedy_ratio,) * 3 if k == "greedy, nchw" else (1.0,) * 3) for k in fns})
+    plan = decompose_model(model, "auto", example=x, cache=tmp_path / "c.json").plan
+    assert set(plan.final_ratios) == {"dw2d, nchw", "greedy, nchw", "greedy, channels_last"}
+    assert plan.candidate == kept
 
 
 def _label(deployed) -> str:
