@@ -58,6 +58,7 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
     decomposed form of the puller's machine), holding the exportable ``chain`` form too.
     """
     import mlflow
+    from mlflow.entities import LoggedModelOutput
 
     (arm, models), = state["models"].items()
     accs = state["val_acc"][arm]
@@ -96,25 +97,31 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
     x_example = next(iter(TensorLoader(data.val, 4, data.mean, data.std)))[0]
     run_id = best["run_id"]
     with _tracking_uri(uri), tempfile.TemporaryDirectory() as d:
-        with mlflow.start_run(run_id=run_id):
-            d = Path(d)
-            (d / CARD).write_text(json.dumps(card, indent=2, default=str))
-            torch.save(model.state_dict(), d / WEIGHTS)
-            xs, ys = next(iter(TensorLoader(data.val, 16, data.mean, data.std)))
-            torch.save({"x": xs, "y": ys}, d / EXAMPLE)
-            batch = torch.export.Dim("batch", min=1)  # any batch size; the image shape is fixed
-            torch.export.save(torch.export.export(exportable, (x_example,), dynamic_shapes=({0: batch},)),
-                              d / EXPORTABLE)
-            for f in (CARD, WEIGHTS, EXAMPLE):
-                mlflow.log_artifact(str(d / f), artifact_path="decomposed_model_card")
-            with torch.no_grad():
-                logits = exportable(x_example).numpy()
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(SERVING), code_paths=[str(Path(rank1.__file__).parent)],
-                artifacts={"card": str(d / CARD), "weights": str(d / WEIGHTS), "exportable": str(d / EXPORTABLE)},
-                signature=mlflow.models.infer_signature(x_example.numpy(), logits), input_example=x_example.numpy(),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
-            )
+        d = Path(d)
+        (d / CARD).write_text(json.dumps(card, indent=2, default=str))
+        torch.save(model.state_dict(), d / WEIGHTS)
+        xs, ys = next(iter(TensorLoader(data.val, 16, data.mean, data.std)))
+        torch.save({"x": xs, "y": ys}, d / EXAMPLE)
+        batch = torch.export.Dim("batch", min=1)  # any batch size; the image shape is fixed
+        torch.export.save(torch.export.export(exportable, (x_example,), dynamic_shapes=({0: batch},)),
+                          d / EXPORTABLE)
+        for f in (CARD, WEIGHTS, EXAMPLE):
+            client.log_artifact(run_id, str(d / f), artifact_path="decomposed_model_card")
+        with torch.no_grad():
+            logits = exportable(x_example).numpy()
+        # The model belongs to the trial's run (its source run, and the run's output), but is
+        # logged outside an active run: inside one, MLflow links it by fetching the history of
+        # every metric the run has, one request each (hundreds here, 3 s of the wrap-up).
+        logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id,
+                                                experiment_id=client.get_run(run_id).info.experiment_id)
+        info = mlflow.pyfunc.log_model(
+            name="model", model_id=logged.model_id, python_model=str(SERVING),
+            code_paths=[str(Path(rank1.__file__).parent)],
+            artifacts={"card": str(d / CARD), "weights": str(d / WEIGHTS), "exportable": str(d / EXPORTABLE)},
+            signature=mlflow.models.infer_signature(x_example.numpy(), logits), input_example=x_example.numpy(),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
+        )
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=int(state.get("epoch", 0)))])
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
             "dataset": train_cfg.dataset, "metric": metric, "value": f"{acc:.6f}", "study": cfg.name,
             "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,

@@ -190,7 +190,7 @@ class _RunLogger:
 
 class _Clock:
     """Wall time by what the trial spent it on (``overhead.*_s`` in its final metrics): what
-    the service adds to training is everything but ``train`` and ``finish``."""
+    the service adds to training is everything but ``build``, ``train`` and ``finish``."""
 
     def __init__(self) -> None:
         self.spent: dict[str, float] = {}
@@ -286,8 +286,9 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         name = run_name(params)
     with clock("data"):
         data = _data(configs[0], ctx)
-    with clock("setup"):
+    with clock("build"):  # the models, optimisers and gradient flow at init: trial work, a plain loop does it too
         pairs = [PairTrainer(c, data=data) for c in configs]
+    with clock("setup"):
         state = None
         ckpt = tune.get_checkpoint()
         if ckpt is not None:

@@ -206,6 +206,12 @@ def test_the_registry_shows_the_model_card(smoke):
     with mlflow_client(tmp / "home") as (client, _):
         mv = client.get_model_version_by_alias("smoke-decomposed", "champion")
         rm = client.get_registered_model("smoke-decomposed")
+        # the version comes from the champion trial's run, and that run lists the model as its output
+        outcome = json.loads((tmp / "home" / "outcome.json").read_text())
+        run = client.get_run(outcome["best"]["run_id"])
+    assert mv.run_id == run.info.run_id
+    (output,) = run.outputs.model_outputs
+    assert output.model_id in mv.source, (output.model_id, mv.source)
     for text in (mv.description, rm.description):
         assert "rank1 pull smoke-decomposed" in text and "validation accuracy (decomposed)" in text
         assert "speedup over its dense form" in text and "mlflow models serve" in text
