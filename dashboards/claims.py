@@ -25,7 +25,7 @@ import statistics
 from typing import Any
 
 from rank1.sweep import summarise, tables_markdown
-from study.names import batch_of
+from study.names import batch_of, counted
 
 __all__ = ["claims", "scored"]
 
@@ -153,8 +153,8 @@ def claims(records: list[dict[str, Any]], by: list[str], select: list[str], num_
                 + f": the champion's ({arm}) deployed decomposed form is " + ", ".join(
                     f"{v:.2f}x its dense form at batch {b} ({fr.get(b, float('nan')):.0%} of the "
                     f"{m.get(f'{arm}.flop_ratio', float('nan')):.2f}x FLOP ratio)" for b, v in sorted(sp.items()))
-                + f", measured where it trained ({_count(m.get(f'{arm}.threads'), 'thread')}"
-                + (f", {_count(m['latency.other_trials_running'], 'other trial')} running" if
+                + f", measured where it trained ({counted(m.get(f'{arm}.threads'), 'thread')}"
+                + (f", {counted(m['latency.other_trials_running'], 'other trial')} running" if
                    "latency.other_trials_running" in m else "") + ").")
             speed_md = ("| batch | deployed form | speedup over dense | FLOP ratio | of FLOP ratio |\n|---|---|---|---|---|\n"
                         + "".join(f"| {b} | {m.get(f'{arm}.deploy_b{b}', '')} | {v:.2f}x | "
@@ -162,10 +162,3 @@ def claims(records: list[dict[str, Any]], by: list[str], select: list[str], num_
                                   for b, v in sorted(sp.items())))
     md = tables_markdown(rows, by, select)
     return {"rows": rows, "verdicts": verdicts, "markdown": md, "speed_markdown": speed_md}
-
-
-def _count(n, noun: str) -> str:
-    """``1 thread``, ``2 threads``, ``? threads``."""
-    if n is None or n != n:
-        return f"? {noun}s"
-    return f"{n:.0f} {noun}" + ("" if round(n) == 1 else "s")

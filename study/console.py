@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from study.home import STATE_FILE
-from study.names import batch_of, experiment_url
+from study.names import batch_of, counted, experiment_url
 
 __all__ = ["ProgressTable", "print_summary", "progress_callback"]
 
@@ -123,6 +123,11 @@ def print_summary(outcome, keep_ui: bool) -> None:
             t.add_row(f"speedup vs dense, batch {n}", f"{m[key]:.2f}x, {arm} as deployed" + (
                 f" ({frac:.0%} of its {m[f'{arm}.flop_ratio']:.2f}x FLOP ratio)"
                 if frac is not None and f"{arm}.flop_ratio" in m else ""))
+        if any(k.startswith(f"{arm}.speedup_b") for k in m) and "latency.threads" in m:
+            # a latency timed beside other trials on shared cores is not what a user gets alone
+            t.add_row("speed measured", f"inside the trial: {counted(m['latency.threads'], 'thread')}, "
+                      f"{counted(m.get('latency.other_trials_running'), 'other trial')} running beside it"
+                      + ("; `rank1 pull` measures it again on the machine that loads it" if outcome.model_uri else ""))
         t.add_row("model", f"{outcome.model_uri} (version {outcome.model_version}, alias {outcome.alias})")
     else:
         t.add_row("best trial", "none finished")

@@ -25,7 +25,7 @@ from rank1.measure import batch_of, batched
 
 __all__ = [
     "FINAL", "LAYERS", "TAG_ARM", "TAG_CHAMPION", "TAG_CONFIRM_OF", "TAG_NODE", "TAG_PID", "TAG_REASON", "TAG_RESUMED", "TAG_ROLE",
-    "TAG_SEED", "TAG_STATUS", "TAG_STUDY", "TAG_TRIAL", "batch_of", "batched", "epoch_metric", "final_metric",
+    "TAG_SEED", "TAG_STATUS", "TAG_STUDY", "TAG_TRIAL", "batch_of", "batched", "counted", "epoch_metric", "final_metric",
     "experiment_url", "run_name",
 ]
 
@@ -81,3 +81,10 @@ def experiment_url(tracking_url: str, experiment_id: str) -> str:
     """The experiment's page in the MLflow UI, in its model-training view (the runs table):
     MLflow 3 opens experiments in its GenAI view (traces) unless told otherwise."""
     return f"{tracking_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def counted(n, noun: str) -> str:
+    """``1 thread``, ``2 threads``, ``0 other trials``; ``? threads`` for a missing count."""
+    if n is None or n != n:
+        return f"? {noun}s"
+    return f"{n:.0f} {noun}" + ("" if round(n) == 1 else "s")

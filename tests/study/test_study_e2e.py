@@ -14,6 +14,7 @@ import torch
 from rank1.data import TensorLoader, load_dataset
 from rank1.models import model_for
 from study.config import load_study
+from study.names import counted
 from study.trial import load_checkpoint
 from tests.study.conftest import cli, mlflow_client, optuna_trials, trial_runs, write_study
 
@@ -32,6 +33,10 @@ def test_summary_and_home(smoke):
     assert "best vs best" in p.stdout
     assert "models:/smoke-decomposed@champion" in p.stdout
     assert "rank1 ui --home" in p.stdout  # how to open the UI
+    # the champion's speedup says how it was timed: one thread, with the other trials counted
+    outcome = json.loads((home / "outcome.json").read_text())
+    others = counted(outcome["best"]["metrics"]["latency.other_trials_running"], "other trial")
+    assert f"inside the trial: 1 thread, {others} running" in " ".join(p.stdout.split()).replace("│ ", "")
     for f in ("study.yaml", "resolved.yaml", "state.json", "optuna.db", "mlflow.db", "outcome.json", "confirm.json"):
         assert (home / f).exists(), f
     assert not (home / "mlflow-server.json").exists()  # the embedded server was stopped
