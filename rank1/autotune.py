@@ -18,15 +18,15 @@ and keeps the fastest: the finalists (up to four within 20% of the fastest singl
 are timed again, paired round by round (:func:`rank1.measure.time_paired`), so that one
 noisy pass does not decide; a greedy mix of kernels is kept over the best single form
 only where it wins by 3% (in a first full run of the networks benchmark every plan that
-lost to a single form by more than 5% was a greedy mix that had won its final narrowly). Every candidate computes the same function (each kernel is
-tested against ``F.conv2d``), so the choice never changes the outputs. On the CPU,
-deploying also keeps freed memory in glibc's heap for the process
-(:func:`rank1.measure.keep_freed_memory`): without it every activation is a fresh
-``mmap`` and small layers run several times slower, so the speed measured is the
-speed the deployed model then has. The plan is
+lost to a single form by more than 5% was a greedy mix that had won its final narrowly).
+Every candidate computes the same function (each kernel is tested against
+``F.conv2d``), so the choice never changes the outputs. On the CPU, deploying also keeps
+freed memory in glibc's heap for the process (:func:`rank1.measure.keep_freed_memory`):
+without it every activation is a fresh ``mmap`` and small layers run several times
+slower, so the speed measured is the speed the deployed model then has. The plan is
 cached in a JSON file keyed by device, threads, torch version, the candidate set, the
-model's structure and the input's shape and dtype, so the next identical network
-decides instantly. Without an example, ``auto`` uses :data:`DEFAULTS`, the form that was
+model's structure and the input's shape and dtype, so the next identical network decides
+instantly. Without an example, ``auto`` uses :data:`DEFAULTS`, the form that was
 fastest in this project's benchmarks on that device type, and says so.
 """
 
