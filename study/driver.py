@@ -25,7 +25,7 @@ from study.console import print_summary
 from study.home import STATE_FILE, STUDY_FILE, home_locations, load_home, write_home
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
-from study.services import MlflowServer, start_ray
+from study.services import start_ray
 from study.trial import load_checkpoint
 from study.tuning import (
     confirm_phase,
@@ -80,27 +80,22 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
                               f"`rank1 study resume {home}`")
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    # On one machine the embedded MLflow server starts while Ray does (each takes seconds). On a
-    # cluster Ray comes first: what its nodes can reach is checked before the home is written.
-    early = MlflowServer(home).launch() if not (address or cfg.tracking_uri) else None
-    try:
-        with start_ray(home, address):
-            if address:
-                check_cluster_resources(cfg, node_wait_s)
-            write_home(cfg, study_text)
-            outcome = _run(cfg, home, study_text, address, keep_ui, resume, early, t0, started)
-    finally:
-        if early is not None:
-            early.stop()  # stopped already unless Ray's start failed
-    return outcome
+    # Ray first: on a cluster, what its nodes can reach is checked before the home is written.
+    # (The MLflow server is not started beside Ray to save its seconds: until it binds the port
+    # it was given, one of Ray's own listeners can take that port, and /health then reaches Ray.)
+    with start_ray(home, address):
+        if address:
+            check_cluster_resources(cfg, node_wait_s)
+        write_home(cfg, study_text)
+        return _run(cfg, home, study_text, address, keep_ui, resume, t0, started)
 
 
 def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, keep_ui: bool, resume: bool,
-         early, t0: float, started: str) -> StudyOutcome:
+         t0: float, started: str) -> StudyOutcome:
     """The study inside its services: the search, the confirmation, the champion, the report."""
     from mlflow import MlflowClient
 
-    with tracking(cfg, keep_ui, early) as uri:
+    with tracking(cfg, keep_ui) as uri:
         client = MlflowClient(uri)
         exp_id, parent_id = parent_run(client, cfg, study_text)
         ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,

@@ -23,18 +23,12 @@ __all__ = ["EXPERIMENT_TAGS", "parent_run", "study_description", "trial_runs", "
 
 
 @contextlib.contextmanager
-def tracking(cfg: StudyConfig, keep_ui: bool = False, server: MlflowServer | None = None) -> Iterator[str]:
-    """The tracking URI: the study's server, or an embedded one over the study home
-    (``server``: one launched already, waited for here)."""
+def tracking(cfg: StudyConfig, keep_ui: bool = False) -> Iterator[str]:
+    """The tracking URI: the study's server, or an embedded one over the study home."""
     if cfg.tracking_uri:
         yield cfg.tracking_uri
         return
-    try:
-        server = (server or MlflowServer(cfg.home_path).launch()).ready()
-    except BaseException:
-        if server is not None:
-            server.stop()
-        raise
+    server = MlflowServer(cfg.home_path).start()
     try:
         yield server.url
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -251,7 +252,7 @@ class MlflowServer:
                         (self.home / "mlflow-server.json").write_text(
                             json.dumps({"url": self.url, "pid": self.proc.pid}))
                         return self
-            except OSError:
+            except (OSError, http.client.HTTPException):  # not up yet (or not an HTTP server answering)
                 time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"the MLflow server did not start within {timeout:.0f} s; see {self.home / 'mlflow-server.log'}")
