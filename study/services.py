@@ -216,12 +216,6 @@ class MlflowServer:
         return f" ({errors[-1][:300]})" if errors else ""
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
-        """Start the server and wait until it answers."""
-        return self.launch().ready(timeout)
-
-    def launch(self) -> MlflowServer:
-        """Start the server's process without waiting for it (its start-up, ~7 s on 2 cores,
-        then overlaps whatever the caller does next); :meth:`ready` waits."""
         self.home.mkdir(parents=True, exist_ok=True)
         if self.port:  # a server already there would answer /health for us: refuse instead
             try:
@@ -235,12 +229,6 @@ class MlflowServer:
         log = open(self.home / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                      cwd=self.home, env=env)
-        return self
-
-    def ready(self, timeout: float = 120.0) -> MlflowServer:
-        """Wait until the launched server answers ``/health``; a server that exits or stays
-        silent for ``timeout`` seconds is stopped and is an error naming its log."""
-        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
