@@ -259,7 +259,7 @@ def bench_network(depth: int, width: int, batch: int, size: int, device: torch.d
     copy_ = formatted(assemble(model, table, {t.name: name for t in table}), "channels_last" if cl else "nchw")
     paired = time_paired({"best": nets[best_single], "auto": auto,
                           "copy": DeployedModel(copy_, Plan({}, "channels_last")) if cl else copy_},
-                         x, "best", rounds=2 * rounds + 1, min_time_s=min_time_s / 2)
+                         x, "best", rounds=4 * rounds - 1, min_time_s=min_time_s / 2)
     flop_ratio = count_flops(dense, x) / count_flops(nets["chain"], x)
     return {
         "model": model_name, "depth": depth, "width": width, "batch": batch, "size": size, "device": str(device),

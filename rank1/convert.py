@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rank1.autotune import deploy
+from rank1.autotune import deploy, fuse_relus
 from rank1.kernels import get_kernel
 from rank1.layers import ALL_IMPLS, Flat1dConv2d, Rank1Conv2d
 
@@ -129,7 +129,7 @@ def decompose_model(
             return new.eval()
         parent_name, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
-    return out.eval()
+    return fuse_relus(out).eval()  # cpp: each following ReLU in the layer's own store
 
 
 def dense_model(model: nn.Module) -> nn.Module:

@@ -4,7 +4,8 @@ At small shapes a decomposed layer run as two or three framework convolutions pa
 each call's fixed cost (~7 µs here), and the library's depthwise kernels run far
 below the machine's speed on short channel rows: at 32 channels, 8x8, batch 32, the
 depthwise conv of ``dw2d`` alone took longer than the 1x1. This kernel
-(``rank1/kernels/csrc/rank1_cpu.cpp``) does the layer in one call on channels-last fp32:
+(``rank1/kernels/csrc/rank1_cpu.cpp``) does the layer in one call on channels-last fp32
+(with the ReLU that follows it, where ``fuse_relu`` folded one in):
 for small layers (:func:`fused_path`) each thread takes whole images, computes an
 image's 1x1 in vector registers into a buffer that stays in cache, then both
 depthwise 1-D passes and the bias; larger layers use the library GEMM for the 1x1
@@ -188,6 +189,13 @@ class CppRank1Conv2d(nn.Module):
         self._geometry = (self.stride[0], self.stride[1], *((top, bottom, left, right) if zeros else (0, 0, 0, 0)),
                           self.dilation[0], self.dilation[1])
         self._pre_pad = not zeros
+        self.relu = False  # a following ReLU fused into the output store (see fuse_relu)
+
+    def fuse_relu(self) -> bool:
+        """Apply the ReLU that follows this layer in its own output store (one pass over the
+        activations fewer); the caller drops that ReLU. Returns True: this kernel can."""
+        self.relu = True
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Lean on purpose: at 32 channels 8x8 the whole layer takes ~45 µs, and each
@@ -199,14 +207,15 @@ class CppRank1Conv2d(nn.Module):
             if self._pre_pad:  # a bias-free 1x1 commutes with padding: pad its input instead
                 x = F.pad(x, self._pads, mode=self.padding_mode)
             return build()(x.contiguous(memory_format=torch.channels_last), a, bt, ct, bias, *self._geometry,
-                           FUSED_WEIGHTS, FUSED_PLANE)
+                           FUSED_WEIGHTS, FUSED_PLANE, self.relu)
         # Autograd, another dtype or device: the same function with F.conv2d.
-        return R.conv2d_chain(x, a, bt.t(), ct.t(), bias, self.stride, self.padding, self.dilation,
-                              self.padding_mode)
+        y = R.conv2d_chain(x, a, bt.t(), ct.t(), bias, self.stride, self.padding, self.dilation, self.padding_mode)
+        return torch.relu(y) if self.relu else y
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
-        return s + R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
+        s += R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
+        return s + (", relu=True" if self.relu else "")
 
 
 def _build(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, g: Geometry) -> nn.Module:

@@ -76,10 +76,10 @@ def test_auto_measures_every_candidate_on_the_whole_network_and_keeps_the_fastes
 
 def test_the_finalists_are_retimed_and_the_paired_winner_kept_not_the_first_pass_one(vgg, tmp_path, monkeypatch):
     """A first pass that a noisy machine got wrong: "chain, nchw" looked 10% faster, re-timed
-    paired "dw2d, channels_last" is faster; a candidate 50% slower is not a finalist."""
+    paired "dw2d, channels_last" is faster; a candidate beyond FINAL_MARGIN is not a finalist."""
     model, x = vgg
     first = {"chain, nchw": 1.0, "dw2d, channels_last": 1.1}
-    monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: first.get(_label(fn), 1.5))
+    monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: first.get(_label(fn), 1.1 * FINAL_MARGIN))
     monkeypatch.setattr(autotune, "greedy_pick", lambda table, *a: {t.name: "dense" for t in table})
     seen = []
 
@@ -98,7 +98,8 @@ def test_the_finalists_are_retimed_and_the_paired_winner_kept_not_the_first_pass
 def test_a_greedy_mix_is_kept_only_where_it_beats_the_best_single_form_by_a_margin(vgg, tmp_path, monkeypatch,
                                                                                    greedy_ratio, kept):
     model, x = vgg
-    monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: {"dw2d, nchw": 1.0, "mixed": 1.05}.get(_label(fn), 1.5))
+    monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: {"dw2d, nchw": 1.0, "mixed": 1.05}.get(_label(fn),
+                                                                                           1.1 * FINAL_MARGIN))
     monkeypatch.setattr(autotune, "greedy_pick", lambda table, *a: {t.name: ("dense", "chain")[i % 2]
                                                                    for i, t in enumerate(table)})
     monkeypatch.setattr(autotune, "time_paired", lambda fns, x, ref, rounds, min_time_s: {

@@ -90,10 +90,13 @@ def test_random_geometries_on_both_paths():
             a, b, c = (torch.randn(o, n, generator=gen) for n in (ch, kh, kw))
             bias = pick(None, torch.randn(o, generator=gen))
             ref = _reference(x, a, b, c, bias, (sh, sw), (pl, pr, pt, pb), (dh, dw))
+            relu = bool(pick(0, 1))
+            ref = ref.relu() if relu else ref
             for limits in ((10**9, 10**9), (0, 0)):
-                y = op(x, a, b.t().contiguous(), c.t().contiguous(), bias, sh, sw, pt, pb, pl, pr, dh, dw, *limits)
+                y = op(x, a, b.t().contiguous(), c.t().contiguous(), bias, sh, sw, pt, pb, pl, pr, dh, dw, *limits,
+                       relu)
                 assert y.shape == ref.shape and rel_err(y, ref) <= 1e-5, (o, ch, kh, kw, sh, sw, dh, dw, pt, pb, pl,
-                                                                          pr, h, w, limits)
+                                                                          pr, h, w, limits, relu)
 
 
 def test_the_fused_and_library_gemm_paths_agree():
@@ -131,6 +134,26 @@ def test_flat1d_and_whole_networks_decompose_to_cpp():
         fast = decompose_model(model, "cpp")
         with torch.no_grad():
             assert rel_err(fast(x), dense_model(model)(x)) <= 1e-5, family
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_the_relu_after_a_cpp_layer_is_fused_into_it(batchnorm):
+    """vgg's conv, norm (an Identity without batch norm), ReLU: the ReLU moves into the
+    kernel's store past the Identity, never past a real norm; the function is unchanged,
+    on the kernel and on its autograd fallback; other forms keep their ReLUs."""
+    model = build_model("vgg", arm="flat1d", depth=4, width=20, in_channels=3, batchnorm=batchnorm).eval()
+    x = torch.randn(3, 3, 16, 16)
+    fast = decompose_model(model, "cpp")
+    convs = [m for m in fast.modules() if isinstance(m, cpp_conv.CppRank1Conv2d)]
+    relus = [m for m in fast.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(convs) == 4 and all(m.relu is not batchnorm for m in convs)
+    assert len(relus) == (4 if batchnorm else 0) and ("relu=True" in repr(fast)) is not batchnorm
+    assert sum(isinstance(m, torch.nn.ReLU) for m in decompose_model(model, "chain").modules()) == 4
+    ref = dense_model(model)(x)
+    with torch.no_grad():
+        assert rel_err(fast(x), ref) <= 1e-5
+    grad_x = x.clone().requires_grad_(True)
+    assert rel_err(fast(grad_x), ref) <= 1e-5  # the F.conv2d fallback applies the fused ReLU too
 
 
 def test_autograd_and_other_dtypes_fall_back_to_the_same_function():

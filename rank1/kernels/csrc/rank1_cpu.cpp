@@ -1,6 +1,6 @@
 // The whole decomposed rank-1 layer in one CPU call, for inference: the 1x1 (one GEMM)
-// and both depthwise 1-D passes (kh x 1 with b, then 1 x kw with c) plus the bias, on
-// channels-last fp32 activations.
+// and both depthwise 1-D passes (kh x 1 with b, then 1 x kw with c) plus the bias (and
+// the ReLU that follows the layer, where there is one), on channels-last fp32 activations.
 //
 // Why: at small shapes a decomposed layer run as two or three framework convolutions
 // pays each call's fixed cost, and the library's depthwise kernels run far below the
@@ -29,6 +29,11 @@ typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef float vfu __attribute__((vector_size(VL * sizeof(float)), aligned(alignof(float))));
 inline vf ld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void st(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+// The output store, with the ReLU that follows the layer fused in when `relu`.
+inline void st_out(float* p, vf v, bool relu) {
+  const vf z{};
+  st(p, relu ? (v > z ? v : z) : v);
+}
 
 constexpr int64_t kMaxTaps = 64;  // the largest kernel side (named in a message below)
 constexpr int kBlock = 8;  // pixels per register block
@@ -56,7 +61,7 @@ inline void vertical(const float* const* src, const float* __restrict b, float* 
 // input vectors are loaded once and shared by the taps.
 template <int NP, int KW>
 inline void horizontal_s1(const float* __restrict row, const float* __restrict c, const float* __restrict bias,
-                          float* __restrict y, int64_t ox, int64_t k0, int64_t o) {
+                          float* __restrict y, int64_t ox, int64_t k0, int64_t o, bool relu) {
   vf in[NP + KW - 1];
   const float* r = row + ox * o + k0;
   for (int q = 0; q < NP + KW - 1; ++q) in[q] = ld(r + q * o);
@@ -67,13 +72,13 @@ inline void horizontal_s1(const float* __restrict row, const float* __restrict c
     const vf cj = ld(c + j * o + k0);
     for (int l = 0; l < NP; ++l) acc[l] += cj * in[l + j];
   }
-  for (int l = 0; l < NP; ++l) st(y + (ox + l) * o + k0, acc[l]);
+  for (int l = 0; l < NP; ++l) st_out(y + (ox + l) * o + k0, acc[l], relu);
 }
 
 // Horizontal taps and the bias for outputs ox .. ox + NP of channels k0 .. k0 + VL.
 template <int NP>
 inline void horizontal(const float* __restrict row, const float* __restrict c, const float* __restrict bias,
-                       float* __restrict y, int64_t ox, int64_t k0, const Geometry& g) {
+                       float* __restrict y, int64_t ox, int64_t k0, const Geometry& g, bool relu) {
   const int64_t o = g.o;
   vf acc[NP];
   const vf bb = bias ? ld(bias + k0) : vf{};
@@ -83,7 +88,7 @@ inline void horizontal(const float* __restrict row, const float* __restrict c, c
     const float* r = row + (ox * g.sw + j * g.dw) * o + k0;
     for (int l = 0; l < NP; ++l) acc[l] += cj * ld(r + l * g.sw * o);
   }
-  for (int l = 0; l < NP; ++l) st(y + (ox + l) * o + k0, acc[l]);
+  for (int l = 0; l < NP; ++l) st_out(y + (ox + l) * o + k0, acc[l], relu);
 }
 
 // One output row `oy` of the 1x1 output `z` (h x w x o, one image) into `y` (wo x o).
@@ -93,7 +98,7 @@ inline void horizontal(const float* __restrict row, const float* __restrict c, c
 // blocks outermost thrashed the cache at power-of-two row lengths: 10x slower).
 void spatial_row(const float* __restrict z, const float* __restrict zero, const float* __restrict b,
                  const float* __restrict c, const float* __restrict bias, float* __restrict row, float* __restrict y,
-                 int64_t oy, const Geometry& g) {
+                 int64_t oy, const Geometry& g, bool relu) {
   const int64_t o = g.o, len = g.w * o, ov = o / VL * VL;
   const float* src[kMaxTaps];
   for (int64_t i = 0; i < g.kh; ++i) {
@@ -110,14 +115,14 @@ void spatial_row(const float* __restrict z, const float* __restrict zero, const 
   if (g.sw == 1 && g.dw == 1 && (g.kw == 3 || g.kw == 5)) {
     for (; ox + kBlock <= g.wo; ox += kBlock)
       for (int64_t k0 = 0; k0 < ov; k0 += VL) {
-        if (g.kw == 3) horizontal_s1<kBlock, 3>(row, c, bias, y, ox, k0, o);
-        else horizontal_s1<kBlock, 5>(row, c, bias, y, ox, k0, o);
+        if (g.kw == 3) horizontal_s1<kBlock, 3>(row, c, bias, y, ox, k0, o, relu);
+        else horizontal_s1<kBlock, 5>(row, c, bias, y, ox, k0, o, relu);
       }
   }
   for (; ox + kBlock <= g.wo; ox += kBlock)
-    for (int64_t k0 = 0; k0 < ov; k0 += VL) horizontal<kBlock>(row, c, bias, y, ox, k0, g);
+    for (int64_t k0 = 0; k0 < ov; k0 += VL) horizontal<kBlock>(row, c, bias, y, ox, k0, g, relu);
   for (; ox < g.wo; ++ox)
-    for (int64_t k0 = 0; k0 < ov; k0 += VL) horizontal<1>(row, c, bias, y, ox, k0, g);
+    for (int64_t k0 = 0; k0 < ov; k0 += VL) horizontal<1>(row, c, bias, y, ox, k0, g, relu);
   if (ov == o) return;
   // The last o % 16 channels, one at a time.
   for (int64_t q = 0; q < g.w; ++q)
@@ -130,7 +135,7 @@ void spatial_row(const float* __restrict z, const float* __restrict zero, const 
     for (int64_t k = ov; k < o; ++k) {
       float acc = bias ? bias[k] : 0.0f;
       for (int64_t j = 0; j < g.kw; ++j) acc += c[j * o + k] * row[(q * g.sw + j * g.dw) * o + k];
-      y[q * o + k] = acc;
+      y[q * o + k] = relu && acc < 0.0f ? 0.0f : acc;
     }
 }
 
@@ -179,12 +184,14 @@ void gemm_image(const float* __restrict x, const float* __restrict at, float* __
 }
 
 // x: N x C x H x W, channels-last; a: O x C; b: kh x O and c: kw x O (transposed, so
-// channels are contiguous); bias: O or None. Zero padding top/bottom/left/right. The
+// channels are contiguous); bias: O or None. Zero padding top/bottom/left/right; `relu`:
+// the output is max(y, 0) (the ReLU that follows the layer, fused into its store). The
 // fused path (the 1x1 in registers) is taken up to `fused_weights` = C x O and
 // `fused_plane` = H x W x O floats (rank1.cpp_conv.FUSED_*, which the roofline reads too).
 at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                       const std::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                      int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t fused_weights, int64_t fused_plane) {
+                      int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t fused_weights, int64_t fused_plane,
+                      bool relu) {
   // Every message is one string literal: a message built from several values went
   // through std::string across the library boundary and crashed with torch 2.11 and
   // g++ 13 (on the GPU machine's image); the Python side names the values anyway.
@@ -246,7 +253,7 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
       for (int64_t n = n0; n < n1; ++n) {
         gemm_image(xp + n * pixels * g.c, atp, z.data(), pixels, g.c, g.o);
         for (int64_t oy = 0; oy < g.ho; ++oy)
-          spatial_row(z.data(), zerop, bp, cp, bias_p, row.data(), yp + n * plane_y + oy * row_y, oy, g);
+          spatial_row(z.data(), zerop, bp, cp, bias_p, row.data(), yp + n * plane_y + oy * row_y, oy, g, relu);
       }
     });
     return y;
@@ -261,7 +268,7 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
     std::vector<float> row(static_cast<size_t>(row_len), 0.0f);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / g.ho, oy = r % g.ho;
-      spatial_row(zp + n * plane_z, zerop, bp, cp, bias_p, row.data(), yp + n * plane_y + oy * row_y, oy, g);
+      spatial_row(zp + n * plane_z, zerop, bp, cp, bias_p, row.data(), yp + n * plane_y + oy * row_y, oy, g, relu);
     }
   });
   return y;
@@ -272,9 +279,10 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
 // A plain Python binding, not a dispatcher op: a boxed torch.ops call costs ~7 µs
 // here, a sixth of a whole layer at 32 channels 8x8, and the module is opaque anyway.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("conv", &rank1_conv, "rank-1 layer: 1x1 GEMM, then the kh x 1 and 1 x kw depthwise passes and the bias",
+  m.def("conv", &rank1_conv,
+        "rank-1 layer: 1x1 GEMM, then the kh x 1 and 1 x kw depthwise passes, the bias and (relu) a ReLU",
         pybind11::arg("x"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c"), pybind11::arg("bias"),
         pybind11::arg("sh"), pybind11::arg("sw"), pybind11::arg("pt"), pybind11::arg("pb"), pybind11::arg("pl"),
         pybind11::arg("pr"), pybind11::arg("dh"), pybind11::arg("dw"), pybind11::arg("fused_weights"),
-        pybind11::arg("fused_plane"));
+        pybind11::arg("fused_plane"), pybind11::arg("relu") = false);
 }
