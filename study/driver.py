@@ -25,7 +25,7 @@ from study.console import print_summary
 from study.home import STATE_FILE, STUDY_FILE, home_locations, load_home, write_home
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
-from study.services import start_ray
+from study.services import MlflowServer, start_ray
 from study.trial import load_checkpoint
 from study.tuning import (
     confirm_phase,
@@ -78,39 +78,52 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
         if not resume:
             raise ConfigError(f"home: {str(home)!r} already holds this study; continue it with "
                               f"`rank1 study resume {home}`")
-    from mlflow import MlflowClient
-
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    # Ray first: on a cluster, what its nodes can reach is checked before the home is written.
-    with start_ray(home, address):
-        if address:
-            check_cluster_resources(cfg, node_wait_s)
-        write_home(cfg, study_text)
-        with tracking(cfg, keep_ui) as uri:
-            client = MlflowClient(uri)
-            exp_id, parent_id = parent_run(client, cfg, study_text)
-            ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
-                   "study_config": cfg.to_dict(), "data": share_data(cfg)}
-            if resume:
-                release_orphans(cfg, tune_path=str(Path(str(cfg.tune_path)) / "tune"))
-            tuner = make_tuner(cfg, ctx, restore=resume)
-            t_fit = time.perf_counter()
-            results = tuner.fit()
-            t_end = time.perf_counter()
-            outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
-            if cfg.confirm_seeds:
-                outcome.confirm = confirm_phase(cfg, client, exp_id, parent_id, ctx)
-            _report(cfg, uri)
-            outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
-                               "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
-            outcome.machine = {**machine_info("cpu"), "cluster": bool(address)}
-            outcome.started = started
-            (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
-            for k, v in outcome.timings.items():
-                client.log_metric(parent_id, f"study.{k}", v)
-            client.set_terminated(parent_id, "FINISHED")
-            print_summary(outcome, keep_ui)
+    # On one machine the embedded MLflow server starts while Ray does (each takes seconds). On a
+    # cluster Ray comes first: what its nodes can reach is checked before the home is written.
+    early = MlflowServer(home).launch() if not (address or cfg.tracking_uri) else None
+    try:
+        with start_ray(home, address):
+            if address:
+                check_cluster_resources(cfg, node_wait_s)
+            write_home(cfg, study_text)
+            outcome = _run(cfg, home, study_text, address, keep_ui, resume, early, t0, started)
+    finally:
+        if early is not None:
+            early.stop()  # stopped already unless Ray's start failed
+    return outcome
+
+
+def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, keep_ui: bool, resume: bool,
+         early: MlflowServer | None, t0: float, started: str) -> StudyOutcome:
+    """The study inside its services: the search, the confirmation, the champion, the report."""
+    from mlflow import MlflowClient
+
+    with tracking(cfg, keep_ui, early) as uri:
+        client = MlflowClient(uri)
+        exp_id, parent_id = parent_run(client, cfg, study_text)
+        ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
+               "study_config": cfg.to_dict(), "data": share_data(cfg)}
+        if resume:
+            release_orphans(cfg, tune_path=str(Path(str(cfg.tune_path)) / "tune"))
+        tuner = make_tuner(cfg, ctx, restore=resume)
+        t_fit = time.perf_counter()
+        results = tuner.fit()
+        t_end = time.perf_counter()
+        outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
+        if cfg.confirm_seeds:
+            outcome.confirm = confirm_phase(cfg, client, exp_id, parent_id, ctx)
+        _report(cfg, uri)
+        outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
+                           "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
+        outcome.machine = {**machine_info("cpu"), "cluster": bool(address)}
+        outcome.started = started
+        (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
+        for k, v in outcome.timings.items():
+            client.log_metric(parent_id, f"study.{k}", v)
+        client.set_terminated(parent_id, "FINISHED")
+        print_summary(outcome, keep_ui)
     return outcome
 
 

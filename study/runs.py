@@ -23,12 +23,20 @@ __all__ = ["EXPERIMENT_TAGS", "parent_run", "study_description", "trial_runs", "
 
 
 @contextlib.contextmanager
-def tracking(cfg: StudyConfig, keep_ui: bool = False) -> Iterator[str]:
-    """The tracking URI: the study's server, or an embedded one over the study home."""
+def tracking(cfg: StudyConfig, keep_ui: bool = False, server: MlflowServer | None = None) -> Iterator[str]:
+    """The tracking URI: the study's server, or an embedded one over the study home
+    (``server``: one launched already, while Ray started, waited for here; if it did not come
+    up, say because another process took its port first, a fresh one is started now)."""
     if cfg.tracking_uri:
         yield cfg.tracking_uri
         return
-    server = MlflowServer(cfg.home_path).start()
+    if server is not None:
+        try:
+            server = server.ready(timeout=60)
+        except RuntimeError:
+            server.stop()
+            server = None
+    server = server or MlflowServer(cfg.home_path).start()
     try:
         yield server.url
     finally:

@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import secrets
 import signal
@@ -57,8 +58,36 @@ def quiet() -> None:
         os.environ.setdefault(k, v)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to a bind on port 0 (Linux: ip_local_port_range)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port free on ``host`` now, taken from outside the kernel's ephemeral range where it can.
+
+    Between this check and the server's own bind, a port of the ephemeral range can go to any
+    process that binds port 0 (Ray's start opens a dozen listeners that way: a clean-clone test
+    run once lost the MLflow server's port to one). Ports below that range and above Ray's
+    worker ports (10002-19999) are only taken by those who ask for them by number.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lo, hi = _ephemeral_range()
+    outside = [r for r in (range(20000, min(lo, 32768)), range(max(hi + 1, 61000), 65536)) if len(r) > 100]
+    rng = random.Random()
+    for _ in range(50 if outside else 0):
+        port = rng.choice(rng.choice(outside))
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family) as s:  # nothing outside is free (or there is no outside): the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -216,6 +245,12 @@ class MlflowServer:
         return f" ({errors[-1][:300]})" if errors else ""
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
+        """Start the server and wait until it answers."""
+        return self.launch().ready(timeout)
+
+    def launch(self) -> MlflowServer:
+        """Start the server's process without waiting for it (its start-up, ~7 s on 2 cores,
+        then overlaps whatever the caller does next); :meth:`ready` waits."""
         self.home.mkdir(parents=True, exist_ok=True)
         if self.port:  # a server already there would answer /health for us: refuse instead
             try:
@@ -229,6 +264,12 @@ class MlflowServer:
         log = open(self.home / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                      cwd=self.home, env=env)
+        return self
+
+    def ready(self, timeout: float = 120.0) -> MlflowServer:
+        """Wait until the launched server answers ``/health``; a server that exits or stays
+        silent for ``timeout`` seconds is stopped and is an error naming its log."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -30,7 +30,9 @@ def smoke_study(tmp_path_factory):
     """``studies/smoke.yaml`` (with the dense arm, per-arm learning rates and a confirmation
     phase) run once for the session, end to end, as a user runs it: ``(folder, study file,
     finished process)``; the home is ``folder / "home"``."""
-    from tests.study.conftest import cli, write_study
+    import uuid
+
+    from tests.study.conftest import MARK, cli, write_study
 
     tmp = tmp_path_factory.mktemp("smoke")
     # The shipped smoke study plus the controls a reviewer asks for: the dense arm, each arm's
@@ -40,6 +42,8 @@ def smoke_study(tmp_path_factory):
                                "projection": ["epoch:1", "step:5", "end"],
                                "rank1_lr": {"low": 0.02, "high": 0.1, "log": True},
                                "flat1d_lr": {"low": 0.02, "high": 0.1, "log": True}})
-    p = cli("study", "run", str(path))
+    mark = uuid.uuid4().hex  # every process the study starts inherits it (tests/study/test_processes.py)
+    p = cli("study", "run", str(path), env={MARK: mark})
+    (tmp / "process-mark").write_text(mark)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp, path, p

@@ -196,6 +196,16 @@ def marked(mark: str) -> list[str]:
     return out
 
 
+def settle(mark: str, timeout: float = 30.0) -> list[str]:
+    """What is still running with ``mark`` once shutdown had ``timeout`` seconds to happen."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def stop_marked(mark: str, timeout: float = 15.0) -> None:
     """Stop the processes carrying ``mark`` (SIGTERM, then SIGKILL), and only those: never
     ``ray stop``, which stops every Ray instance of the user on the machine, theirs too."""

@@ -1,4 +1,5 @@
-"""Exactly once: a killed driver or a killed trial worker loses nothing and duplicates nothing."""
+"""Exactly once: a killed driver or a killed trial worker loses nothing and duplicates nothing;
+and what a killed driver left running, the next start stops."""
 
 from __future__ import annotations
 
@@ -8,20 +9,31 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.study.conftest import REPO, cli, mlflow_client, optuna_trials, trial_runs, write_study
+from tests.study.conftest import (
+    MARK,
+    REPO,
+    cli,
+    marked,
+    mlflow_client,
+    optuna_trials,
+    settle,
+    trial_runs,
+    write_study,
+)
 
 pytestmark = pytest.mark.slow
 
 LONG = dict(train={"epochs": 6, "width": 16}, search={"depth": {"low": 2, "high": 3}, "init": ["kaiming", "dirac"]})
 
 
-def _start(path: Path, log: Path, *flags: str) -> subprocess.Popen:
+def _start(path: Path, log: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "study.cli", "study", "run", str(path), *flags], cwd=REPO,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
 def _wait_for(pred, proc: subprocess.Popen, log: Path, timeout: float = 300):
@@ -65,27 +77,38 @@ def _assert_exactly_once(home: Path, name: str, n_trials: int, uri: str | None =
     return by_id
 
 
-def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | None = None, **where) -> None:
+def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | None = None, processes: bool = False,
+                            **where) -> None:
     """SIGKILL a study's driver mid-trial, resume it, and check exactly-once on its stores.
 
     ``where``: locations in the study file; ``flags``: locations given as `study run` flags
-    only, which `study resume` must remember without being told again."""
+    only, which `study resume` must remember without being told again. ``processes``: also
+    check that what the killed driver left running (Ray's processes, the MLflow server) is
+    stopped by the resume, and that nothing of either run outlives it
+    (tests/study/test_processes.py marks processes the same way)."""
     path = write_study(tmp_path, name=name, **LONG, **where)
     home = tmp_path / "home"
     log = tmp_path / "run.log"
     flags = flags or {}
-    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)])
+    mark = uuid.uuid4().hex if processes else None
+    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)],
+                  env={MARK: mark} if mark else None)
     where = {**where, **flags}
     _wait_for(lambda: _checkpoints(home, 2), proc, log)  # some trial has three epochs checkpointed
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs in the driver
     proc.wait()
     assert not (home / "outcome.json").exists()
 
     status = cli("study", "status", str(home), "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["states"].get("finished", 0) < 4
 
-    p = cli("study", "resume", str(home))
+    left = marked(mark) if mark else []
+    p = cli("study", "resume", str(home), env={MARK: f"{mark}-resume"} if mark else None)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    if left:  # whatever the killed driver left behind, the resume stopped first
+        assert "an earlier, killed run of this study left behind" in p.stdout
+    if mark:
+        assert settle(mark, 15) == [] and settle(f"{mark}-resume", 5) == []
     by_id = _assert_exactly_once(home, name, 4, where.get("tracking_uri"), where.get("storage"))
     resumed = {tid: int(r.data.tags["rank1.resumed_from_epoch"]) for tid, r in by_id.items()
                if "rank1.resumed_from_epoch" in r.data.tags}
@@ -96,7 +119,7 @@ def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | N
 
 
 def test_sigkill_the_driver_then_resume(tmp_path):
-    kill_driver_then_resume(tmp_path, "killdriver")
+    kill_driver_then_resume(tmp_path, "killdriver", processes=True)
 
 
 def test_sigkill_a_trial_worker(tmp_path):

@@ -1,0 +1,41 @@
+"""The embedded MLflow server's start: its port is chosen where other processes do not take
+ports unasked, and a server launched early that loses its port anyway is replaced."""
+
+from __future__ import annotations
+
+import socket
+import types
+import urllib.request
+
+import pytest
+
+from study.runs import tracking
+from study.services import MlflowServer, _ephemeral_range, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_free_ports_lie_outside_the_kernels_ephemeral_range():
+    lo, hi = _ephemeral_range()
+    ports = {free_port() for _ in range(20)}
+    assert all(not lo <= p <= hi and p >= 20000 for p in ports), (lo, hi, sorted(ports))
+    with socket.socket() as s:  # and they are free: each can be bound
+        s.bind(("127.0.0.1", ports.pop()))
+
+
+def test_an_early_server_that_lost_its_port_is_replaced(tmp_path):
+    """What Ray's start once did to the early-launched server: another process binds its port
+    before it does. The server exits; ``tracking`` starts a fresh one on another port."""
+    early = MlflowServer(tmp_path).launch()  # takes seconds to bind: the test gets there first
+    thief = socket.socket()
+    thief.bind(("127.0.0.1", early.port))
+    thief.listen()
+    try:
+        cfg = types.SimpleNamespace(tracking_uri=None, home_path=tmp_path)
+        with tracking(cfg, server=early) as uri:
+            assert early.proc.poll() is not None  # the early one gave up
+            assert uri != early.url
+            with urllib.request.urlopen(uri + "/health", timeout=10) as r:
+                assert r.status == 200
+    finally:
+        thief.close()
