@@ -63,8 +63,8 @@ def _ephemeral_range() -> tuple[int, int]:
     try:
         lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
         return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+    except (OSError, ValueError):  # not Linux: Linux's default, below the others' (49152-65535)
+        return 32768, 60999
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -73,14 +73,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     Between this check and the server's own bind, a port of the ephemeral range can go to any
     process that binds port 0 (Ray's start opens a dozen listeners that way: a clean-clone test
     run once lost the MLflow server's port to one). Ports below that range and above Ray's
-    worker ports (10002-19999) are only taken by those who ask for them by number.
+    worker ports (10002-19999) are only taken by those who ask for them by number. Where there
+    is no such room (a range starting below 20100), the kernel's choice.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    lo, hi = _ephemeral_range()
-    outside = [r for r in (range(20000, min(lo, 32768)), range(max(hi + 1, 61000), 65536)) if len(r) > 100]
+    below = range(20000, min(_ephemeral_range()[0], 32768))  # below Linux's range, and macOS's (49152-)
     rng = random.Random()
-    for _ in range(50 if outside else 0):
-        port = rng.choice(rng.choice(outside))
+    for _ in range(50 if len(below) > 100 else 0):
+        port = rng.choice(below)
         with socket.socket(family) as s:
             try:
                 s.bind((host, port))
