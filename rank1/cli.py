@@ -43,10 +43,10 @@ def _console(stderr: bool = False):
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, typed, with the field's help text."""
-    from rank1.config import field_choices
+    from rank1.config import field_choices, type_hints
     from rank1.train import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
+    hints = type_hints(TrainConfig)
     defaults = TrainConfig()
     group = parser.add_argument_group("training options (override --config)")
     for f in dataclasses.fields(TrainConfig):

@@ -9,6 +9,7 @@ field, the value and what is allowed. Value checks live in each dataclass's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -17,7 +18,7 @@ from typing import Any, TypeVar, Union
 
 __all__ = [
     "ConfigError", "check_choice", "check_choices", "check_finite", "check_range", "doc_field", "field_choices",
-    "field_docs", "from_dict", "load_yaml", "to_dict",
+    "field_docs", "from_dict", "load_yaml", "to_dict", "type_hints",
 ]
 
 T = TypeVar("T")
@@ -43,13 +44,26 @@ def doc_field(default: Any, help: str, choices: typing.Callable[[], typing.Itera
     return dataclasses.field(default=default, metadata=metadata)
 
 
+@functools.cache
+def type_hints(cls: type) -> types.MappingProxyType[str, Any]:
+    """``typing.get_type_hints(cls)``, resolved once per class (read-only). Resolving the
+    string annotations compiles each one: uncached, the choice checks of one StudyConfig
+    took 0.34 s (433 resolutions), and every TrainConfig a trial builds 0.04 s."""
+    return types.MappingProxyType(typing.get_type_hints(cls))
+
+
+@functools.cache
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
 def field_choices(cls: type, name: str) -> tuple[Any, ...] | None:
     """The allowed values of field ``name`` of dataclass ``cls``: its registry (``choices``
     metadata, sorted) or its ``Literal`` type hint (in order); None when it is free."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    f = _fields(cls)[name]
     if "choices" in f.metadata:
         return tuple(sorted(f.metadata["choices"]()))
-    tp = typing.get_type_hints(cls)[name]
+    tp = type_hints(cls)[name]
     for t in (tp, *typing.get_args(tp)):
         if typing.get_origin(t) is typing.Literal:
             return typing.get_args(t)
@@ -71,7 +85,7 @@ def check_finite(name: str, value: float | None) -> None:
 
 
 def _optional(cls: type, name: str) -> bool:
-    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+    return type(None) in typing.get_args(type_hints(cls)[name])
 
 
 def check_choice(name: str, value: Any, allowed: typing.Iterable[Any]) -> None:
@@ -153,7 +167,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``: unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

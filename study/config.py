@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from rank1.config import ConfigError, check_choices, check_range, from_dict, load_yaml, to_dict
+from rank1.config import ConfigError, check_choices, check_range, from_dict, load_yaml, to_dict, type_hints
 from rank1.config import doc_field as _f
 from rank1.train import ARM_CHOICES, ARM_SPECIFIC, TrainConfig
 from study.samplers import SAMPLERS
@@ -257,7 +257,7 @@ class StudyConfig:
 
     def _block_space(self, where: str, block: dict[str, Any], grid: bool) -> dict[str, list[Any] | Range]:
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        hints = typing.get_type_hints(TrainConfig)
+        hints = type_hints(TrainConfig)
         space: dict[str, list[Any] | Range] = {}
         for key, spec in block.items():
             name = f"{where}.{key}"
