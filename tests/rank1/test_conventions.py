@@ -322,3 +322,19 @@ def test_output_ranks_of_a_network():
         assert 0 < ranks[f"L{i:02d}.entropy_frac"] <= 1
     assert ranks["penultimate.dim"] == 5  # 5 images x 32 features
     assert math.isfinite(ranks["mean.entropy_frac"])
+
+
+def test_config_type_hints_are_resolved_once_per_class_and_read_only():
+    """Every config check reads the fields' hints; resolving string annotations each time
+    cost 0.34 s per study config. They are resolved once, equal typing's, and cannot be changed."""
+    import typing
+
+    from rank1.config import type_hints
+
+    hints = type_hints(TrainConfig)
+    assert hints is type_hints(TrainConfig) and dict(hints) == typing.get_type_hints(TrainConfig)
+    with pytest.raises(TypeError):
+        hints["depth"] = str  # type: ignore[index]
+    # and the checks that read them still reject what they should
+    with pytest.raises(ConfigError, match="arm: 'dense2' is not allowed"):
+        TrainConfig(arm="dense2")
