@@ -10,6 +10,10 @@ import torch
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # Decoded datasets are cached under a folder of the session's own (subprocesses inherit it).
 os.environ["RANK1_DATA_CACHE"] = tempfile.mkdtemp(prefix="rank1-test-data-cache-")
+# Under pytest-xdist the workers share the cores: each worker's torch gets its share of them,
+# not all of them (oversubscribed, two workers ran the CPU tests no faster than one).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +51,35 @@ def smoke_study(tmp_path_factory):
     (tmp / "process-mark").write_text(mark)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp, path, p
+
+
+@pytest.fixture(scope="session")
+def smoke_tracking(smoke_study):
+    """One real MLflow server over the smoke study's home for every test that reads it:
+    ``(client, url)`` (each server start is seconds of CPU)."""
+    from mlflow import MlflowClient
+
+    from study.services import MlflowServer
+
+    home = smoke_study[0] / "home"  # the server's own files (log, pid) go beside it, not into the home
+    server = MlflowServer(smoke_study[0] / "reader", backend_store_uri=f"sqlite:///{home / 'mlflow.db'}",
+                          artifacts_destination=str(home / "mlartifacts")).start()
+    try:
+        yield MlflowClient(server.url), server.url
+    finally:
+        server.stop()
+
+
+# Under pytest-xdist (`make test` runs two workers), the tests that share an expensive fixture
+# run on one worker, so that it is built once: the session's smoke study, the jobs tests' Ray
+# head, the multi-node cluster. Other tests go wherever a worker is free.
+SHARED_FIXTURES = {"smoke_study": "smoke-study", "smoke_tracking": "smoke-study", "head": "ray-head", "cluster": "ray-cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, group in SHARED_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break

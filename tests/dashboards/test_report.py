@@ -11,7 +11,7 @@ import pytest
 from dashboards.data import StudyData, TrialRecord
 from dashboards.report import build_report
 from study.names import experiment_url
-from tests.study.conftest import REPO, mlflow_client, trial_runs
+from tests.study.conftest import REPO, trial_runs
 
 SECTIONS = ["frontier", "gradients", "lowrank", "projection", "init", "speed", "search", "verdict", "champion"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,7 +33,7 @@ _FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "
 
 
 @pytest.mark.slow
-def test_report_from_the_smoke_study(smoke_study):
+def test_report_from_the_smoke_study(smoke_study, smoke_tracking):
     tmp, _, _ = smoke_study
     home = tmp / "home"
     out = home / "report"
@@ -46,14 +46,14 @@ def test_report_from_the_smoke_study(smoke_study):
     assert "<script" not in html and "src='http" not in html
     verdict = json.loads((out / "verdict.json").read_text())
     # Recompute the paired difference from MLflow: one seed per trial, so per-trial metrics are the pairs.
-    with mlflow_client(home) as (client, _):
-        runs = trial_runs(client, "smoke")
-        diffs = [r.data.metrics["final/rank1.decomposed_val_acc"] - r.data.metrics["final/flat1d.decomposed_val_acc"]
-                 for r in runs if r.data.tags["rank1.status"] == "finished"]
-        exp = client.get_experiment_by_name("smoke")
-        parent = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")[0]
-        logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-        confirms = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'")
+    client = smoke_tracking[0]
+    runs = trial_runs(client, "smoke")
+    diffs = [r.data.metrics["final/rank1.decomposed_val_acc"] - r.data.metrics["final/flat1d.decomposed_val_acc"]
+             for r in runs if r.data.tags["rank1.status"] == "finished"]
+    exp = client.get_experiment_by_name("smoke")
+    parent = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    confirms = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'")
     assert verdict["n_pairs"] == len(diffs) == 4
     assert verdict["mean_diff"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
     assert f"{verdict['mean_diff']:+.3f}" in verdict["sentence"] and "too few pairs" in verdict["sentence"]
@@ -74,13 +74,14 @@ def test_report_from_the_smoke_study(smoke_study):
 
 
 @pytest.mark.slow
-def test_report_and_mlflow_ui_in_a_real_browser(smoke_study):
+def test_report_and_mlflow_ui_in_a_real_browser(smoke_study, smoke_tracking):
     sync_playwright, chromium = _browser()
     tmp, _, _ = smoke_study
     home = tmp / "home"
     ARTIFACTS.mkdir(exist_ok=True)
     n_png = len(list((home / "report").glob("*.png")))
-    with sync_playwright() as pw, mlflow_client(home) as (client, url):
+    client, url = smoke_tracking
+    with sync_playwright() as pw:
         exp = client.get_experiment_by_name("smoke")
         parent = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")[0]
         browser = pw.chromium.launch(executable_path=chromium, args=_FLAGS)

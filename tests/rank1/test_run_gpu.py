@@ -27,7 +27,7 @@ runpy.run_path("benchmarks/gpu/run_gpu.py", run_name="__main__")
 
 @pytest.mark.slow
 def test_dry_run_writes_json_and_markdown(tmp_path):
-    args = ["--out", str(tmp_path), "--device", "cpu", "--quick", "--dtypes", "fp32", "bf16", "--budget-s", "6",
+    args = ["--out", str(tmp_path), "--device", "cpu", "--quick", "--dtypes", "fp32", "bf16", "--budget-s", "20",
             "--network-s", "2", "--repeats", "2", "--sample-ms", "0.2", "--deploy-s", "60"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # triton is then skipped on the CPU
     p = subprocess.run([sys.executable, "-c", _RUN, *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -42,55 +42,55 @@ def test_summary_and_home(smoke):
     assert not (home / "mlflow-server.json").exists()  # the embedded server was stopped
 
 
-def test_one_parent_and_exactly_one_child_run_per_trial(smoke):
+def test_one_parent_and_exactly_one_child_run_per_trial(smoke, smoke_tracking):
     tmp, _, _ = smoke
-    with mlflow_client(tmp / "home") as (client, _):
-        exp = client.get_experiment_by_name("smoke")
-        parents = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")
-        assert len(parents) == 1
-        parent = parents[0]
-        assert parent.info.status == "FINISHED"
-        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-        assert {"study.yaml", "resolved.yaml", "resolved_train.yaml"} <= artifacts
-        assert parent.data.tags["rank1.version"]
-        runs = trial_runs(client, "smoke")
-        ids = [r.data.tags["rank1.trial_id"] for r in runs]
-        assert len(ids) == 4 and len(set(ids)) == 4
-        for r in runs:
-            assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
-            assert r.data.tags["rank1.status"] == "finished" and r.info.status == "FINISHED"
-            m = r.data.metrics
-            # per-epoch curves unprefixed; per-layer detail under layers/; end-of-trial numbers under final/
-            for key in ("rank1.val_acc", "flat1d.val_acc", "dense.val_acc", "paired.val_acc_diff", "objective",
-                        "rank1.grad.out.ratio", "layers/rank1.grad.out.L00", "layers/flat1d.grad.out.L00",
-                        "layers/dense.grad.out.L00", "layers/rank1.weight.L00",
-                        "final/rank1.decomposed_val_acc", "final/flat1d.decomposed_val_acc", "final/paired.val_acc_diff",
-                        "final/rank1.flop_ratio", "final/rank1.decomposed_latency_ms_b1", "final/rank1.speedup_b8",
-                        "final/rank1.chain_speedup_b8", "final/rank1.fraction_of_flop_ratio_b8",
-                        "final/dense.shipped_val_acc", "final/paired.rank1_minus_dense_val_acc",
-                        "final/rank1.gradflow.init.out.ratio", "final/flat1d.gradflow.epoch1.out.L00",
-                        "final/dense.gradflow.end.out.min", "final/rank1.lowrank.mean.entropy_frac",
-                        "final/dense.lowrank.penultimate.energy99", "final/latency.threads",
-                        "final/latency.other_trials_running"):
-                assert key in m, key
-            assert not [k for k in m if "/" not in k and (".L0" in k or k.startswith(("final", "rank1.decomposed")))]
-            assert r.data.tags["rank1.rank1.deploy_b8"] and "deploy_plan.json" in {
-                a.path for a in client.list_artifacts(r.info.run_id)}
-            assert {"rank1_lr", "flat1d_lr", "search.rank1_lr", "search.flat1d_lr"} <= set(r.data.params)
-            searched = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
-            assert r.info.run_name.startswith(f"d{searched['depth']} ") and searched["projection"] in r.info.run_name
-            hist = client.get_metric_history(r.info.run_id, "rank1.val_acc")
-            assert sorted(h.step for h in hist) == [1, 2]  # per epoch, each once
-            assert {"depth", "init", "projection", "search.depth"} <= set(r.data.params)
-            assert "trial_result.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
+    client = smoke_tracking[0]
+    exp = client.get_experiment_by_name("smoke")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'parent'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"study.yaml", "resolved.yaml", "resolved_train.yaml"} <= artifacts
+    assert parent.data.tags["rank1.version"]
+    runs = trial_runs(client, "smoke")
+    ids = [r.data.tags["rank1.trial_id"] for r in runs]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    for r in runs:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags["rank1.status"] == "finished" and r.info.status == "FINISHED"
+        m = r.data.metrics
+        # per-epoch curves unprefixed; per-layer detail under layers/; end-of-trial numbers under final/
+        for key in ("rank1.val_acc", "flat1d.val_acc", "dense.val_acc", "paired.val_acc_diff", "objective",
+                    "rank1.grad.out.ratio", "layers/rank1.grad.out.L00", "layers/flat1d.grad.out.L00",
+                    "layers/dense.grad.out.L00", "layers/rank1.weight.L00",
+                    "final/rank1.decomposed_val_acc", "final/flat1d.decomposed_val_acc", "final/paired.val_acc_diff",
+                    "final/rank1.flop_ratio", "final/rank1.decomposed_latency_ms_b1", "final/rank1.speedup_b8",
+                    "final/rank1.chain_speedup_b8", "final/rank1.fraction_of_flop_ratio_b8",
+                    "final/dense.shipped_val_acc", "final/paired.rank1_minus_dense_val_acc",
+                    "final/rank1.gradflow.init.out.ratio", "final/flat1d.gradflow.epoch1.out.L00",
+                    "final/dense.gradflow.end.out.min", "final/rank1.lowrank.mean.entropy_frac",
+                    "final/dense.lowrank.penultimate.energy99", "final/latency.threads",
+                    "final/latency.other_trials_running"):
+            assert key in m, key
+        assert not [k for k in m if "/" not in k and (".L0" in k or k.startswith(("final", "rank1.decomposed")))]
+        assert r.data.tags["rank1.rank1.deploy_b8"] and "deploy_plan.json" in {
+            a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"rank1_lr", "flat1d_lr", "search.rank1_lr", "search.flat1d_lr"} <= set(r.data.params)
+        searched = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
+        assert r.info.run_name.startswith(f"d{searched['depth']} ") and searched["projection"] in r.info.run_name
+        hist = client.get_metric_history(r.info.run_id, "rank1.val_acc")
+        assert sorted(h.step for h in hist) == [1, 2]  # per epoch, each once
+        assert {"depth", "init", "projection", "search.depth"} <= set(r.data.params)
+        assert "trial_result.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
 
 
-def test_optuna_storage_holds_every_value(smoke):
+def test_optuna_storage_holds_every_value(smoke, smoke_tracking):
     tmp, _, _ = smoke
     trials = optuna_trials(tmp / "home", "smoke")
     assert len(trials) == 4
-    with mlflow_client(tmp / "home") as (client, _):
-        by_id = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "smoke")}
+    client = smoke_tracking[0]
+    by_id = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "smoke")}
     for t in trials:
         assert t.state.name == "COMPLETE"
         run = by_id[t.user_attrs["ray_trial_id"]]
@@ -206,14 +206,14 @@ def test_mlflow_models_serve_answers_over_http_with_the_trials_predictions(smoke
         server.stop()
 
 
-def test_the_registry_shows_the_model_card(smoke):
+def test_the_registry_shows_the_model_card(smoke, smoke_tracking):
     tmp, _, _ = smoke
-    with mlflow_client(tmp / "home") as (client, _):
-        mv = client.get_model_version_by_alias("smoke-decomposed", "champion")
-        rm = client.get_registered_model("smoke-decomposed")
-        # the version comes from the champion trial's run, and that run lists the model as its output
-        outcome = json.loads((tmp / "home" / "outcome.json").read_text())
-        run = client.get_run(outcome["best"]["run_id"])
+    client = smoke_tracking[0]
+    mv = client.get_model_version_by_alias("smoke-decomposed", "champion")
+    rm = client.get_registered_model("smoke-decomposed")
+    # the version comes from the champion trial's run, and that run lists the model as its output
+    outcome = json.loads((tmp / "home" / "outcome.json").read_text())
+    run = client.get_run(outcome["best"]["run_id"])
     assert mv.run_id == run.info.run_id
     (output,) = run.outputs.model_outputs
     assert output.model_id in mv.source, (output.model_id, mv.source)
@@ -222,14 +222,14 @@ def test_the_registry_shows_the_model_card(smoke):
         assert "speedup over its dense form" in text and "mlflow models serve" in text
 
 
-def test_confirmation_retrains_each_arms_best_with_fresh_seeds_on_test(smoke):
+def test_confirmation_retrains_each_arms_best_with_fresh_seeds_on_test(smoke, smoke_tracking):
     tmp, path, p = smoke
     home = tmp / "home"
     confirm = json.loads((home / "confirm.json").read_text())
-    with mlflow_client(home) as (client, _):
-        exp = client.get_experiment_by_name("smoke")
-        runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'")
-        by_trial = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "smoke")}
+    client = smoke_tracking[0]
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`rank1.role` = 'confirm'")
+    by_trial = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "smoke")}
     assert sorted((r.data.tags["rank1.arm"], r.data.tags["rank1.seed"]) for r in runs) == [
         (a, s) for a in ("dense", "flat1d", "rank1") for s in ("1000", "1001")]  # fresh seeds: search used 0
     for arm, best in confirm["best"].items():
