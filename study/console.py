@@ -123,7 +123,10 @@ def print_summary(outcome, keep_ui: bool) -> None:
             t.add_row(f"speedup vs dense, batch {n}", f"{m[key]:.2f}x, {arm} as deployed" + (
                 f" ({frac:.0%} of its {m[f'{arm}.flop_ratio']:.2f}x FLOP ratio)"
                 if frac is not None and f"{arm}.flop_ratio" in m else ""))
-        if any(k.startswith(f"{arm}.speedup_b") for k in m) and "latency.threads" in m:
+        if f"{arm}.flop_ratio" in m and not any(k.startswith(f"{arm}.speedup_b") for k in m):
+            t.add_row("speedup vs dense", "not measured (train.measure_latency: false)"
+                      + ("; `rank1 pull` measures it on the machine that loads it" if outcome.model_uri else ""))
+        elif "latency.threads" in m:
             # a latency timed beside other trials on shared cores is not what a user gets alone
             t.add_row("speed measured", f"inside the trial: {counted(m['latency.threads'], 'thread')}, "
                       f"{counted(m.get('latency.other_trials_running'), 'other trial')} running beside it"

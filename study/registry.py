@@ -148,8 +148,9 @@ def card_markdown(card: dict[str, Any], version: str | None = None) -> str:
         "",
         f"- validation accuracy (decomposed): {card.get('val_acc', float('nan')):.4f}; test accuracy: "
         f"{m.get(f'{arm}.test_acc', float('nan')):.4f}",
-        f"- speedup over its dense form where it was trained ({m.get(f'{arm}.threads', '?'):.0f} threads): "
-        f"{speed or 'not measured'}; FLOP ratio {m.get(f'{arm}.flop_ratio', float('nan')):.2f}x"
+        (f"- speedup over its dense form where it was trained ({m[f'{arm}.threads']:.0f} threads): {speed}"
+         if speed and f"{arm}.threads" in m else f"- speedup over its dense form: {speed or 'not measured'}")
+        + f"; FLOP ratio {m.get(f'{arm}.flop_ratio', float('nan')):.2f}x"
         + (f" (reached: {frac})" if frac else ""),
         "- config: " + " ".join(f"{k}={v}" for k, v in sorted(card.get("params", {}).items())),
         f"- input: float32 N x {card['input']['channels']} x {card['input']['size'][0]} x {card['input']['size'][1]}, "

@@ -36,14 +36,23 @@ def cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess
 
 
 @contextlib.contextmanager
-def mlflow_client(home: Path, uri: str | None = None):
-    """A client of the MLflow server at ``uri``, or of a real one started over a study home."""
+def mlflow_client(home: Path, uri: str | None = None, server: bool = False):
+    """A client of the MLflow server at ``uri``; else, for reading a finished study back, of
+    the home's own store (``mlflow.db``, what its embedded server wrote: MLflow's SQLAlchemy
+    store, no server to start, seconds of CPU each); ``server``: a real server started over
+    the home (for tests that write through its REST API)."""
     from mlflow import MlflowClient
 
     from study.services import MlflowServer
 
     if uri:
         yield MlflowClient(uri), uri
+        return
+    if not server:
+        db = home / "mlflow.db"
+        assert db.exists(), f"no MLflow store in {home}"
+        uri = f"sqlite:///{db}"
+        yield MlflowClient(uri, registry_uri=uri), uri
         return
     server = MlflowServer(home).start()
     try:

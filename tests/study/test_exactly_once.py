@@ -28,7 +28,7 @@ from tests.study.conftest import (
 
 pytestmark = pytest.mark.slow
 
-LONG = dict(train={"epochs": 6, "width": 16}, search={"depth": {"low": 2, "high": 3}, "init": ["kaiming", "dirac"]})
+LONG = dict(train={"epochs": 6, "width": 16, "measure_latency": False}, search={"depth": {"low": 2, "high": 3}, "init": ["kaiming", "dirac"]})
 
 
 def _start(path: Path, log: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -153,9 +153,10 @@ def test_sigkill_a_trial_worker(tmp_path):
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
     # Random sampler, seed 0: lr 1e6, 0.05, 1e6 for the three trials.
     path = write_study(tmp_path, name="diverge", search={"lr": [0.05, 1000000.0]}, n_trials=3, seed=0,
-                       train={"momentum": 0.0, "weight_decay": 0.0})
+                       train={"momentum": 0.0, "weight_decay": 0.0, "measure_latency": False})
     p = cli("study", "run", str(path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "not measured (train.measure_latency: false)" in p.stdout  # the summary says why it has no speed
     home = tmp_path / "home"
     with mlflow_client(home) as (client, _):
         runs = {float(r.data.params["lr"]): r for r in trial_runs(client, "diverge")}

@@ -44,7 +44,7 @@ def _typed(v: str):
 
 def test_a_grid_design_runs_every_cell_once_and_resumes_without_repeating_or_skipping(tmp_path):
     path = write_study(tmp_path, name="grid", sampler="grid", objective="arm", n_trials=None, search=DESIGN,
-                       train={"epochs": 5, "width": 16, "arm": "all"}, max_concurrent=2)
+                       train={"epochs": 5, "width": 16, "arm": "all", "measure_latency": False}, max_concurrent=2)
     home = tmp_path / "home"
     log = tmp_path / "run.log"
     proc = _start(path, log)
@@ -71,7 +71,7 @@ def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_pat
     write_imagefolder(root, n_train=24, n_test=6, size=(12, 12))
     decodes = tmp_path / "decodes.log"
     path = write_study(tmp_path, name="shared", train={"dataset": "imagefolder", "root": str(root), "image_size": 8,
-                                                       "epochs": 1, "latency_repeats": 2},
+                                                       "epochs": 1, "measure_latency": False},
                        search={"depth": [1, 2]}, sampler="grid", n_trials=None)
     env = {"RANK1_DECODE_LOG": str(decodes), "RANK1_DATA_CACHE": str(tmp_path / "cache")}
     p = cli("study", "run", str(path), env=env)
@@ -86,7 +86,7 @@ def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_pat
     # A second study on the same files reads the cache: nothing is decoded at all.
     (tmp_path / "second").mkdir()
     path2 = write_study(tmp_path / "second", name="shared2", train={"dataset": "imagefolder", "root": str(root),
-                                                                     "image_size": 8, "epochs": 1},
+                                                                     "image_size": 8, "epochs": 1, "measure_latency": False},
                         search={"depth": [1]}, sampler="grid", n_trials=None)
     p = cli("study", "run", str(path2), env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

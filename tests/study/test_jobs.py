@@ -46,7 +46,7 @@ def head():
 
 def test_submit_wait_jobs_logs(tmp_path, head):
     url, env = head
-    path = write_study(tmp_path, name="jobsmoke")
+    path = write_study(tmp_path, name="jobsmoke", train={"measure_latency": False})
     p = cli("study", "submit", str(path), "--address", url, "--wait", env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     job_id = p.stdout.split("submitted job ", 1)[1].split()[0]
@@ -60,7 +60,7 @@ def test_submit_wait_jobs_logs(tmp_path, head):
 
 def test_stop_a_running_job(tmp_path, head):
     url, env = head
-    path = write_study(tmp_path, name="jobstop", train={"epochs": 20, "width": 16})
+    path = write_study(tmp_path, name="jobstop", train={"epochs": 20, "width": 16, "measure_latency": False})
     p = cli("study", "submit", str(path), "--address", url, env=env)
     assert p.returncode == 0, p.stderr
     job_id = p.stdout.split("submitted job ", 1)[1].split()[0]

@@ -10,7 +10,7 @@ from tests.study.conftest import mlflow_client
 
 
 def test_champion_moves_only_to_a_better_model_on_the_same_dataset_and_metric(tmp_path):
-    with mlflow_client(tmp_path) as (client, _):
+    with mlflow_client(tmp_path, server=True) as (client, _):
         name = "m-decomposed"
         client.create_registered_model(name)
         run = client.create_run(client.create_experiment("e"))
@@ -47,3 +47,22 @@ def test_model_references(ref, uri):
 def test_bad_model_references(ref):
     with pytest.raises(ConfigError, match="is not allowed"):
         parse_model_ref(ref)
+
+
+def _card(metrics):
+    return {"name": "m-decomposed", "study": "s", "trial_id": "t1", "seed": 0, "arm": "rank1", "dataset": "digits",
+            "val_acc": 0.9, "params": {"depth": 2}, "metrics": metrics,
+            "train_config": {"model": "vgg", "depth": 2, "width": 8, "batchnorm": True},
+            "input": {"channels": 1, "size": [8, 8], "mean": [0.5], "std": [0.25], "classes": 10}}
+
+
+def test_the_model_card_says_how_fast_where_speed_was_measured_and_not_measured_where_not():
+    from study.registry import card_markdown
+
+    measured = card_markdown(_card({"rank1.threads": 1.0, "rank1.speedup_b1": 1.5, "rank1.speedup_b8": 2.25,
+                                    "rank1.deploy_b1": "cpp", "rank1.flop_ratio": 3.0}), "2")
+    assert "where it was trained (1 threads): batch 1: 1.50x" in measured and "batch 8: 2.25x" in measured
+    assert "FLOP ratio 3.00x" in measured and "rank1 pull m-decomposed/2" in measured
+    # A study with `measure_latency: false` has no speedup and no thread count: the card says so.
+    unmeasured = card_markdown(_card({"rank1.flop_ratio": 3.0}))
+    assert "speedup over its dense form: not measured; FLOP ratio 3.00x" in unmeasured

@@ -91,7 +91,7 @@ def test_authenticated_tracking_server(tmp_path, monkeypatch):
 
         # The right ones: the study logs, registers and reports (the server named by MLflow's own
         # variable, as on a cluster node whose environment sets it).
-        path = write_study(tmp_path, name="authok")
+        path = write_study(tmp_path, name="authok", train={"measure_latency": False})
         p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_URI": url})
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         assert not (tmp_path / "home" / "mlflow.db").exists()  # no embedded server

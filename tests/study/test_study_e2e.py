@@ -265,7 +265,7 @@ def test_a_second_study_in_the_same_home_is_refused(smoke):
 def test_asha_stopped_trials_are_pruned_in_optuna_and_mlflow(tmp_path):
     """Upstream records ASHA-stopped trials as COMPLETE; here they are PRUNED everywhere."""
     path = write_study(tmp_path, name="asha", scheduler="asha", grace_period=1, reduction_factor=2, n_trials=5,
-                       max_concurrent=1, train={"epochs": 4},
+                       max_concurrent=1, train={"epochs": 4, "measure_latency": False},
                        search={"lr": {"low": 0.0001, "high": 0.3, "log": True}})
     p = cli("study", "run", str(path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
