@@ -24,7 +24,7 @@ from tests.study.test_exactly_once import _checkpoints, _wait_for
 
 pytestmark = pytest.mark.slow
 
-RUNNING = dict(train={"epochs": 6, "width": 16, "measure_latency": False}, search={"depth": {"low": 2, "high": 3}})
+RUNNING = dict(train={"epochs": 3, "width": 16, "measure_latency": False}, search={"depth": {"low": 2, "high": 3}})
 
 
 def _env(mark: str) -> dict[str, str]:
