@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: setup browser postgres test test-fast lint demo bench clean
+.PHONY: setup system browser postgres test test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -17,27 +17,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Debian's Chromium for the browser tests of the study report (needs root or sudo; CI runs
-# as root). Elsewhere the browser tests skip, except under CI=true, where they fail.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# What the tests need from the system, from Debian in one apt-get run: Chromium for the
+# browser tests of the study report, PostgreSQL's server binaries for the shared-store tests
+# (the tests start their own server on 127.0.0.1 as the `postgres` user; nothing runs as a
+# system service). Needs root or sudo (CI runs as root); elsewhere those tests skip, except
+# under CI=true, where the browser tests fail.
+system:
+	@need=; command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
+	  command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	  [ -z "$$need" ] || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
 	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
-	    $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-	      || echo "could not install chromium: the browser tests will skip"; \
-	  else echo "no apt-get or root here: install chromium yourself, or the browser tests will skip"; fi; }
+	    $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null \
+	      || echo "could not install$$need: the tests that need it will skip"; \
+	  else echo "no apt-get or root here: install$$need yourself, or the tests that need it will skip"; fi; }
+browser postgres: system
 
-# Debian's PostgreSQL server binaries for the shared-store tests (the tests start their own
-# server on 127.0.0.1 as the `postgres` user; nothing runs as a system service).
-postgres:
-	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else SUDO=none; fi; \
-	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
-	    $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
-	      || echo "could not install postgresql: the PostgreSQL tests will skip"; \
-	  else echo "no apt-get or root here: install postgresql yourself, or the PostgreSQL tests will skip"; fi; }
-
-test: setup browser postgres
+# The environment and the system packages are set up side by side (pip and apt-get).
+test:
+	$(MAKE) --no-print-directory -j2 setup system
 	$(BIN)/python -m ruff check rank1 study dashboards tests benchmarks
 	$(PYTEST) --durations=25
 
