@@ -104,7 +104,8 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
         client = MlflowClient(uri)
         exp_id, parent_id = parent_run(client, cfg, study_text)
         ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
-               "study_config": cfg.to_dict(), "data": share_data(cfg)}
+               "study_config": cfg.to_dict(), "data": share_data(cfg),
+               "fresh": not resume}  # no trial of a study started from nothing can have a run yet
         if resume:
             release_orphans(cfg, tune_path=str(Path(str(cfg.tune_path)) / "tune"))
         tuner = make_tuner(cfg, ctx, restore=resume)

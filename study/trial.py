@@ -1,12 +1,13 @@
 """One study trial, run by Ray Tune in a worker: train the arms, log, checkpoint.
 
 A trial trains every seed of its configuration in lockstep (rank1 and flat1d arms,
-and dense if asked), one epoch at a time. After each epoch it logs the epoch to its
-MLflow run, then reports to Tune with a checkpoint holding both arms of every seed,
-their optimiser states and the MLflow run id. A restarted trial — a killed worker,
-a resumed driver — continues from that checkpoint and finds its MLflow run again
-by the ``rank1.trial_id`` tag, so every trial has exactly one run and no epoch is
-logged twice.
+and dense if asked), one epoch at a time. After each epoch it sends the epoch to its
+MLflow run (in the background, while the next epoch trains), then reports to Tune with
+a checkpoint holding both arms of every seed, their optimiser states, the MLflow run id
+and the epochs not yet known to be logged. A restarted trial — a killed worker, a
+resumed driver — continues from that checkpoint and finds its MLflow run again (by the
+note it left in Tune's trial storage, else by the ``rank1.trial_id`` tag), so every
+trial has exactly one run and no epoch is logged twice or lost.
 
 Kept apart from the Tuner setup (study/driver.py): this file is the objective.
 """
@@ -20,6 +21,8 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +119,14 @@ def trial_value(results: list[dict[str, Any]], arms: tuple[str, ...] = ("rank1",
 
 
 class _RunLogger:
-    """The trial's one MLflow run, found by tag or created under the study's parent run."""
+    """The trial's one MLflow run, found by tag or created under the study's parent run.
+
+    Only creating the run waits for the server. Everything after it (params, each epoch, the
+    end) goes through one background thread in order, so that the server's replies overlap the
+    training instead of holding it up; at most one call is in flight, and each waits for the
+    one before (whose error, if any, surfaces there). An epoch's metrics stay in the trial's
+    checkpoint until they are known to be in MLflow (``unlogged``), so a trial restarted from
+    that checkpoint sends what its predecessor may not have (``resend``)."""
 
     def __init__(self, ctx: dict[str, Any], trial_id: str, run_id: str | None, params: dict[str, Any],
                  config: TrainConfig, role: str = "trial", tags: dict[str, str] | None = None,
@@ -125,32 +135,54 @@ class _RunLogger:
 
         self.client = MlflowClient(ctx["tracking_uri"])
         self.ctx = ctx
-        # As few calls as the server allows (each is a request): a new trial's run is created
-        # with its tags and gets its params in one batch; a restarted one is found by its tag.
-        if run_id is None:
-            found = self.client.search_runs(
-                [ctx["experiment_id"]], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}'", max_results=2
-            )
-            run_id = found[0].info.run_id if found else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rank1-mlflow")
+        self._inflight: Future | None = None
+        self.unlogged: dict[int, dict[str, float]] = {}
         live = {TAG_STATUS: "running", TAG_PID: str(os.getpid()), TAG_NODE: _node_id()}
         # Re-logging a param with the same value is allowed, so a restarted trial can do this again.
         logged = {**config.to_dict(), **{f"search.{k}": v for k, v in params.items()}}
         batch = [Param(k, str(v)[:6000]) for k, v in sorted(logged.items())]
+        # A restarted trial finds its run by its tag: unless it is the first attempt of a trial of
+        # a study this driver started (no run can exist yet: asking the server would be a request
+        # per trial for nothing), or an attempt in this Ray session wrote down which run it made.
+        memo = _RunMemo(ctx, trial_id)
         if run_id is None:
+            run_id = memo.run_id()
+        if run_id is None and not memo.first_attempt():
+            found = self.client.search_runs(
+                [ctx["experiment_id"]], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}'", max_results=2
+            )
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            memo.creating()
             run = self.client.create_run(
                 ctx["experiment_id"], run_name=name or trial_id,
                 tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, TAG_ROLE: role,
                       TAG_STUDY: ctx["study"], **live, **(tags or {})},
             )
             self.run_id = run.info.run_id
-            self._log_params(batch, [])
+            memo.created(self.run_id)
+            self._send(self._log_params, batch, [])
             self.last_logged = 0
             return
         self.run_id = run_id
+        memo.created(run_id)
         self.client.set_terminated(run_id, "RUNNING")
-        self._log_params(batch, [RunTag(k, v) for k, v in live.items()])
+        self._send(self._log_params, batch, [RunTag(k, v) for k, v in live.items()])
         history = self.client.get_metric_history(run_id, "objective")
         self.last_logged = max((m.step for m in history), default=0)
+
+    def _send(self, fn, *args) -> None:
+        """``fn(*args)`` on the logging thread, after the call before it has finished."""
+        self.wait()
+        self._inflight = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Until everything sent is in MLflow; raises what the last call raised."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()
+            self.unlogged.clear()
 
     def _log_params(self, params: list[Param], tags: list[RunTag]) -> None:
         for i in range(0, max(len(params), 1), _MAX_PARAMS):  # MLflow takes 100 params per batch
@@ -159,8 +191,14 @@ class _RunLogger:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch <= self.last_logged:  # already there from before a restart
             return
-        self.log({epoch_metric(k): v for k, v in metrics.items()}, step=epoch)
+        self._send(self.log, {epoch_metric(k): v for k, v in metrics.items()}, epoch)
+        self.unlogged[epoch] = metrics
         self.last_logged = epoch
+
+    def resend(self, unlogged: dict[int, dict[str, float]]) -> None:
+        """The epochs a restarted trial's checkpoint holds as maybe not logged: those MLflow lacks."""
+        for epoch in sorted(unlogged):
+            self.log_epoch(epoch, unlogged[epoch])
 
     def log(self, metrics: dict[str, float], step: int = 0, tags: list[RunTag] | None = None) -> None:
         now = int(time.time() * 1000)
@@ -172,6 +210,7 @@ class _RunLogger:
     def finish(self, status: str, reason: str | None, results: list[dict[str, Any]], metrics: dict[str, float],
                step: int) -> None:
         """The end of the run in three calls: its final numbers and tags, its files, its status."""
+        self.wait()
         tags = {TAG_STATUS: status}
         if reason:
             tags[TAG_REASON] = reason[:5000]
@@ -186,6 +225,64 @@ class _RunLogger:
                 (Path(d) / "deploy_plan.json").write_text(json.dumps(plans, indent=1))
             self.client.log_artifacts(self.run_id, d)
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
+        self._pool.shutdown()
+
+
+class _RunMemo:
+    """Which MLflow run a trial made, written down in its folder of Tune's trial storage (shared
+    by a cluster's nodes, kept across a resumed driver), so that a retried attempt finds the run
+    without asking the server. ``first_attempt``: the driver started this study from nothing
+    (``ctx["fresh"]``) and no attempt of this trial has asked for a run, so none can exist."""
+
+    NAME = "rank1-mlflow-run.json"
+
+    def __init__(self, ctx: dict[str, Any], trial_id: str) -> None:
+        self.fresh = bool(ctx.get("fresh"))
+        # Not the server's URL: a resumed study's embedded server listens on another port.
+        self.key = [ctx["experiment_id"], ctx["parent_run_id"], trial_id]
+        self.fs = self.dir = None
+        try:
+            from ray import tune
+
+            with warnings.catch_warnings():  # outside Tune (tests of the objective alone): none
+                warnings.simplefilter("ignore")
+                storage = tune.get_context().get_storage()
+            if storage is not None:
+                self.fs, self.dir = storage.storage_filesystem, storage.trial_fs_path
+        except Exception:  # a Ray without it: the trial looks its run up by its tag
+            pass
+
+    def _read(self) -> dict[str, Any] | None:
+        if self.fs is None:
+            return None
+        try:
+            with self.fs.open_input_stream(f"{self.dir}/{self.NAME}") as f:
+                memo = json.loads(f.read())
+        except (OSError, ValueError):  # none yet (FileNotFoundError is an OSError)
+            return None
+        return memo if isinstance(memo, dict) and memo.get("key") == self.key else None
+
+    def run_id(self) -> str | None:
+        memo = self._read()
+        return memo.get("run_id") if memo else None
+
+    def first_attempt(self) -> bool:
+        # A memo without a run id: an attempt died between asking for its run and writing it down.
+        return self.fresh and self.fs is not None and self._read() is None
+
+    def _write(self, run_id: str | None) -> None:
+        if self.fs is not None:
+            self.fs.create_dir(self.dir, recursive=True)
+            tmp = f"{self.dir}/{self.NAME}.{os.getpid()}.tmp"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(json.dumps({"key": self.key, "run_id": run_id}).encode())
+            self.fs.move(tmp, f"{self.dir}/{self.NAME}")
+
+    def creating(self) -> None:
+        self._write(None)
+
+    def created(self, run_id: str) -> None:
+        self._write(run_id)
 
 
 class _Clock:
@@ -233,12 +330,11 @@ def _busy_trials() -> int:
 
 
 def _node_id() -> str:
-    try:
-        import ray
+    import ray
 
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (tests of the objective alone)
+    if not ray.is_initialized():  # outside Ray (tests of the objective alone): asking would start one
         return "local"
+    return ray.get_runtime_context().get_node_id()
 
 
 def _save_checkpoint(state: dict[str, Any]):
@@ -302,6 +398,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         started_at = state["epoch"] if state else 0
         if started_at:
             logger.client.set_tag(logger.run_id, TAG_RESUMED, str(started_at))
+            logger.resend(state.get("unlogged", {}))
 
     epoch = started_at
     while not all(p.done() for p in pairs):
@@ -315,7 +412,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         with clock("checkpoint"):
             checkpoint = _save_checkpoint({
                 "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id,
-                "seeds": [p.state_dict() for p in pairs],
+                "seeds": [p.state_dict() for p in pairs], "unlogged": dict(logger.unlogged),
             })
         report = {k: v for k, v in metrics.items() if not (".grad" in k or ".weight." in k or ".residual." in k
                                                             or ".lowrank." in k)}
@@ -340,7 +437,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     with clock("checkpoint"):
         checkpoint = _save_checkpoint({
             "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
-            "seeds": [p.state_dict() for p in pairs], "models": models,
+            "seeds": [p.state_dict() for p in pairs], "unlogged": dict(logger.unlogged), "models": models,
             "val_acc": {a: [arm_accuracy(r["arms"][a]) for r in results] for a in models},
             "params": params,
         })

@@ -1,0 +1,139 @@
+"""A trial's MLflow run: logged in the background, and still exactly once when an attempt dies.
+
+Against a real MLflow store (SQLite) and a real file system for the trial's run note; the kill
+is simulated where the studies in test_exactly_once.py cannot aim it: between sending an
+epoch and MLflow having it."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+from pyarrow import fs as pafs
+
+from rank1.train import TrainConfig
+from study.names import TAG_TRIAL
+from study.trial import _RunLogger, _RunMemo
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the file (creating one runs MLflow's migrations: seconds)."""
+    d = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{d / 'mlflow.db'}", d
+
+
+@pytest.fixture
+def ctx(store, tmp_path):
+    uri, d = store
+    client = MlflowClient(uri)
+    exp = client.create_experiment(tmp_path.name, artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp).info.run_id
+    return {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent, "study": "t"}
+
+
+def _steps(client: MlflowClient, run_id: str, key: str = "objective") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _logger(ctx, trial="trial-1", run_id=None) -> _RunLogger:
+    return _RunLogger(ctx, trial, run_id, {"depth": 2}, TrainConfig(epochs=3), name="d2")
+
+
+def test_epochs_are_sent_in_order_in_the_background_and_all_there_after_finish(ctx):
+    log = _logger(ctx)
+    for epoch in (1, 2, 3):
+        log.log_epoch(epoch, {"objective": 0.1 * epoch, "rank1.val_acc": 0.1 * epoch})
+        assert list(log.unlogged) == [epoch]  # the checkpoint of this epoch carries it until it is in
+    log.finish("finished", None, [], {"final/x": 1.0}, step=3)
+    client = MlflowClient(ctx["tracking_uri"])
+    run = client.get_run(log.run_id)
+    assert _steps(client, log.run_id) == [1, 2, 3] and run.info.status == "FINISHED"
+    assert [m.value for m in sorted(client.get_metric_history(log.run_id, "objective"), key=lambda m: m.step)] \
+        == pytest.approx([0.1, 0.2, 0.3])
+    assert run.data.params["search.depth"] == "2" and run.data.params["epochs"] == "3"
+    assert log.unlogged == {}
+
+
+def test_a_restarted_attempt_sends_what_its_checkpoint_holds_as_unlogged_exactly_once(ctx):
+    client = MlflowClient(ctx["tracking_uri"])
+    first = _logger(ctx)
+    first.log_epoch(1, {"objective": 0.1})
+    first.wait()
+    # Epoch 2 was sent, its checkpoint written, and the attempt died before MLflow had it.
+    lost = {2: {"objective": 0.2}}
+    assert _steps(client, first.run_id) == [1]
+    again = _logger(ctx, run_id=first.run_id)  # from the checkpoint: its run id and its unlogged epochs
+    assert again.last_logged == 1
+    again.resend(lost)
+    again.log_epoch(3, {"objective": 0.3})
+    again.wait()
+    assert _steps(client, first.run_id) == [1, 2, 3]
+    # Had MLflow got it after all, resending it does not log it twice.
+    third = _logger(ctx, run_id=first.run_id)
+    third.resend({3: {"objective": 0.3}})
+    third.wait()
+    assert _steps(client, first.run_id) == [1, 2, 3]
+
+
+def test_without_a_run_id_a_restarted_trial_finds_its_run_by_its_tag(ctx):
+    client = MlflowClient(ctx["tracking_uri"])
+    first = _logger(ctx)  # not a first attempt as far as it knows (outside Tune: no note)
+    first.wait()
+    again = _logger(ctx)
+    assert again.run_id == first.run_id
+    again.wait()
+    runs = client.search_runs([ctx["experiment_id"]], filter_string=f"tags.`{TAG_TRIAL}` = 'trial-1'")
+    assert len(runs) == 1
+
+
+def test_an_error_of_a_background_call_surfaces_in_the_trial(ctx):
+    log = _logger(ctx)
+    log.wait()
+    log.run_id = "0" * 32  # a run MLflow does not have
+    log.log_epoch(1, {"objective": 0.1})
+    with pytest.raises(Exception, match="0000"):
+        log.wait()
+    assert list(log.unlogged) == [1]  # not known to be logged: a checkpoint keeps it
+
+
+def _memo(ctx, tmp_path, fresh: bool, trial: str = "trial-1") -> _RunMemo:
+    memo = _RunMemo({**ctx, "fresh": fresh}, trial)
+    memo.fs, memo.dir = pafs.LocalFileSystem(), str(tmp_path / "tune" / trial)  # as Tune's storage gives them
+    return memo
+
+
+def test_the_run_note_in_trial_storage(ctx, tmp_path):
+    memo = _memo(ctx, tmp_path, fresh=True)
+    assert memo.first_attempt() and memo.run_id() is None  # a fresh study's trial: no run can exist yet
+    memo.creating()
+    # Died between asking for a run and writing it down: the next attempt must look for it.
+    assert not memo.first_attempt() and memo.run_id() is None
+    memo.created("abc")
+    assert memo.run_id() == "abc" and not memo.first_attempt()
+    assert _memo(ctx, tmp_path, fresh=False).run_id() == "abc"  # a resumed driver reads it too
+    # A note for another trial, study or experiment is not this trial's; another server URL
+    # for the same store is (a resumed study's embedded server listens on another port).
+    assert _memo({**ctx, "experiment_id": "9"}, tmp_path, fresh=True).run_id() is None
+    assert _memo({**ctx, "parent_run_id": "other"}, tmp_path, fresh=True).run_id() is None
+    assert _memo({**ctx, "tracking_uri": "http://127.0.0.1:1"}, tmp_path, fresh=True).run_id() == "abc"
+    (tmp_path / "tune" / "trial-1" / _RunMemo.NAME).write_text("{not json")
+    assert _memo(ctx, tmp_path, fresh=True).run_id() is None
+    # A resumed study without notes (an older version's trials): look, never assume.
+    assert not _memo(ctx, tmp_path, fresh=False, trial="trial-2").first_attempt()
+
+
+def test_a_first_attempt_creates_its_run_without_a_search_and_a_retry_reuses_it(ctx, tmp_path, monkeypatch):
+    notes = {}
+
+    def memo(c, trial):
+        return notes.setdefault(trial, _memo(c, tmp_path, fresh=True, trial=trial))
+
+    monkeypatch.setattr("study.trial._RunMemo", memo)
+    searched = []
+    real = MlflowClient.search_runs
+    monkeypatch.setattr(MlflowClient, "search_runs", lambda self, *a, **k: searched.append(a) or real(self, *a, **k))
+    first = _logger({**ctx, "fresh": True})
+    first.wait()
+    retry = _logger({**ctx, "fresh": True})  # the worker died before its first checkpoint
+    retry.wait()
+    assert searched == [] and retry.run_id == first.run_id
