@@ -121,9 +121,9 @@ def trial_value(results: list[dict[str, Any]], arms: tuple[str, ...] = ("rank1",
 class _RunLogger:
     """The trial's one MLflow run, found by tag or created under the study's parent run.
 
-    Only creating the run waits for the server. Everything after it (params, each epoch, the
-    end) goes through one background thread in order, so that the server's replies overlap the
-    training instead of holding it up; at most one call is in flight, and each waits for the
+    Creating (or finding) the run and ending it wait for the server; the params and each epoch
+    go through one background thread in order, so that the server's replies overlap the
+    training instead of holding it up. At most one call is in flight, and each waits for the
     one before (whose error, if any, surfaces there). An epoch's metrics stay in the trial's
     checkpoint until they are known to be in MLflow (``unlogged``), so a trial restarted from
     that checkpoint sends what its predecessor may not have (``resend``)."""
@@ -142,9 +142,9 @@ class _RunLogger:
         # Re-logging a param with the same value is allowed, so a restarted trial can do this again.
         logged = {**config.to_dict(), **{f"search.{k}": v for k, v in params.items()}}
         batch = [Param(k, str(v)[:6000]) for k, v in sorted(logged.items())]
-        # A restarted trial finds its run by its tag: unless it is the first attempt of a trial of
-        # a study this driver started (no run can exist yet: asking the server would be a request
-        # per trial for nothing), or an attempt in this Ray session wrote down which run it made.
+        # A restarted trial finds its run by the note an earlier attempt left, else by its tag; the
+        # first attempt of a trial of a study this driver started asks nothing (no run can exist
+        # yet: a request per trial for nothing).
         memo = _RunMemo(ctx, trial_id)
         if run_id is None:
             run_id = memo.run_id()
