@@ -3,7 +3,8 @@
     python benchmarks/study_overhead.py [--trials 4 12] [--out benchmarks/results]
 
 Runs identical trials (digits, vgg depth 4 width 16, 3 epochs, both arms) as
-  plain      a loop over rank1.train.train_pair in this process (data loaded once), and
+  plain      a loop over rank1.train.train_pair in this process (data loaded once), before
+             and after the service runs (the machine drifts; the mean is the baseline), and
              the same loop in two processes at once: what this machine gives two trials
   service    `rank1 study run` with one and with two trials at a time, each with a small
              and a large number of trials.
@@ -78,7 +79,8 @@ def service(n: int, concurrent: int, tmp: Path) -> dict[str, object]:
 
 
 def _phases(home: Path) -> dict[str, float]:
-    """Mean seconds per trial in each phase of the trials' clocks, read from the study's MLflow store."""
+    """Median seconds per trial in each phase of the trials' clocks, read from the study's MLflow
+    store (the median: a worker's first trial pays its imports and warm-up, which the slope cancels)."""
     from mlflow import MlflowClient
 
     from study.names import FINAL, TAG_ROLE
@@ -86,7 +88,7 @@ def _phases(home: Path) -> dict[str, float]:
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exps, filter_string=f"tags.`{TAG_ROLE}` = 'trial'", max_results=1000)
-    return {ph: statistics.fmean(r.data.metrics.get(f"{FINAL}overhead.{ph}_s", 0.0) for r in runs) for ph in PHASES}
+    return {ph: statistics.median(r.data.metrics.get(f"{FINAL}overhead.{ph}_s", 0.0) for r in runs) for ph in PHASES}
 
 
 def main() -> None:
@@ -102,17 +104,20 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rank1-overhead-") as d:
         tmp = Path(d)
-        t_plain = plain(large)
+        t_before = plain(large)
         t_plain2 = plain_parallel(large)
         runs = {(c, n): service(n, c, tmp) for c in (1, 2) for n in (small, large)}
+        t_after = plain(large)  # the machine drifts: the plain loop before and after brackets the service
+    t_plain = (t_before + t_after) / 2
     per_plain = t_plain / large
     slope = {c: (runs[c, large]["fit_s"] - runs[c, small]["fit_s"]) / (large - small) for c in (1, 2)}
     ph = runs[1, large]["phases"]
     inside = sum(ph[p] for p in SERVICE)
     outside = slope[1] - sum(ph.values())
     res = {
-        "trials": [small, large], "train": TRAIN, "plain_s": t_plain, "plain_2proc_s": t_plain2,
-        "per_trial_plain_s": per_plain, "plain_2proc_speedup": t_plain / t_plain2,
+        "trials": [small, large], "train": TRAIN, "plain_s": t_plain, "plain_before_s": t_before,
+        "plain_after_s": t_after, "plain_2proc_s": t_plain2,
+        "per_trial_plain_s": per_plain, "plain_2proc_speedup": t_before / t_plain2,
         "runs": {f"c{c}_n{n}": r for (c, n), r in runs.items()},
         "per_trial_service_s": slope,
         "overhead_per_trial_s": slope[1] - per_plain,
@@ -134,13 +139,14 @@ def main() -> None:
         f"Identical trials (digits, vgg depth 4 width 16, 3 epochs, rank1 + flat1d); {res['machine'].get('cpu', '')}, "
         f"{res['date']}; `{res['command']}` ({res['benchmark_s'] / 60:.1f} min).\n\n"
         f"| per trial | seconds |\n|---|---|\n"
-        f"| plain loop over `train_pair`, one process | {per_plain:.2f} |\n"
+        f"| plain loop over `train_pair`, one process (mean of before and after the service: "
+        f"{t_before / large:.2f}, {t_after / large:.2f}) | {per_plain:.2f} |\n"
         f"| service, 1 trial at a time (slope {small} → {large} trials) | {slope[1]:.2f} |\n"
         f"| **overhead per trial** (service − plain) | **{res['overhead_per_trial_s']:.2f}** |\n"
         f"| … inside the trial: setup {f['setup']:.3f}, data {f['data']:.3f}, MLflow {f['mlflow']:.3f}, "
         f"checkpoints {f['checkpoint']:.3f}, Tune reports {f['report']:.3f} | {inside:.2f} |\n"
         f"| … outside it (Tune's bookkeeping, next trial's hand-over, last MLflow calls) | {outside:.2f} |\n"
-        f"| … the trial's own work here vs plain: build {ph['build']:.2f} + train {ph['train']:.2f} + finish "
+        f"| … the trial's own work here (medians) vs plain: build {ph['build']:.2f} + train {ph['train']:.2f} + finish "
         f"{ph['finish']:.2f} | {ph['build'] + ph['train'] + ph['finish']:.2f} vs {per_plain:.2f} |\n"
         f"| service, 2 trials at a time (slope) | {slope[2]:.2f} |\n"
         f"| **parallel speedup**, 2 vs 1 trial at a time | **{res['parallel_speedup']:.2f}x** |\n"
