@@ -83,7 +83,3 @@ def pytest_collection_modifyitems(config, items):
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
-    # Workers take tests in collection order as they free up: the long ones (marked slow) go
-    # first, so that the short ones fill in at the end instead of one long study running alone.
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
