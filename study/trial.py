@@ -166,7 +166,8 @@ class _RunLogger:
             self.last_logged = 0
             return
         self.run_id = run_id
-        memo.created(run_id)
+        if memo.run_id() != run_id:  # found by its checkpoint or its tag: write it down
+            memo.created(run_id)
         self.client.set_terminated(run_id, "RUNNING")
         self._send(self._log_params, batch, [RunTag(k, v) for k, v in live.items()])
         history = self.client.get_metric_history(run_id, "objective")
@@ -253,14 +254,17 @@ class _RunMemo:
             pass
 
     def _read(self) -> dict[str, Any] | None:
+        """The note, read once (on a cluster the storage may be remote: each read is a request)."""
         if self.fs is None:
             return None
-        try:
-            with self.fs.open_input_stream(f"{self.dir}/{self.NAME}") as f:
-                memo = json.loads(f.read())
-        except (OSError, ValueError):  # none yet (FileNotFoundError is an OSError)
-            return None
-        return memo if isinstance(memo, dict) and memo.get("key") == self.key else None
+        if not hasattr(self, "_memo"):
+            try:
+                with self.fs.open_input_stream(f"{self.dir}/{self.NAME}") as f:
+                    memo = json.loads(f.read())
+            except (OSError, ValueError):  # none yet (FileNotFoundError is an OSError)
+                memo = None
+            self._memo = memo if isinstance(memo, dict) and memo.get("key") == self.key else None
+        return self._memo
 
     def run_id(self) -> str | None:
         memo = self._read()
@@ -274,9 +278,11 @@ class _RunMemo:
         if self.fs is not None:
             self.fs.create_dir(self.dir, recursive=True)
             tmp = f"{self.dir}/{self.NAME}.{os.getpid()}.tmp"
+            memo = {"key": self.key, "run_id": run_id}
             with self.fs.open_output_stream(tmp) as f:
-                f.write(json.dumps({"key": self.key, "run_id": run_id}).encode())
+                f.write(json.dumps(memo).encode())
             self.fs.move(tmp, f"{self.dir}/{self.NAME}")
+            self._memo = memo
 
     def creating(self) -> None:
         self._write(None)
