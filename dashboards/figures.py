@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dashboards.data import StudyData  # noqa: E402
 from dashboards.stats import best_vs_best, mean_ci, paired_verdict  # noqa: E402
-from study.names import FINAL, batch_of  # noqa: E402
+from study.names import FINAL, batch_of, measured_inside_trial  # noqa: E402
 
 __all__ = ["SECTIONS", "Section", "seed_rows"]
 
@@ -548,6 +548,10 @@ def champion(data: StudyData, rows) -> Section:
         "speedup vs dense": ", ".join(f"batch {batch_of(k)}: {v:.2f}x"
                                       for k, v in sorted(m.items(), key=lambda kv: batch_of(kv[0]) or 0)
                                       if k.startswith("rank1.speedup_b")) or "not measured",
+        **({"speed measured": measured_inside_trial(m.get("latency.threads", m.get("rank1.threads")),
+                                                    m.get("latency.other_trials_running"))
+            + f"; rank1 pull {c['name']}@{c['alias']} measures it again on the machine that loads it"}
+           if any(k.startswith("rank1.speedup_b") for k in m) else {}),
         "parameters (dense / decomposed)": f"{int(m.get('rank1.dense_params', 0))} / {int(m.get('rank1.decomposed_params', 0))}",
         "pull": f"rank1 pull {c['name']}@{c['alias']} --out model/",
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from study.home import STATE_FILE
-from study.names import batch_of, counted, experiment_url
+from study.names import batch_of, experiment_url, measured_inside_trial
 
 __all__ = ["ProgressTable", "print_summary", "progress_callback"]
 
@@ -128,8 +128,7 @@ def print_summary(outcome, keep_ui: bool) -> None:
                       + ("; `rank1 pull` measures it on the machine that loads it" if outcome.model_uri else ""))
         elif "latency.threads" in m:
             # a latency timed beside other trials on shared cores is not what a user gets alone
-            t.add_row("speed measured", f"inside the trial: {counted(m['latency.threads'], 'thread')}, "
-                      f"{counted(m.get('latency.other_trials_running'), 'other trial')} running beside it"
+            t.add_row("speed measured", measured_inside_trial(m["latency.threads"], m.get("latency.other_trials_running"))
                       + ("; `rank1 pull` measures it again on the machine that loads it" if outcome.model_uri else ""))
         t.add_row("model", f"{outcome.model_uri} (version {outcome.model_version}, alias {outcome.alias})")
     else:

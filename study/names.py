@@ -88,3 +88,10 @@ def counted(n, noun: str) -> str:
     if n is None or n != n:
         return f"? {noun}s"
     return f"{n:.0f} {noun}" + ("" if round(n) == 1 else "s")
+
+
+def measured_inside_trial(threads, others) -> str:
+    """Where a latency measured in a trial was timed: a latency timed beside other trials on
+    shared cores is not what a user gets alone, so every place that quotes one says so."""
+    where = f"inside the trial: {counted(threads, 'thread')}"
+    return where if others is None else f"{where}, {counted(others, 'other trial')} running beside it"

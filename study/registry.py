@@ -81,7 +81,7 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
         "arch": "per rank-1 layer: 1x1 conv -> depthwise kx1 -> depthwise 1xk (decomposed); served in the fastest "
                 "implementation of the machine that loads it",
         "metrics": {k: v for k, v in best.get("metrics", {}).items()
-                    if isinstance(v, (int, float)) and k.startswith((f"{arm}.", "paired."))
+                    if isinstance(v, (int, float)) and k.startswith((f"{arm}.", "paired.", "latency."))
                     and ".gradflow." not in k and ".lowrank." not in k},
     }
     model = model_for(train_cfg, arm, data.in_channels, data.num_classes)

@@ -71,6 +71,8 @@ def test_report_from_the_smoke_study(smoke_study, smoke_tracking):
     assert "rank1 vs dense" in verdict["best_vs_best"] and "Too few seeds" in bvb["sentence"]
     assert "Tuned best vs best answers" in html and "Paired at equal settings answers" in html
     assert "Low-rank outputs: rank1 vs flat1d vs dense" in html
+    # The champion's speed says where it was measured, as the study's summary does.
+    assert "speed measured" in html and "inside the trial: 1 thread, " in html and "running beside it" in html
 
 
 @pytest.mark.slow
