@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import uuid
@@ -34,8 +35,14 @@ def cluster():
     bin_dir = str(Path(sys.executable).parent)
     ray = os.path.join(bin_dir, "ray")
     mark = f"multinode-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token", MARK: mark}
     gcs, tmp = free_port(), f"/tmp/r1m-{uuid.uuid4().hex[:8]}"
+    # The cluster's own token, in a file of its own: a fresh machine has no ~/.ray/auth_token
+    # (there `ray start` with token auth refuses to start), and the user's must not be touched.
+    token = Path(tmp + "-auth-token")
+    token.write_text(secrets.token_hex(32) + "\n")
+    token.chmod(0o600)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token), MARK: mark}
     subprocess.run([ray, "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", tmp,
                     "--include-dashboard", "false"], check=True, env=env, capture_output=True)
     try:
@@ -51,6 +58,7 @@ def cluster():
         yield address, env, set(node_ids)
     finally:
         stop_marked(mark)  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
+        token.unlink(missing_ok=True)
 
 
 def test_trials_run_on_more_than_one_node(tmp_path, cluster):
