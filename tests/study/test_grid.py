@@ -83,11 +83,15 @@ def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_pat
     with mlflow_client(tmp_path / "home") as (client, _):
         runs = trial_runs(client, "shared")
     assert len(runs) == 2 and {r.data.tags["rank1.pid"] for r in runs}.isdisjoint(pids)  # not by a trial
-    # A second study on the same files reads the cache: nothing is decoded at all.
-    (tmp_path / "second").mkdir()
-    path2 = write_study(tmp_path / "second", name="shared2", train={"dataset": "imagefolder", "root": str(root),
-                                                                     "image_size": 8, "epochs": 1, "measure_latency": False},
-                        search={"depth": [1]}, sampler="grid", n_trials=None)
-    p = cli("study", "run", str(path2), env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert len(decodes.read_text().splitlines()) == 2
+    # A second study's driver on the same files (its load is the same call, the study's own
+    # config) reads the cache: nothing is decoded at all.
+    from rank1.train import data_for
+    from study.home import load_home
+
+    b = load_home(tmp_path / "home").base
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        again = data_for(b)
+    assert len(decodes.read_text().splitlines()) == 2  # the same images as the study's driver shared:
+    assert f"({len(again.train)} train, {len(again.val)} val, {len(again.test)} test images)" in p.stdout
