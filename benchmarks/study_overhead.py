@@ -38,8 +38,8 @@ PHASES = ("setup", "data", "mlflow", "checkpoint", "report", "build", "train", "
 SERVICE = ("setup", "data", "mlflow", "checkpoint", "report")  # what the service adds inside a trial
 
 
-def plain(n: int) -> float:
-    """``n`` trials in a loop in this process, data loaded once; seconds."""
+def plain(n: int) -> tuple[float, float]:
+    """``n`` trials in a loop in this process, data loaded once: (wall, CPU) seconds."""
     import torch
 
     from rank1.data import load_dataset
@@ -49,16 +49,16 @@ def plain(n: int) -> float:
     cfg = TrainConfig(**TRAIN)
     data = load_dataset("digits")
     train_pair(cfg, data=data)  # warm: the service's workers are warm after their first trial too
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         train_pair(cfg, data=data)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def plain_parallel(n: int) -> float:
     """``n`` trials split over two processes running at once; wall seconds of the slower."""
     with ProcessPoolExecutor(2) as ex:
-        return max(ex.map(plain, [n // 2, n - n // 2]))
+        return max(wall for wall, _ in ex.map(plain, [n // 2, n - n // 2]))
 
 
 def service(n: int, concurrent: int, tmp: Path) -> dict[str, object]:
@@ -69,13 +69,59 @@ def service(n: int, concurrent: int, tmp: Path) -> dict[str, object]:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(study))
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "study.cli", "study", "run", str(path)], capture_output=True, text=True,
-                       cwd=REPO)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(p.stdout[-3000:] + p.stderr[-3000:])
+    with open(tmp / f"{name}.log", "w+") as log:
+        p = subprocess.Popen([sys.executable, "-m", "study.cli", "study", "run", str(path)], stdout=log,
+                             stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        cpu = _cpu_while(p)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            log.seek(0)
+            raise SystemExit(log.read()[-6000:])
     timings = json.loads((home / "outcome.json").read_text())["timings"]
-    return {"n": n, "concurrent": concurrent, "wall_s": wall, **timings, "phases": _phases(home)}
+    return {"n": n, "concurrent": concurrent, "wall_s": wall, **timings, "phases": _phases(home), "cpu_s": cpu}
+
+
+KINDS = ("trials", "mlflow_server", "driver", "ray")  # where the study's CPU time goes
+
+
+def _kind(proc, driver_pid: int) -> str:
+    if proc.pid == driver_pid:
+        return "driver"
+    cmd = " ".join(proc.cmdline())
+    if "mlflow" in cmd:  # the server and its uvicorn worker
+        return "mlflow_server"
+    if cmd.startswith("ray::") and "Agent" not in cmd:  # the trial workers (ray::ImplicitFunc, ray::IDLE)
+        return "trials"
+    return "ray"  # GCS, raylet, dashboard, agents, log monitor
+
+
+def _cpu_while(p: subprocess.Popen, interval_s: float = 0.2) -> dict[str, float]:
+    """CPU seconds (user + system) of the study's process tree by kind, sampled until ``p`` exits.
+    A process's last < ``interval_s`` before it exits is not seen (the trial workers live to the end)."""
+    import psutil
+
+    root = psutil.Process(p.pid)
+    seen: dict[tuple[int, float], list] = {}  # (pid, start time) -> [kind, cpu seconds]
+    while p.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    key, t = (proc.pid, proc.create_time()), proc.cpu_times()
+                    entry = seen.setdefault(key, [None, 0.0])
+                    if entry[0] in (None, "ray"):  # a worker's title is set after it starts
+                        entry[0] = _kind(proc, p.pid)
+                    entry[1] = max(entry[1], t.user + t.system)
+            except psutil.Error:
+                continue
+        time.sleep(interval_s)
+    out = dict.fromkeys(KINDS, 0.0)
+    for kind, sec in seen.values():
+        out[kind] += sec
+    return out
 
 
 def _phases(home: Path) -> dict[str, float]:
@@ -104,16 +150,21 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rank1-overhead-") as d:
         tmp = Path(d)
-        t_before = plain(large)
+        t_before, cpu_before = plain(large)
         t_plain2 = plain_parallel(large)
         runs = {(c, n): service(n, c, tmp) for c in (1, 2) for n in (small, large)}
-        t_after = plain(large)  # the machine drifts: the plain loop before and after brackets the service
+        t_after, cpu_after = plain(large)  # the machine drifts: the plain loop before and after brackets the service
     t_plain = (t_before + t_after) / 2
     per_plain = t_plain / large
     slope = {c: (runs[c, large]["fit_s"] - runs[c, small]["fit_s"]) / (large - small) for c in (1, 2)}
     ph = runs[1, large]["phases"]
     inside = sum(ph[p] for p in SERVICE)
     outside = slope[1] - sum(ph.values())
+    # CPU seconds per trial by process kind (slopes, as the wall times): what the service's own
+    # processes take from the trials when they share the cores.
+    cpu = {c: {k: (runs[c, large]["cpu_s"][k] - runs[c, small]["cpu_s"][k]) / (large - small) for k in KINDS}
+           for c in (1, 2)}
+    cpu_plain = (cpu_before + cpu_after) / 2 / large
     res = {
         "trials": [small, large], "train": TRAIN, "plain_s": t_plain, "plain_before_s": t_before,
         "plain_after_s": t_after, "plain_2proc_s": t_plain2,
@@ -125,6 +176,7 @@ def main() -> None:
         "overhead_outside_trial_s": outside,
         "trial_work_s": {"build": ph["build"], "train": ph["train"], "finish": ph["finish"]},
         "parallel_speedup": slope[1] / slope[2],
+        "cpu_per_trial_s": {f"c{c}": v for c, v in cpu.items()}, "plain_cpu_per_trial_s": cpu_plain,
         "startup_s": runs[1, large]["startup_s"], "finish_s": runs[1, large]["finish_s"],
         "fixed_s": runs[1, small]["fit_s"] - small * slope[1],
         "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d"),
@@ -150,7 +202,10 @@ def main() -> None:
         f"{ph['finish']:.2f} | {ph['build'] + ph['train'] + ph['finish']:.2f} vs {per_plain:.2f} |\n"
         f"| service, 2 trials at a time (slope) | {slope[2]:.2f} |\n"
         f"| **parallel speedup**, 2 vs 1 trial at a time | **{res['parallel_speedup']:.2f}x** |\n"
-        f"| plain loop in 2 processes vs 1 (what this machine gives) | {res['plain_2proc_speedup']:.2f}x |\n\n"
+        f"| plain loop in 2 processes vs 1 (what this machine gives) | {res['plain_2proc_speedup']:.2f}x |\n"
+        f"| CPU per trial, 2 at a time (slope): the trial {cpu[2]['trials']:.2f} (the plain loop's {cpu_plain:.2f}), "
+        f"MLflow server {cpu[2]['mlflow_server']:.2f}, driver {cpu[2]['driver']:.2f}, Ray's own processes "
+        f"{cpu[2]['ray']:.2f} | {sum(cpu[2].values()):.2f} |\n\n"
         f"| once per study | seconds |\n|---|---|\n"
         f"| start-up (Ray, MLflow server, data into the object store) | {res['startup_s']:.1f} |\n"
         f"| first start of the trial workers (fit − trials × slope, {small} trials) | {res['fixed_s']:.1f} |\n"
