@@ -25,7 +25,7 @@ from study.console import print_summary
 from study.home import STATE_FILE, STUDY_FILE, home_locations, load_home, write_home
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
-from study.services import MlflowServer, start_ray
+from study.services import MlflowServer, driver_env, start_ray
 from study.trial import load_checkpoint
 from study.tuning import (
     confirm_phase,
@@ -84,7 +84,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
     # cluster Ray comes first: what its nodes can reach is checked before the home is written.
     early = MlflowServer(home).launch() if not (address or cfg.tracking_uri) else None
     try:
-        with start_ray(home, address):
+        with driver_env(), start_ray(home, address):
             if address:
                 check_cluster_resources(cfg, node_wait_s)
             write_home(cfg, study_text)

@@ -32,11 +32,13 @@ from pathlib import Path
 from rank1.config import ConfigError
 
 __all__ = [
+    "DRIVER_ENV",
     "QUIET_ENV",
     "MlflowServer",
     "ProcessLedger",
     "check_storage",
     "check_tracking_uri",
+    "driver_env",
     "free_port",
     "ray_temp_dir",
     "start_ray",
@@ -56,6 +58,28 @@ QUIET_ENV = {
 def quiet() -> None:
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
+
+
+# What the driver's Tune runs with while a study runs, unless the user's environment says otherwise.
+# Tune's default loggers would write every result of every trial again in the driver (result.json,
+# progress.csv, TensorBoard events: ~400 numbers per trial's final result) and sync them to the
+# trial storage: CPU taken from the trials, for copies nobody reads (MLflow holds the numbers;
+# reconciling and resuming read Tune's experiment state). TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
+# turns them back on.
+DRIVER_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+@contextlib.contextmanager
+def driver_env() -> Iterator[None]:
+    """:data:`DRIVER_ENV` for the study's duration; afterwards (a notebook's process goes on) the
+    environment is as it was."""
+    added = [k for k in DRIVER_ENV if k not in os.environ]
+    os.environ.update({k: DRIVER_ENV[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _ephemeral_range() -> tuple[int, int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,6 @@ def make_tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
 
     from study.searcher import OptunaRDBSearcher
 
-    # Tune's default loggers write every result of every trial again in the driver (result.json,
-    # progress.csv, TensorBoard events: ~400 numbers per trial's final result) and sync them to
-    # the trial storage: CPU taken from the trials, for copies nobody reads (MLflow holds the
-    # numbers; reconciling and resuming read Tune's experiment state).
-    # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 in the environment turns them back on.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     trainable = _trainable(cfg, ctx)
     path = str(Path(str(cfg.tune_path)) / "tune")
     if restore and tune.Tuner.can_restore(path):

@@ -18,10 +18,13 @@ pytestmark = pytest.mark.slow
 def test_run_then_results_equal_mlflow_and_optuna(tmp_path):
     path = write_study(tmp_path, name="api", n_trials=3, seeds_per_trial=2, train={"arm": "all", "epochs": 1},
                        search={"depth": {"low": 1, "high": 2}, "init": ["kaiming", "dirac"]})
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")}
     outcome = study.run(path)  # in this process, as a notebook would
-    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # not left at the study's stopped server
+    # not left at the study's stopped server, nor with the study's Tune settings
+    assert {k: os.environ.get(k) for k in before} == before
     home = tmp_path / "home"
+    # Tune's default loggers stayed off: no second copy of every result in the trial storage
+    assert not [*home.rglob("progress.csv"), *home.rglob("events.out.tfevents.*")]
     assert outcome.trials.get("finished") == 3 and outcome.model_uri == "models:/api-decomposed@champion"
     assert study.load(home).name == "api" and study.status(home)["states"] == {"finished": 3}
 

@@ -66,7 +66,7 @@ def test_a_grid_design_runs_every_cell_once_and_resumes_without_repeating_or_ski
         assert mv.tags["arm"] in ("rank1", "flat1d") and mv.tags["metric"] == f"{mv.tags['arm']}.decomposed_val_acc"
 
 
-def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_path):
+def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_path, monkeypatch):
     root = tmp_path / "images"
     write_imagefolder(root, n_train=24, n_test=6, size=(12, 12))
     decodes = tmp_path / "decodes.log"
@@ -89,9 +89,8 @@ def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_pat
     from study.home import load_home
 
     b = load_home(tmp_path / "home").base
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        again = data_for(b)
-    assert len(decodes.read_text().splitlines()) == 2  # the same images as the study's driver shared:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    again = data_for(b)
+    assert len(decodes.read_text().splitlines()) == 2  # and they are the images the study's driver shared
     assert f"({len(again.train)} train, {len(again.val)} val, {len(again.test)} test images)" in p.stdout
