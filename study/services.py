@@ -61,11 +61,11 @@ def quiet() -> None:
 
 
 # What the driver's Tune runs with while a study runs, unless the user's environment says otherwise.
-# Tune's default loggers would write every result of every trial again in the driver (result.json,
-# progress.csv, TensorBoard events: ~400 numbers per trial's final result) and sync them to the
-# trial storage: CPU taken from the trials, for copies nobody reads (MLflow holds the numbers;
-# reconciling and resuming read Tune's experiment state). TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0
-# turns them back on.
+# Tune's default loggers would write every result of every trial again in the driver, three times
+# (result.json, progress.csv, TensorBoard events: ~400 numbers per trial's final result), and sync
+# them to the trial storage: CPU taken from the trials. Off, but for the JSON one, which the
+# study adds back itself (Tune reads its results from it at the end of a fit: study.tuning).
+# TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 turns the others back on.
 DRIVER_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 

@@ -50,11 +50,20 @@ def make_tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
             max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name="tune", storage_path=str(cfg.tune_path), verbose=0, callbacks=[progress_callback()],
+            name="tune", storage_path=str(cfg.tune_path), verbose=0, callbacks=_callbacks(),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
+
+
+def _callbacks() -> list:
+    """The live progress table, and of Tune's own loggers only the JSON one (``result.json``):
+    what Tune reads back for its results at the end of a fit. The CSV and TensorBoard copies
+    of every result stay off (:data:`study.services.DRIVER_ENV`)."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    return [progress_callback(), JsonLoggerCallback()]
 
 
 def share_data(cfg: StudyConfig) -> dict[str, Any]:
@@ -130,7 +139,7 @@ def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: di
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
                                         metric="objective", mode="max"),
             run_config=tune.RunConfig(name="confirm", storage_path=str(cfg.tune_path), verbose=0,
-                                      callbacks=[progress_callback()],
+                                      callbacks=_callbacks(),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
         )

@@ -33,6 +33,7 @@ def test_summary_and_home(smoke):
     assert "best vs best" in p.stdout
     assert "models:/smoke-decomposed@champion" in p.stdout
     assert "rank1 ui --home" in p.stdout  # how to open the UI
+    assert "Failed to fetch metrics" not in p.stdout + p.stderr  # Tune read back what it wrote (result.json)
     # the champion's speedup says how it was timed: one thread, with the other trials counted
     outcome = json.loads((home / "outcome.json").read_text())
     others = counted(outcome["best"]["metrics"]["latency.other_trials_running"], "other trial")
