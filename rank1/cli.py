@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import sys
 import typing
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "exit_program", "main"]
 
 # (in_channels, out_channels, kernel, size): a few layer shapes from small to wide.
 _SMOKE_SHAPES = [(32, 32, 3, 16), (64, 64, 3, 16), (128, 128, 3, 8)]
@@ -644,5 +645,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(build_parser(), argv)
 
 
+def exit_program(code: int) -> typing.NoReturn:
+    """End a ``rank1`` process with ``code`` without the collector's passes over every object
+    still alive at interpreter exit: after a study (~6,400 modules loaded) they took 2.0 s on 2
+    cores, after ``rank1 study status`` 0.7 s, every run. What is garbage now is collected
+    first, so its finalizers run; atexit handlers, the flush of the standard streams and the
+    release of everything else happen as on any exit. For programs only: in a process that goes
+    on (a notebook, pytest), frozen objects would never be collected."""
+    gc.collect()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_program(main())

@@ -19,10 +19,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rank1.cli import CliError
+from rank1.cli import CliError, exit_program
 from rank1.cli import build_parser as build_rank1_parser
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "program"]
 
 
 def _check_node_wait(args: argparse.Namespace) -> None:
@@ -332,5 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(build_parser(), argv)
 
 
+def program() -> None:
+    """The ``rank1`` program (its console script): :func:`main`, then a quick exit."""
+    exit_program(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -293,4 +293,7 @@ def check_pulled(out: str | Path) -> dict[str, Any]:
 if __name__ == "__main__":  # python -m study.registry DIR: the fresh-process check of `rank1 pull`
     import sys
 
+    from rank1.cli import exit_program
+
     print(json.dumps(check_pulled(sys.argv[1])))
+    exit_program(0)

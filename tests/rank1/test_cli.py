@@ -88,6 +88,29 @@ def test_argparse_errors_exit_2_from_a_real_process():
     assert "argument --init: invalid choice: 'he'" in p.stderr
 
 
+def test_the_programs_quick_exit_keeps_its_code_output_and_exit_handlers(tmp_path):
+    """``exit_program`` skips the collector's passes at exit, nothing else: the exit code, output
+    not yet flushed, atexit handlers and the finalizer of garbage left at the end all happen."""
+    code = (
+        "import atexit, gc, sys\n"
+        "from rank1.cli import exit_program\n"
+        "class Note:\n"
+        "    def __init__(self): self.me = self  # garbage in a cycle: only the collector finalizes it\n"
+        f"    def __del__(self): open({str(tmp_path / 'finalized')!r}, 'w').close()\n"
+        "Note()\n"
+        "atexit.register(lambda: print(f'frozen={gc.get_freeze_count() > 0}', flush=True))\n"
+        "sys.stdout.write('unflushed;')\n"
+        "exit_program(3)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 3 and p.stdout == "unflushed;frozen=True\n", p.stdout + p.stderr
+    assert (tmp_path / "finalized").exists()
+    # the `rank1` console script ends the same way
+    from importlib.metadata import entry_points
+
+    assert {e.name: e.value for e in entry_points(group="console_scripts")}["rank1"] == "study.cli:program"
+
+
 def test_sweep_writes_a_markdown_table(tmp_path, capsys):
     assert main(["sweep", "--smoke", "--depths", "1", "2", "--seeds", "2", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "sweep.md").read_text()
