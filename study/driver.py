@@ -91,7 +91,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
             outcome = _run(cfg, home, study_text, address, keep_ui, resume, early, t0, started)
     finally:
         if early is not None:
-            early.stop()  # stopped already unless Ray's start failed
+            early.stop()  # signalled at the study's end, it exited while Ray shut down: waited for here
     return outcome
 
 

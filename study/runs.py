@@ -25,11 +25,13 @@ __all__ = ["EXPERIMENT_TAGS", "parent_run", "study_description", "trial_runs", "
 @contextlib.contextmanager
 def tracking(cfg: StudyConfig, keep_ui: bool = False, server: MlflowServer | None = None) -> Iterator[str]:
     """The tracking URI: the study's server, or an embedded one over the study home
-    (``server``: one launched already, while Ray started, waited for here; if it did not come
-    up, say because another process took its port first, a fresh one is started now)."""
+    (``server``: one launched already, while Ray started, waited for here and at the end only
+    signalled to stop, its launcher waiting for it; if it did not come up, say because another
+    process took its port first, a fresh one is started now)."""
     if cfg.tracking_uri:
         yield cfg.tracking_uri
         return
+    launched = server
     if server is not None:
         try:
             server = server.ready(timeout=60)
@@ -46,7 +48,8 @@ def tracking(cfg: StudyConfig, keep_ui: bool = False, server: MlflowServer | Non
                 server.wait()
             except KeyboardInterrupt:
                 pass
-        server.stop()
+        # The launched server's exit overlaps Ray's shutdown (study.driver.run_study waits for it)
+        server.stop(wait=server is not launched)
 
 
 # The MLflow UI opens an experiment of this kind on its runs (model training), not on

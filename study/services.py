@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rank1.config import ConfigError
@@ -219,6 +219,7 @@ class MlflowServer:
     auth: bool = False
     auth_db_uri: str | None = None
     proc: subprocess.Popen | None = None
+    _signalled: bool = field(default=False, init=False, repr=False)  # stop(wait=False) sent SIGTERM
 
     @property
     def url(self) -> str:
@@ -288,6 +289,7 @@ class MlflowServer:
         log = open(self.home / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                      cwd=self.home, env=env)
+        self._signalled = False
         return self
 
     def ready(self, timeout: float = 120.0) -> MlflowServer:
@@ -310,16 +312,22 @@ class MlflowServer:
         self.stop()
         raise RuntimeError(f"the MLflow server did not start within {timeout:.0f} s; see {self.home / 'mlflow-server.log'}")
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """SIGTERM the server and wait until it is gone (SIGKILL after 15 s). ``wait=False``:
+        only the signal, and the next ``stop()`` waits: a study signals its server before Ray
+        shuts down, so that the two exits (about a second each) overlap."""
         if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+            if not self._signalled:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                self._signalled = True
+            if wait:
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
         with contextlib.suppress(FileNotFoundError):
             (self.home / "mlflow-server.json").unlink()
 

@@ -1,5 +1,6 @@
-"""The embedded MLflow server's start: its port is chosen where other processes do not take
-ports unasked, and a server launched early that loses its port anyway is replaced."""
+"""The embedded MLflow server's start and stop: its port is chosen where other processes do not
+take ports unasked, a server launched early that loses its port anyway is replaced, and the
+launched server's exit is left to overlap Ray's shutdown."""
 
 from __future__ import annotations
 
@@ -37,5 +38,20 @@ def test_an_early_server_that_lost_its_port_is_replaced(tmp_path):
             assert uri != early.url
             with urllib.request.urlopen(uri + "/health", timeout=10) as r:
                 assert r.status == 200
+        with pytest.raises(OSError):  # the one tracking started itself, it stopped and waited for
+            urllib.request.urlopen(uri + "/health", timeout=5)
     finally:
         thief.close()
+
+
+def test_the_launched_server_is_signalled_at_the_end_and_its_launcher_waits(tmp_path):
+    early = MlflowServer(tmp_path).launch()
+    cfg = types.SimpleNamespace(tracking_uri=None, home_path=tmp_path)
+    with tracking(cfg, server=early) as uri:
+        assert uri == early.url and (tmp_path / "mlflow-server.json").exists()
+    # Signalled, not waited for (the driver shuts Ray down meanwhile): it exits on the signal alone
+    assert early.proc.returncode is None and not (tmp_path / "mlflow-server.json").exists()
+    assert early.proc.wait(timeout=30) is not None
+    early.stop()  # what the driver calls after Ray's shutdown: nothing left to do
+    with pytest.raises(OSError):
+        urllib.request.urlopen(uri + "/health", timeout=5)
