@@ -30,6 +30,7 @@ from rank1.data import TensorLoader
 from rank1.measure import batch_of, batched
 from rank1.models import model_for
 from rank1.train import data_for
+from study.names import counted
 
 __all__ = ["parse_model_ref", "pull", "register_champion"]
 
@@ -148,7 +149,7 @@ def card_markdown(card: dict[str, Any], version: str | None = None) -> str:
         "",
         f"- validation accuracy (decomposed): {card.get('val_acc', float('nan')):.4f}; test accuracy: "
         f"{m.get(f'{arm}.test_acc', float('nan')):.4f}",
-        (f"- speedup over its dense form where it was trained ({m[f'{arm}.threads']:.0f} threads): {speed}"
+        (f"- speedup over its dense form where it was trained ({counted(m[f'{arm}.threads'], 'thread')}): {speed}"
          if speed and f"{arm}.threads" in m else f"- speedup over its dense form: {speed or 'not measured'}")
         + f"; FLOP ratio {m.get(f'{arm}.flop_ratio', float('nan')):.2f}x"
         + (f" (reached: {frac})" if frac else ""),

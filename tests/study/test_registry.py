@@ -61,8 +61,9 @@ def test_the_model_card_says_how_fast_where_speed_was_measured_and_not_measured_
 
     measured = card_markdown(_card({"rank1.threads": 1.0, "rank1.speedup_b1": 1.5, "rank1.speedup_b8": 2.25,
                                     "rank1.deploy_b1": "cpp", "rank1.flop_ratio": 3.0}), "2")
-    assert "where it was trained (1 threads): batch 1: 1.50x" in measured and "batch 8: 2.25x" in measured
+    assert "where it was trained (1 thread): batch 1: 1.50x" in measured and "batch 8: 2.25x" in measured
     assert "FLOP ratio 3.00x" in measured and "rank1 pull m-decomposed/2" in measured
+    assert "where it was trained (2 threads)" in card_markdown(_card({"rank1.threads": 2.0, "rank1.speedup_b1": 1.5}))
     # A study with `measure_latency: false` has no speedup and no thread count: the card says so.
     unmeasured = card_markdown(_card({"rank1.flop_ratio": 3.0}))
     assert "speedup over its dense form: not measured; FLOP ratio 3.00x" in unmeasured
