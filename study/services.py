@@ -17,8 +17,10 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -201,6 +203,29 @@ def check_storage(url: str, field: str = "storage", timeout: int = 5) -> None:
         engine.dispose()
 
 
+def empty_store_template() -> Path:
+    """Where a new, already migrated MLflow store of the installed MLflow version is kept
+    (``$RANK1_MLFLOW_CACHE``, else ``~/.cache/rank1/mlflow``): a server over a new study home
+    starts from a copy of it instead of creating MLflow's ~65 tables (0.9 s of the server's
+    5.5 s start-up on 2 cores, the longest wait of a study's start: Ray's takes ~3 s)."""
+    from importlib.metadata import version
+
+    env = os.environ.get("RANK1_MLFLOW_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "rank1" / "mlflow") / f"empty-{version('mlflow')}.db"
+
+
+def _usable_store(path: Path) -> bool:
+    """An intact SQLite file with MLflow's schema version in it."""
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+            return (db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+                    and db.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1)
+    except sqlite3.Error:
+        return False
+
+
 @dataclass
 class MlflowServer:
     """An MLflow tracking server: by default over SQLite and an artifact folder in ``home``.
@@ -220,6 +245,7 @@ class MlflowServer:
     auth_db_uri: str | None = None
     proc: subprocess.Popen | None = None
     _signalled: bool = field(default=False, init=False, repr=False)  # stop(wait=False) sent SIGTERM
+    _template: str = field(default="", init=False, repr=False)  # "make": keep its new store as the template
 
     @property
     def url(self) -> str:
@@ -285,12 +311,47 @@ class MlflowServer:
                 raise RuntimeError(f"cannot listen on {self.host}:{self.port} ({e.strerror}); "
                                    "another server has it: choose another --port") from None
         self.port = self.port or free_port(self.host)
+        self._template = self._from_template()
         cmd, env = self._command()
         log = open(self.home / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                                      cwd=self.home, env=env)
         self._signalled = False
         return self
+
+    def _from_template(self) -> str:
+        """A new store in the home (the embedded server's own SQLite and artifact folder, no
+        auth): copied from the template if there is an intact one ("copied"), else one is made
+        from this server's store once it is up ("make"). Anything else: "" (left as it is)."""
+        db = self.home / "mlflow.db"
+        if self.backend_store_uri or self.artifacts_destination or self.auth or db.exists():
+            return ""
+        template = empty_store_template()
+        if not _usable_store(template):
+            template.unlink(missing_ok=True)
+            return "make"
+        tmp = db.with_name(f".mlflow.db.{os.getpid()}")
+        try:
+            shutil.copyfile(template, tmp)
+            os.replace(tmp, db)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return "make"
+        return "copied"
+
+    def _keep_template(self) -> None:
+        """The store of a server that came up over a new home, as the template for the next:
+        a consistent snapshot (SQLite's backup API), written atomically."""
+        template = empty_store_template()
+        tmp = template.with_name(f".{template.name}.{os.getpid()}")
+        try:
+            template.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.closing(sqlite3.connect(self.home / "mlflow.db")) as src, \
+                    contextlib.closing(sqlite3.connect(tmp)) as dst:
+                src.backup(dst)
+            os.replace(tmp, template)
+        except (OSError, sqlite3.Error):  # a cache: a study never fails for want of it
+            tmp.unlink(missing_ok=True)
 
     def ready(self, timeout: float = 120.0) -> MlflowServer:
         """Wait until the launched server answers ``/health``; a server that exits or stays
@@ -304,6 +365,9 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200 and self.proc.poll() is None:
+                        if self._template == "make":
+                            self._keep_template()
+                        self._template = ""
                         (self.home / "mlflow-server.json").write_text(
                             json.dumps({"url": self.url, "pid": self.proc.pid}))
                         return self

@@ -10,6 +10,8 @@ import torch
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # Decoded datasets are cached under a folder of the session's own (subprocesses inherit it).
 os.environ["RANK1_DATA_CACHE"] = tempfile.mkdtemp(prefix="rank1-test-data-cache-")
+# and so is the embedded MLflow server's empty-store template (study.services.empty_store_template)
+os.environ["RANK1_MLFLOW_CACHE"] = tempfile.mkdtemp(prefix="rank1-test-mlflow-cache-")
 # Under pytest-xdist the workers share the cores: each worker's torch gets its share of them,
 # not all of them (oversubscribed, two workers ran the CPU tests no faster than one).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

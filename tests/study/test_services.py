@@ -1,6 +1,7 @@
 """The embedded MLflow server's start and stop: its port is chosen where other processes do not
 take ports unasked, a server launched early that loses its port anyway is replaced, and the
-launched server's exit is left to overlap Ray's shutdown."""
+launched server's exit is left to overlap Ray's shutdown; a new home's store starts as a copy of
+an empty, migrated one."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import urllib.request
 import pytest
 
 from study.runs import tracking
-from study.services import MlflowServer, _ephemeral_range, free_port
+from study.services import MlflowServer, _ephemeral_range, _usable_store, empty_store_template, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +56,33 @@ def test_the_launched_server_is_signalled_at_the_end_and_its_launcher_waits(tmp_
     early.stop()  # what the driver calls after Ray's shutdown: nothing left to do
     with pytest.raises(OSError):
         urllib.request.urlopen(uri + "/health", timeout=5)
+
+
+def test_a_new_home_starts_from_a_copy_of_the_first_new_store(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("RANK1_MLFLOW_CACHE", str(tmp_path / "cache"))
+    template = empty_store_template()
+    first = MlflowServer(tmp_path / "a").start()  # migrates a store of its own, then keeps a copy of it
+    first.stop()
+    assert _usable_store(template)
+    second = MlflowServer(tmp_path / "b").launch()
+    assert (tmp_path / "b" / "mlflow.db").is_file()  # copied before its server started
+    second.ready()
+    try:
+        client = MlflowClient(second.url)
+        assert [e.name for e in client.search_experiments()] == ["Default"]  # nothing of the first home's
+        run = client.create_run(client.create_experiment("x"))
+        client.log_metric(run.info.run_id, "m", 1.5)
+        assert client.get_run(run.info.run_id).data.metrics == {"m": 1.5}
+    finally:
+        second.stop()
+    # A broken template is not copied: the next new store is migrated afresh and replaces it
+    template.write_bytes(b"not a database")
+    assert not _usable_store(template)
+    third = MlflowServer(tmp_path / "c").start()
+    third.stop()
+    assert _usable_store(template)
+    # Stores elsewhere (a given backend, or a home that has one) are left alone
+    assert MlflowServer(tmp_path / "d", backend_store_uri="sqlite:///" + str(tmp_path / "own.db"))._from_template() == ""
+    assert not (tmp_path / "d" / "mlflow.db").exists()
