@@ -4,9 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # pytest-xdist workers: the real studies wait on processes and sockets part of the time, so two
-# workers on two cores ran the whole suite 2.1x faster (895 s, was 1865 s), and three faster again
-# (the same clean clone, 2026-12-03: 643 s against 729 s with two); TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 3
+# workers on two cores ran the whole suite 2.1x faster (895 s, was 1865 s); three were no faster
+# (cold clean clones, 2026-12-03: 739 s against 729 s). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup system browser postgres test test-fast lint demo bench clean

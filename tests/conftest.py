@@ -72,7 +72,7 @@ def smoke_tracking(smoke_study):
         server.stop()
 
 
-# Under pytest-xdist (`make test` runs three workers), the tests that share an expensive fixture
+# Under pytest-xdist (`make test` runs two workers), the tests that share an expensive fixture
 # run on one worker, so that it is built once: the session's smoke study, the jobs tests' Ray
 # head, the multi-node cluster. Other tests go wherever a worker is free.
 SHARED_FIXTURES = {"smoke_study": "smoke-study", "smoke_tracking": "smoke-study", "head": "ray-head", "cluster": "ray-cluster"}
