@@ -245,7 +245,7 @@ class MlflowServer:
     auth_db_uri: str | None = None
     proc: subprocess.Popen | None = None
     _signalled: bool = field(default=False, init=False, repr=False)  # stop(wait=False) sent SIGTERM
-    _template: str = field(default="", init=False, repr=False)  # "make": keep its new store as the template
+    _make_template: bool = field(default=False, init=False, repr=False)  # keep its new store as the template
 
     @property
     def url(self) -> str:
@@ -311,7 +311,7 @@ class MlflowServer:
                 raise RuntimeError(f"cannot listen on {self.host}:{self.port} ({e.strerror}); "
                                    "another server has it: choose another --port") from None
         self.port = self.port or free_port(self.host)
-        self._template = self._from_template()
+        self._make_template = self._prepare_store()
         cmd, env = self._command()
         log = open(self.home / "mlflow-server.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
@@ -319,25 +319,26 @@ class MlflowServer:
         self._signalled = False
         return self
 
-    def _from_template(self) -> str:
-        """A new store in the home (the embedded server's own SQLite and artifact folder, no
-        auth): copied from the template if there is an intact one ("copied"), else one is made
-        from this server's store once it is up ("make"). Anything else: "" (left as it is)."""
+    def _prepare_store(self) -> bool:
+        """Give a new home's store (the embedded server's own SQLite and artifact folder, no
+        auth) a copy of the template, if there is an intact one. True when the server will
+        migrate a new store of its own instead: kept as the template once the server is up.
+        A given backend, ``--auth`` or a home that has a store is left as it is (False)."""
         db = self.home / "mlflow.db"
         if self.backend_store_uri or self.artifacts_destination or self.auth or db.exists():
-            return ""
+            return False
         template = empty_store_template()
         if not _usable_store(template):
             template.unlink(missing_ok=True)
-            return "make"
+            return True
         tmp = db.with_name(f".mlflow.db.{os.getpid()}")
         try:
             shutil.copyfile(template, tmp)
             os.replace(tmp, db)
         except OSError:
             tmp.unlink(missing_ok=True)
-            return "make"
-        return "copied"
+            return True
+        return False
 
     def _keep_template(self) -> None:
         """The store of a server that came up over a new home, as the template for the next:
@@ -365,9 +366,9 @@ class MlflowServer:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200 and self.proc.poll() is None:
-                        if self._template == "make":
+                        if self._make_template:
                             self._keep_template()
-                        self._template = ""
+                            self._make_template = False
                         (self.home / "mlflow-server.json").write_text(
                             json.dumps({"url": self.url, "pid": self.proc.pid}))
                         return self

@@ -84,5 +84,7 @@ def test_a_new_home_starts_from_a_copy_of_the_first_new_store(tmp_path, monkeypa
     third.stop()
     assert _usable_store(template)
     # Stores elsewhere (a given backend, or a home that has one) are left alone
-    assert MlflowServer(tmp_path / "d", backend_store_uri="sqlite:///" + str(tmp_path / "own.db"))._from_template() == ""
+    assert MlflowServer(tmp_path / "d", backend_store_uri="sqlite:///" + str(tmp_path / "own.db"))._prepare_store() is False
     assert not (tmp_path / "d" / "mlflow.db").exists()
+    before = (tmp_path / "b" / "mlflow.db").read_bytes()
+    assert MlflowServer(tmp_path / "b")._prepare_store() is False and (tmp_path / "b" / "mlflow.db").read_bytes() == before
