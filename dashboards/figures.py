@@ -491,8 +491,7 @@ def verdict(data: StudyData, rows) -> Section:
     for (a, b), d in sorted(by_pair.items()):
         if (a, b) != head:
             pv = paired_verdict(d, 0)
-            s.text.append(f"{a} vs {b}: {pv.mean_diff:+.3f} over {pv.n_pairs} pairs (95% bootstrap CI "
-                          f"[{pv.ci_low:+.3f}, {pv.ci_high:+.3f}]).")
+            s.text.append(f"{a} vs {b}: {pv.brief()}.")
     s.text += _start_note(rows)
     accs = confirm_accuracies(data)
     if not data.confirm_seeds:

@@ -42,6 +42,23 @@ class Verdict:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    def interval(self) -> str:
+        return _interval("bootstrap", self.ci_low, self.ci_high, "one pair" if self.n_pairs < 2 else None)
+
+    def brief(self) -> str:
+        """A line for one variant pair: mean difference, how many pairs, the interval."""
+        if self.n_pairs == 0:
+            return "no pair finished both arms"
+        pairs = f"{self.n_pairs} pair{'s' if self.n_pairs != 1 else ''}"
+        caveat = "" if self.enough else "; too few pairs to conclude"
+        return f"{self.mean_diff:+.3f} over {pairs} ({self.interval()}{caveat})"
+
+
+def _interval(kind: str, lo: float | None, hi: float | None, none_because: str | None = None) -> str:
+    """A 95% interval as the report and the summary word it, or why there is none: from a
+    single pair, or an arm with a single seed, the "interval" would be the point itself."""
+    return f"{none_because}: no interval" if none_because else f"95% {kind} CI [{lo:+.3f}, {hi:+.3f}]"
+
 
 def paired_verdict(diffs: list[float], n_trials: int, seed: int = 0, n_boot: int = 10000,
                    min_pairs: int = 6) -> Verdict:
@@ -70,7 +87,7 @@ def paired_verdict(diffs: list[float], n_trials: int, seed: int = 0, n_boot: int
     ptxt = f"{test} p = {p:.3g}" if p is not None else "no test: every difference is zero"
     head = (f"Over {n} paired run{'s' if n != 1 else ''} ({n_trials} trial{'s' if n_trials != 1 else ''}), "
             f"rank1 − flat1d decomposed validation accuracy is {mean:+.3f} "
-            f"(95% bootstrap CI [{lo:+.3f}, {hi:+.3f}]; {ptxt}).")
+            f"({_interval('bootstrap', lo, hi, 'one pair' if n < 2 else None)}; {ptxt}).")
     if not enough:
         tail = f" That is too few pairs to conclude anything (at least {min_pairs} are needed)."
     elif lo > 0 or hi < 0:
@@ -124,6 +141,10 @@ class BestVsBest:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    def interval(self) -> str:
+        return _interval("Welch", self.ci_low, self.ci_high,
+                         "one seed in an arm" if min(self.n_a, self.n_b) < 2 else None)
+
 
 def best_vs_best(a: str, acc_a: list[float], b: str, acc_b: list[float], min_seeds: int = 3) -> BestVsBest:
     """Welch's 95% interval of ``mean(test acc of a) - mean(test acc of b)`` over the
@@ -138,7 +159,8 @@ def best_vs_best(a: str, acc_a: list[float], b: str, acc_b: list[float], min_see
     mb = float(np.mean([v for v in acc_b if v is not None and math.isfinite(v)]))
     ptxt = f"Welch p = {p:.3g}" if p is not None else "no test"
     head = (f"Tuned best vs best on test: {a} {ma:.3f} ({na} seeds) vs {b} {mb:.3f} ({nb} seeds), "
-            f"difference {diff:+.3f} (95% Welch CI [{lo:+.3f}, {hi:+.3f}]; {ptxt}).")
+            f"difference {diff:+.3f} ({_interval('Welch', lo, hi, 'one seed in an arm' if min(na, nb) < 2 else None)}; "
+            f"{ptxt}).")
     enough = min(na, nb) >= min_seeds
     if not enough:
         tail = f" Too few seeds to conclude anything (at least {min_seeds} per arm are needed)."

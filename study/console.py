@@ -142,7 +142,7 @@ def print_summary(outcome, keep_ui: bool) -> None:
             if a in accs and b in accs:
                 v = best_vs_best(a, accs[a], b, accs[b])
                 t.add_row(f"best vs best, test: {a} − {b}",
-                          f"{v.diff:+.3f} (95% CI [{v.ci_low:+.3f}, {v.ci_high:+.3f}]; {a} {v.mean_a:.3f}, {b} "
+                          f"{v.diff:+.3f} ({v.interval()}; {a} {v.mean_a:.3f}, {b} "
                           f"{v.mean_b:.3f}; {v.n_a} + {v.n_b} fresh seeds)" if v.diff is not None else v.sentence)
     t.add_row("study home", outcome.home)
     ui = outcome.tracking_uri if keep_ui else f"rank1 ui --home {outcome.home}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dashboards.stats import mean_ci, paired_verdict
+from dashboards.stats import best_vs_best, mean_ci, paired_verdict
 
 
 def test_mean_ci_is_the_student_t_interval():
@@ -23,6 +23,18 @@ def test_verdict_says_when_there_are_too_few_pairs():
     v = paired_verdict([0.1, 0.2], n_trials=2)
     assert not v.enough and "too few pairs to conclude" in v.sentence
     assert paired_verdict([], 0).sentence.startswith("No trial finished both arms")
+    # one pair has no interval to give (its bootstrap interval would be the pair itself)
+    one = paired_verdict([-0.2], n_trials=1)
+    assert "one pair: no interval" in one.sentence and "CI" not in one.sentence
+    assert one.brief() == "-0.200 over 1 pair (one pair: no interval; too few pairs to conclude)"
+    assert v.brief() == (f"+0.150 over 2 pairs (95% bootstrap CI [{v.ci_low:+.3f}, {v.ci_high:+.3f}]; "
+                         "too few pairs to conclude)")
+    assert paired_verdict([], 0).brief() == "no pair finished both arms"
+    # and an arm with one confirmation seed gives no Welch interval either
+    bvb = best_vs_best("rank1", [0.5], "flat1d", [0.4, 0.45])
+    assert "one seed in an arm: no interval" in bvb.sentence and bvb.interval() == "one seed in an arm: no interval"
+    two = best_vs_best("rank1", [0.5, 0.55], "flat1d", [0.4, 0.45])
+    assert two.interval() == f"95% Welch CI [{two.ci_low:+.3f}, {two.ci_high:+.3f}]" and two.interval() in two.sentence
 
 
 def test_verdict_when_one_arm_clearly_wins():
