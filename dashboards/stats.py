@@ -85,16 +85,17 @@ def paired_verdict(diffs: list[float], n_trials: int, seed: int = 0, n_boot: int
     enough = n >= min_pairs
     who = "rank1 (3-D filters projected to rank-1)" if mean > 0 else "flat1d (consecutive 1-D filters)"
     ptxt = f"{test} p = {p:.3g}" if p is not None else "no test: every difference is zero"
+    verdict = Verdict(n, n_trials, mean, lo, hi, p, test, "", enough)
     head = (f"Over {n} paired run{'s' if n != 1 else ''} ({n_trials} trial{'s' if n_trials != 1 else ''}), "
-            f"rank1 − flat1d decomposed validation accuracy is {mean:+.3f} "
-            f"({_interval('bootstrap', lo, hi, 'one pair' if n < 2 else None)}; {ptxt}).")
+            f"rank1 − flat1d decomposed validation accuracy is {mean:+.3f} ({verdict.interval()}; {ptxt}).")
     if not enough:
         tail = f" That is too few pairs to conclude anything (at least {min_pairs} are needed)."
     elif lo > 0 or hi < 0:
         tail = f" The interval excludes zero: {who} trained better in this study."
     else:
         tail = " The interval includes zero: no difference between the arms can be claimed from this study."
-    return Verdict(n, n_trials, mean, lo, hi, p, test, head + tail, enough)
+    verdict.sentence = head + tail
+    return verdict
 
 
 def welch_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float, float | None]:
@@ -158,14 +159,15 @@ def best_vs_best(a: str, acc_a: list[float], b: str, acc_b: list[float], min_see
     ma = float(np.mean([v for v in acc_a if v is not None and math.isfinite(v)]))
     mb = float(np.mean([v for v in acc_b if v is not None and math.isfinite(v)]))
     ptxt = f"Welch p = {p:.3g}" if p is not None else "no test"
-    head = (f"Tuned best vs best on test: {a} {ma:.3f} ({na} seeds) vs {b} {mb:.3f} ({nb} seeds), "
-            f"difference {diff:+.3f} ({_interval('Welch', lo, hi, 'one seed in an arm' if min(na, nb) < 2 else None)}; "
-            f"{ptxt}).")
     enough = min(na, nb) >= min_seeds
+    result = BestVsBest(a, b, na, nb, ma, mb, diff, lo, hi, p, "", enough)
+    head = (f"Tuned best vs best on test: {a} {ma:.3f} ({na} seeds) vs {b} {mb:.3f} ({nb} seeds), "
+            f"difference {diff:+.3f} ({result.interval()}; {ptxt}).")
     if not enough:
         tail = f" Too few seeds to conclude anything (at least {min_seeds} per arm are needed)."
     elif lo > 0 or hi < 0:
         tail = f" The interval excludes zero: the best {a if diff > 0 else b} network is better on test."
     else:
         tail = f" The interval includes zero: the best {a} and {b} networks cannot be told apart on test."
-    return BestVsBest(a, b, na, nb, ma, mb, diff, lo, hi, p, head + tail, enough)
+    result.sentence = head + tail
+    return result
