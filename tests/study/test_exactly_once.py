@@ -33,9 +33,13 @@ LONG = dict(train={"epochs": EPOCHS, "width": 16, "measure_latency": False},
             search={"depth": {"low": 2, "high": 3}, "init": ["kaiming", "dirac"]})
 
 
-def _start(path: Path, log: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "study.cli", "study", "run", str(path), *flags], cwd=REPO,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+def _start(path: Path, log: Path, *flags: str, env: dict[str, str] | None = None, command: str = "run",
+           new_session: bool = False) -> subprocess.Popen:
+    """``rank1 study COMMAND PATH FLAGS`` in the background; ``new_session``: as the foreground
+    process group of a terminal of its own (for a Ctrl-C to the whole group)."""
+    return subprocess.Popen([sys.executable, "-m", "study.cli", "study", command, str(path), *flags], cwd=REPO,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=new_session)
 
 
 def _wait_for(pred, proc: subprocess.Popen, log: Path, timeout: float = 300):
@@ -55,13 +59,15 @@ def _checkpoints(home: Path, index: int) -> list[Path]:
     return sorted((home / "ray_results" / "tune").glob(f"*/checkpoint_{index:06d}"))
 
 
-def _recorded_checkpoints(home: Path) -> list[Path]:
-    """Trials two epochs in whose first checkpoint the driver has also written into its saved
-    experiment state (every ~10 s): a driver killed now restores them from a checkpoint. (By
-    the time a worker has written its second checkpoint, the driver has taken its first.)"""
-    states = list((home / "ray_results" / "tune").glob("experiment_state-*.json"))
-    newest = max((s.stat().st_mtime for s in states), default=0.0)
-    return [c for c in _checkpoints(home, 1) if c.stat().st_mtime < newest]
+def _recorded_checkpoints(home: Path, since: float = 0.0) -> list[Path]:
+    """Checkpoints after a trial's first, written after ``since``, that the driver has also
+    written into its saved experiment state (every ~10 s) since: a driver killed now restores
+    their trials from a checkpoint. (By the time a worker has written its second checkpoint,
+    the driver has taken its first.)"""
+    tune = home / "ray_results" / "tune"
+    newest = max((s.stat().st_mtime for s in tune.glob("experiment_state-*.json")), default=0.0)
+    return [c for c in tune.glob("*/checkpoint_*")
+            if c.name != "checkpoint_000000" and since < c.stat().st_mtime < newest]
 
 
 def _assert_exactly_once(home: Path, name: str, n_trials: int, uri: str | None = None,
@@ -88,77 +94,110 @@ def _assert_exactly_once(home: Path, name: str, n_trials: int, uri: str | None =
     return by_id
 
 
-def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | None = None, processes: bool = False,
-                            **where) -> None:
+def _assert_continued(by_id: dict[str, object]) -> dict[str, int]:
+    """Some trials were resumed, each from an epoch it had reached and trained only the rest
+    (continued, not restarted): ``{trial id: the epoch it was resumed from}``."""
+    resumed = {tid: int(r.data.tags["rank1.resumed_from_epoch"]) for tid, r in by_id.items()
+               if "rank1.resumed_from_epoch" in r.data.tags}
+    assert resumed and all(e >= 1 for e in resumed.values()), resumed
+    for tid, epoch in resumed.items():
+        assert by_id[tid].data.metrics["final/epochs_trained_here"] == EPOCHS - epoch
+    return resumed
+
+
+def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | None = None, **where) -> None:
     """SIGKILL a study's driver mid-trial, resume it, and check exactly-once on its stores.
 
     ``where``: locations in the study file; ``flags``: locations given as `study run` flags
-    only, which `study resume` must remember without being told again. ``processes``: also
-    check that what the killed driver left running (Ray's processes, the MLflow server) is
-    stopped by the resume, and that nothing of either run outlives it
-    (tests/study/test_processes.py marks processes the same way)."""
+    only, which `study resume` must remember without being told again."""
     path = write_study(tmp_path, name=name, **LONG, **where)
     home = tmp_path / "home"
     log = tmp_path / "run.log"
     flags = flags or {}
-    mark = uuid.uuid4().hex if processes else None
-    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)],
-                  env={MARK: mark} if mark else None)
+    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)])
     where = {**where, **flags}
     _wait_for(lambda: _recorded_checkpoints(home), proc, log)  # some trial can be resumed mid-way
     os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs in the driver
     proc.wait()
-    assert not (home / "outcome.json").exists()
-
-    status = cli("study", "status", str(home), "--json")
-    assert status.returncode == 0 and json.loads(status.stdout)["states"].get("finished", 0) < 4
-
-    left = marked(mark) if mark else []
-    p = cli("study", "resume", str(home), env={MARK: f"{mark}-resume"} if mark else None)
+    _assert_killed_mid_study(home)
+    p = cli("study", "resume", str(home))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    if left:  # whatever the killed driver left behind, the resume stopped first
-        assert "an earlier, killed run of this study left behind" in p.stdout
-    if mark:
-        assert settle(mark, 15) == [] and settle(f"{mark}-resume", 5) == []
-    by_id = _assert_exactly_once(home, name, 4, where.get("tracking_uri"), where.get("storage"))
-    resumed = {tid: int(r.data.tags["rank1.resumed_from_epoch"]) for tid, r in by_id.items()
-               if "rank1.resumed_from_epoch" in r.data.tags}
-    assert resumed and all(e >= 1 for e in resumed.values()), resumed  # continued, not restarted
-    for tid, epoch in resumed.items():
-        assert by_id[tid].data.metrics["final/epochs_trained_here"] == EPOCHS - epoch
+    _assert_continued(_assert_exactly_once(home, name, 4, where.get("tracking_uri"), where.get("storage")))
     assert json.loads((home / "outcome.json").read_text())["alias"] == "champion"
 
 
-def test_sigkill_the_driver_then_resume(tmp_path):
-    kill_driver_then_resume(tmp_path, "killdriver", processes=True)
+def _assert_killed_mid_study(home: Path, since: float = 0.0) -> None:
+    """The driver was killed with trials to go: no outcome written since ``since``."""
+    outcome = home / "outcome.json"
+    assert not outcome.exists() or outcome.stat().st_mtime < since
+    status = cli("study", "status", str(home), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["states"].get("finished", 0) < 4
 
 
-def test_sigkill_a_trial_worker(tmp_path):
-    path = write_study(tmp_path, name="killworker", **LONG)
-    home = tmp_path / "home"
-    log = tmp_path / "run.log"
-    proc = _start(path, log)
-    _wait_for(lambda: _checkpoints(home, 1), proc, log)
-    url = json.loads((home / "mlflow-server.json").read_text())["url"]
+def _running_trial(client, name: str):
+    """A trial mid-way (epoch 1-2 of 4 logged), so that it is still running when a kill lands."""
+    for r in trial_runs(client, name):
+        if r.data.tags.get("rank1.status") == "running" and r.data.metrics.get("objective") is not None:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, "objective")]
+            if steps and max(steps) <= EPOCHS // 2:
+                return r
+    return None
+
+
+def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave_nothing(tmp_path):
+    """One study through every interruption in turn, each checked as it happens, then
+    exactly-once over all of them:
+
+    1. a trial's worker is SIGKILLed mid-trial: Tune retries the trial from its checkpoint
+       while the driver runs on;
+    2. Ctrl-C (SIGINT to the whole foreground group): no process the study started is left
+       (tests/study/test_processes.py marks processes the same way);
+    3. `study resume` gets on with it, then its driver is SIGKILLed (no cleanup runs): the next
+       resume stops what it left running, completes, and nothing of any run outlives it.
+    """
     from mlflow import MlflowClient
 
-    client = MlflowClient(url)
+    name, mark = "interrupts", uuid.uuid4().hex
+    path = write_study(tmp_path, name=name, **LONG)
+    home, log = tmp_path / "home", tmp_path / "run.log"
+    proc = _start(path, log, env={MARK: mark}, new_session=True)
 
-    def running_trial():
-        # Mid-way (epoch 1-2 of 4 logged), so it is still running when the kill lands.
-        for r in trial_runs(client, "killworker"):
-            if r.data.tags.get("rank1.status") == "running" and r.data.metrics.get("objective") is not None:
-                steps = [m.step for m in client.get_metric_history(r.info.run_id, "objective")]
-                if steps and max(steps) <= EPOCHS // 2:
-                    return r
-        return None
-
-    victim = _wait_for(running_trial, proc, log)
+    # 1. A trial's worker.
+    _wait_for(lambda: _checkpoints(home, 1), proc, log)
+    client = MlflowClient(json.loads((home / "mlflow-server.json").read_text())["url"])
+    victim = _wait_for(lambda: _running_trial(client, name), proc, log)
     os.kill(int(victim.data.tags["rank1.pid"]), signal.SIGKILL)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    by_id = _assert_exactly_once(home, "killworker", 4)
-    tid = victim.data.tags["rank1.trial_id"]
-    assert int(by_id[tid].data.tags["rank1.resumed_from_epoch"]) >= 1  # Tune retried it from its checkpoint
+    # No resume has happened yet: a trial that continues from an epoch is Tune's own retry.
+    retried = _wait_for(lambda: client.get_run(victim.info.run_id).data.tags.get("rank1.resumed_from_epoch"),
+                        proc, log)
+    assert int(retried) >= 1
+
+    # 2. Ctrl-C.
+    assert marked(mark)  # the study's processes, running
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=300)  # it wraps up what it has (champion, report) first
+    assert settle(mark) == [], log.read_text()[-3000:]
+    assert json.loads((home / "outcome.json").read_text())["trials"].get("finished", 0) < 4  # stopped short
+
+    # 3. Resume, and SIGKILL that driver once it has got on.
+    t0 = time.time()
+    log = tmp_path / "resume.log"
+    proc = _start(home, log, env={MARK: f"{mark}-resume"}, command="resume", new_session=True)
+    _wait_for(lambda: _recorded_checkpoints(home, since=t0), proc, log)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _assert_killed_mid_study(home, since=t0)
+
+    left = marked(f"{mark}-resume")
+    p = cli("study", "resume", str(home), env={MARK: f"{mark}-final"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    if left:  # whatever the killed driver left behind, the resume stopped first
+        assert "an earlier, killed run of this study left behind" in p.stdout
+    assert [settle(m, 15) for m in (mark, f"{mark}-resume", f"{mark}-final")] == [[], [], []]
+
+    resumed = _assert_continued(_assert_exactly_once(home, name, 4))
+    assert victim.data.tags["rank1.trial_id"] in resumed, resumed
+    assert json.loads((home / "outcome.json").read_text())["alias"] == "champion"
 
 
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
