@@ -105,25 +105,29 @@ def _assert_continued(by_id: dict[str, object]) -> dict[str, int]:
     return resumed
 
 
-def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | None = None, **where) -> None:
-    """SIGKILL a study's driver mid-trial, resume it, and check exactly-once on its stores.
+def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | None = None,
+                            env: dict[str, str] | None = None, **where) -> str:
+    """SIGKILL a study's driver mid-trial, resume it, and check exactly-once on its stores:
+    what both drivers printed.
 
     ``where``: locations in the study file; ``flags``: locations given as `study run` flags
-    only, which `study resume` must remember without being told again."""
+    only, and ``env`` (e.g. ``MLFLOW_TRACKING_URI``) the first driver's environment only:
+    `study resume` must remember them without being told again."""
     path = write_study(tmp_path, name=name, **LONG, **where)
     home = tmp_path / "home"
     log = tmp_path / "run.log"
     flags = flags or {}
-    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)])
-    where = {**where, **flags}
+    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)], env=env)
     _wait_for(lambda: _recorded_checkpoints(home), proc, log)  # some trial can be resumed mid-way
     os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs in the driver
     proc.wait()
     _assert_killed_mid_study(home)
     p = cli("study", "resume", str(home))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    _assert_continued(_assert_exactly_once(home, name, 4, where.get("tracking_uri"), where.get("storage")))
+    uri = {**where, **flags}.get("tracking_uri") or (env or {}).get("MLFLOW_TRACKING_URI")
+    _assert_continued(_assert_exactly_once(home, name, 4, uri, {**where, **flags}.get("storage")))
     assert json.loads((home / "outcome.json").read_text())["alias"] == "champion"
+    return log.read_text() + p.stdout + p.stderr
 
 
 def _assert_killed_mid_study(home: Path, since: float = 0.0) -> None:
