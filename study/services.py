@@ -67,8 +67,10 @@ def quiet() -> None:
 # (result.json, progress.csv, TensorBoard events: ~400 numbers per trial's final result), and sync
 # them to the trial storage: CPU taken from the trials. Off, but for the JSON one, which the
 # study adds back itself (Tune reads its results from it at the end of a fit: study.tuning).
-# TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 turns the others back on.
-DRIVER_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+# TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 turns the others back on. And of every checkpoint Tune keeps
+# (all of them: study.tuning._run_config) only its path goes in the experiment state, not a copy
+# of its metrics (the latest one's are kept in full: Tune restores a trial's iteration from them).
+DRIVER_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE": "1"}
 
 
 @contextlib.contextmanager

@@ -18,6 +18,8 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import posixpath
 import statistics
 import tempfile
 import time
@@ -48,9 +50,11 @@ from study.names import (
     run_name,
 )
 
-__all__ = ["CHECKPOINT_FILE", "aggregate_epoch", "final_metrics", "run_trial", "trial_value"]
+__all__ = ["CHECKPOINT_FILE", "KEEP_CHECKPOINTS", "SUPERSEDED_FILE", "aggregate_epoch", "final_metrics", "restore_state",
+           "run_trial", "trial_value"]
 
 CHECKPOINT_FILE = "state.pt"
+SUPERSEDED_FILE = "superseded.json"  # left in a checkpoint folder whose state a newer one replaced
 _MAX_BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
 _MAX_PARAMS = 100  # and at most 100 params
 _FINAL_RENAME = {"val_acc": "shipped_val_acc", "val_loss": "shipped_val_loss"}
@@ -229,6 +233,22 @@ class _RunLogger:
         self._pool.shutdown()
 
 
+def _trial_storage():
+    """``(filesystem, folder)`` of this trial in Tune's trial storage; ``(None, None)`` outside Tune
+    (tests of the objective alone) or on a Ray without it."""
+    try:
+        from ray import tune
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = tune.get_context().get_storage()
+        if storage is not None:
+            return storage.storage_filesystem, storage.trial_fs_path
+    except Exception:
+        pass
+    return None, None
+
+
 class _RunMemo:
     """Which MLflow run a trial made, written down in its folder of Tune's trial storage (shared
     by a cluster's nodes, kept across a resumed driver), so that a retried attempt finds the run
@@ -241,17 +261,7 @@ class _RunMemo:
         self.fresh = bool(ctx.get("fresh"))
         # Not the server's URL: a resumed study's embedded server listens on another port.
         self.key = [ctx["experiment_id"], ctx["parent_run_id"], trial_id]
-        self.fs = self.dir = None
-        try:
-            from ray import tune
-
-            with warnings.catch_warnings():  # outside Tune (tests of the objective alone): none
-                warnings.simplefilter("ignore")
-                storage = tune.get_context().get_storage()
-            if storage is not None:
-                self.fs, self.dir = storage.storage_filesystem, storage.trial_fs_path
-        except Exception:  # a Ray without it: the trial looks its run up by its tag
-            pass
+        self.fs, self.dir = _trial_storage()
 
     def _read(self) -> dict[str, Any] | None:
         """The note, read once (on a cluster the storage may be remote: each read is a request)."""
@@ -356,6 +366,62 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+# Why Tune keeps every checkpoint folder (``num_to_keep=None``) and the trial empties the old ones
+# itself: Tune deleted a trial's older checkpoints as soon as a newer one came in, while the
+# experiment state the driver saves every ~10 s still named the older one, so a driver killed in
+# between left a resume that could not restore that trial ("does not exist on storage anymore").
+# Here every folder Tune may have recorded stays; all but the newest KEEP_CHECKPOINTS lose their
+# state file, and a trial restored from an emptied one continues from its newest that loads.
+KEEP_CHECKPOINTS = 2
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+def _stored_states(fs, folder: str) -> list[str]:
+    """The state files of the trial's checkpoints in ``folder`` that still hold one, newest first."""
+    from pyarrow import fs as pafs
+
+    dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    files = [f for f in fs.get_file_info([posixpath.join(d, CHECKPOINT_FILE) for d in dirs])
+             if f.type == pafs.FileType.File]
+    return [f.path for f in sorted(files, key=lambda f: (f.mtime_ns or 0, f.path), reverse=True)]
+
+
+def _empty_old_checkpoints(keep: int = KEEP_CHECKPOINTS) -> None:
+    """After a report (its checkpoint is on storage by then): the state file of every checkpoint
+    but the newest ``keep`` is replaced by a note saying which one superseded it."""
+    fs, folder = _trial_storage()
+    if fs is None:
+        return
+    states = _stored_states(fs, folder)
+    for path in states[keep:]:
+        note = {"superseded_by": posixpath.basename(posixpath.dirname(states[0]))}
+        with fs.open_output_stream(posixpath.join(posixpath.dirname(path), SUPERSEDED_FILE)) as f:
+            f.write(json.dumps(note).encode())
+        fs.delete_file(path)
+
+
+def restore_state(checkpoint) -> tuple[dict[str, Any], str | None]:
+    """``(state, None)`` of the checkpoint Tune restores the trial from; where that one no longer
+    holds its state (emptied, or torn by a kill), ``(state, folder)`` of the trial's newest
+    checkpoint that loads."""
+    try:
+        with checkpoint.as_directory() as d:
+            return load_checkpoint(d), None
+    except _LOAD_ERRORS as e:
+        error = e
+    from ray import tune
+
+    fs = checkpoint.filesystem
+    for path in _stored_states(fs, posixpath.dirname(checkpoint.path.rstrip("/"))):
+        try:
+            with tune.Checkpoint(posixpath.dirname(path), fs).as_directory() as d:
+                return load_checkpoint(d), posixpath.dirname(path)
+        except _LOAD_ERRORS:
+            continue
+    raise RuntimeError(f"no checkpoint of this trial beside {checkpoint.path} loads") from error
+
+
 def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     """The Tune function trainable: ``params`` from the searcher, ``ctx`` from the driver.
 
@@ -394,8 +460,10 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         state = None
         ckpt = tune.get_checkpoint()
         if ckpt is not None:
-            with ckpt.as_directory() as d:
-                state = load_checkpoint(d)
+            state, instead = restore_state(ckpt)
+            if instead is not None:
+                print(f"{trial_id}: {ckpt.path} holds no state any more (superseded); continuing from {instead}, "
+                      f"epoch {state['epoch']}", flush=True)
             for p, s in zip(pairs, state["seeds"]):
                 p.load_state_dict(s)
     with clock("mlflow"):
@@ -425,6 +493,8 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         report.update({"epoch": epoch, "run_id": logger.run_id, "final": False, "resumed_from": started_at})
         with clock("report"):
             tune.report(report, checkpoint=checkpoint)
+        with clock("checkpoint"):
+            _empty_old_checkpoints()
 
     busy = _busy_trials()  # the latencies below are measured with these other trials running on the node
     with clock("finish"):  # final evaluation, gradient flow, effective ranks, the latency measurement
@@ -457,3 +527,4 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                  "latency_ms": final["latency_ms"] if math.isfinite(final["latency_ms"]) else 1e9,
                  "final": True, "trial_status": status, "trial_reason": reason or "", "epoch": epoch,
                  "run_id": logger.run_id, "resumed_from": started_at}, checkpoint=checkpoint)
+    _empty_old_checkpoints()

@@ -49,12 +49,18 @@ def make_tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
             search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials, metric="objective", mode="max",
             max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name="tune", storage_path=str(cfg.tune_path), verbose=0, callbacks=_callbacks(),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-        ),
+        run_config=_run_config(cfg, "tune"),
     )
+
+
+def _run_config(cfg: StudyConfig, name: str):
+    """Tune keeps every checkpoint folder; the trial empties all but its newest two itself
+    (:data:`study.trial.KEEP_CHECKPOINTS`), so that none a saved experiment state names is gone."""
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=str(cfg.tune_path), verbose=0, callbacks=_callbacks(),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
 
 
 def _callbacks() -> list:
@@ -138,10 +144,7 @@ def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: di
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
                                         metric="objective", mode="max"),
-            run_config=tune.RunConfig(name="confirm", storage_path=str(cfg.tune_path), verbose=0,
-                                      callbacks=_callbacks(),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+            run_config=_run_config(cfg, "confirm"),
         )
     print(f"confirmation: the best configuration of {', '.join(best)} retrained with seeds "
           f"{cfg.confirm_seed_list}, scored on test ({len(cells)} runs)", flush=True)

@@ -70,6 +70,42 @@ def _recorded_checkpoints(home: Path, since: float = 0.0) -> list[Path]:
             if c.name != "checkpoint_000000" and since < c.stat().st_mtime < newest]
 
 
+def _lose_the_recorded_checkpoints(home: Path) -> dict[str, int]:
+    """The race a killed driver can leave: the experiment state it saved names checkpoints that
+    no longer hold their state, while newer ones it never recorded are on storage. For every
+    unfinished trial: its newest state copied into a checkpoint folder after the last, and every
+    other checkpoint emptied as the trial empties old ones. ``{trial folder: the epoch left}``."""
+    from study.trial import CHECKPOINT_FILE, SUPERSEDED_FILE, load_checkpoint
+
+    left = {}
+    for trial in (home / "ray_results" / "tune").glob("run_trial_*"):
+        states = sorted(trial.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime)
+        if not states or any(load_checkpoint(p.parent).get("final") for p in states):
+            continue
+        last = max(int(p.name.split("_")[1]) for p in trial.glob("checkpoint_*"))
+        unrecorded = trial / f"checkpoint_{last + 1:06d}"
+        unrecorded.mkdir()
+        (unrecorded / CHECKPOINT_FILE).write_bytes(states[-1].read_bytes())
+        for p in states:
+            (p.parent / SUPERSEDED_FILE).write_text(json.dumps({"superseded_by": unrecorded.name}))
+            p.unlink()
+        left[trial.name] = load_checkpoint(unrecorded)["epoch"]
+    return left
+
+
+def _assert_checkpoints_kept(home: Path) -> None:
+    """No checkpoint folder of any trial is gone (a saved experiment state may name any of them);
+    at most the newest KEEP_CHECKPOINTS hold their state, every other says what superseded it."""
+    from study.trial import CHECKPOINT_FILE, KEEP_CHECKPOINTS, SUPERSEDED_FILE
+
+    for trial in (home / "ray_results").glob("*/run_trial_*"):
+        folders = sorted(trial.glob("checkpoint_*"))
+        assert [int(f.name.split("_")[1]) for f in folders] == list(range(len(folders))), folders
+        held = [f for f in folders if (f / CHECKPOINT_FILE).exists()]
+        assert 1 <= len(held) <= KEEP_CHECKPOINTS, (trial, held)
+        assert all((f / SUPERSEDED_FILE).exists() for f in folders if f not in held), trial
+
+
 def _assert_exactly_once(home: Path, name: str, n_trials: int, uri: str | None = None,
                          storage: str | None = None) -> dict[str, object]:
     """Every trial: one MLflow run, every epoch logged once; every finished trial valued in Optuna."""
@@ -191,6 +227,8 @@ def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     _assert_killed_mid_study(home, since=t0)
+    lost = _lose_the_recorded_checkpoints(home)
+    assert lost, "no trial was mid-way"
 
     left = marked(f"{mark}-resume")
     p = cli("study", "resume", str(home), env={MARK: f"{mark}-final"})
@@ -201,6 +239,11 @@ def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave
 
     resumed = _assert_continued(_assert_exactly_once(home, name, 4))
     assert victim.data.tags["rank1.trial_id"] in resumed, resumed
+    # Each trial whose recorded checkpoint had lost its state went on from the newest one there.
+    # (Or from a later one: a worker the killed driver left may have written another before it was stopped.)
+    lost = {folder.split("_")[2]: epoch for folder, epoch in lost.items()}  # run_trial_<trial id>_<n>_...
+    assert all(resumed.get(tid, -1) >= epoch for tid, epoch in lost.items()), (resumed, lost)
+    _assert_checkpoints_kept(home)
     assert json.loads((home / "outcome.json").read_text())["alias"] == "champion"
 
 

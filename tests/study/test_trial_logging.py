@@ -137,3 +137,69 @@ def test_a_first_attempt_creates_its_run_without_a_search_and_a_retry_reuses_it(
     retry = _logger({**ctx, "fresh": True})  # the worker died before its first checkpoint
     retry.wait()
     assert searched == [] and retry.run_id == first.run_id
+
+
+def _write_states(folder, epochs: dict[int, int], at: int = 0) -> None:
+    """``{checkpoint index: epoch}`` as a trial's checkpoints, written in that order from second
+    ``at`` on, a second apart (as modification times)."""
+    import os
+
+    import torch
+
+    from study.trial import CHECKPOINT_FILE
+
+    for n, (index, epoch) in enumerate(epochs.items()):
+        d = folder / f"checkpoint_{index:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"epoch": epoch}, d / CHECKPOINT_FILE)
+        t = (10**9 + at + n) * 10**9
+        os.utime(d / CHECKPOINT_FILE, ns=(t, t))
+
+
+def test_old_checkpoints_are_emptied_not_deleted_and_a_restore_from_an_emptied_one_takes_the_newest(
+        tmp_path, monkeypatch):
+    """The race a killed driver met: its saved experiment state named a checkpoint Tune had since
+    deleted, and the resume could not restore that trial. Every folder now stays; the trial
+    empties the old ones, and a restore from one continues from the newest that loads."""
+    import json
+
+    import pytest
+    from ray import tune
+
+    from study.trial import (
+        CHECKPOINT_FILE,
+        KEEP_CHECKPOINTS,
+        SUPERSEDED_FILE,
+        _empty_old_checkpoints,
+        restore_state,
+    )
+
+    folder = tmp_path / "run_trial_1"
+    fs = pafs.LocalFileSystem()
+    monkeypatch.setattr("study.trial._trial_storage", lambda: (fs, str(folder)))
+    _write_states(folder, {i: i + 1 for i in range(5)})
+    _empty_old_checkpoints()
+    held = sorted(p.parent.name for p in folder.glob(f"*/{CHECKPOINT_FILE}"))
+    assert KEEP_CHECKPOINTS == 2 and held == ["checkpoint_000003", "checkpoint_000004"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"checkpoint_{i:06d}" for i in range(5)]  # none gone
+    for i in range(3):
+        note = json.loads((folder / f"checkpoint_{i:06d}" / SUPERSEDED_FILE).read_text())
+        assert note == {"superseded_by": "checkpoint_000004"}
+
+    def restore(index):
+        state, instead = restore_state(tune.Checkpoint(str(folder / f"checkpoint_{index:06d}"), fs))
+        return state["epoch"], instead and instead.rsplit("/", 1)[-1]
+
+    assert restore(3) == (4, None)  # the one named holds its state: that one, as before
+    assert restore(0) == (5, "checkpoint_000004")
+    _write_states(folder, {4: 5}, at=10)
+    (folder / "checkpoint_000004" / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 torn by a kill")
+    assert restore(4) == (4, "checkpoint_000003") == restore(0)  # a torn one is passed over
+    # Newest by when it was written, not by index: a resumed trial counts from the index its saved
+    # state names, and writes over folders the killed driver's attempt had already filled.
+    _write_states(folder, {7: 8, 1: 9}, at=20)
+    assert restore(2) == (9, "checkpoint_000001")
+    for p in folder.glob(f"*/{CHECKPOINT_FILE}"):
+        p.unlink()
+    with pytest.raises(RuntimeError, match="no checkpoint of this trial beside .*checkpoint_000002 loads"):
+        restore(2)
