@@ -84,7 +84,7 @@ def _lose_the_recorded_checkpoints(home: Path) -> dict[str, int]:
             continue
         last = max(int(p.name.split("_")[1]) for p in trial.glob("checkpoint_*"))
         unrecorded = trial / f"checkpoint_{last + 1:06d}"
-        unrecorded.mkdir()
+        unrecorded.mkdir(exist_ok=True)  # a worker the killed driver left may be writing it too
         (unrecorded / CHECKPOINT_FILE).write_bytes(states[-1].read_bytes())
         for p in states:
             (p.parent / SUPERSEDED_FILE).write_text(json.dumps({"superseded_by": unrecorded.name}))
