@@ -401,24 +401,34 @@ def _empty_old_checkpoints(keep: int = KEEP_CHECKPOINTS) -> None:
         fs.delete_file(path)
 
 
-def restore_state(checkpoint) -> tuple[dict[str, Any], str | None]:
+def restore_state(checkpoint) -> tuple[dict[str, Any] | None, str | None]:
     """``(state, None)`` of the checkpoint Tune restores the trial from; where that one no longer
     holds its state (emptied, or torn by a kill), ``(state, folder)`` of the trial's newest
-    checkpoint that loads."""
-    try:
-        with checkpoint.as_directory() as d:
-            return load_checkpoint(d), None
-    except _LOAD_ERRORS as e:
-        error = e
+    checkpoint that loads. ``checkpoint`` None (Tune recorded none: a driver killed between the
+    trial's first checkpoint and its next saved state): the newest in the trial's own folder that
+    loads, or ``(None, None)`` where there is none (the trial starts from nothing)."""
+    error = None
+    if checkpoint is not None:
+        try:
+            with checkpoint.as_directory() as d:
+                return load_checkpoint(d), None
+        except _LOAD_ERRORS as e:
+            error = e
+        fs, folder = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+    else:
+        fs, folder = _trial_storage()
+        if fs is None:
+            return None, None
     from ray import tune
 
-    fs = checkpoint.filesystem
-    for path in _stored_states(fs, posixpath.dirname(checkpoint.path.rstrip("/"))):
+    for path in _stored_states(fs, folder):
         try:
             with tune.Checkpoint(posixpath.dirname(path), fs).as_directory() as d:
                 return load_checkpoint(d), posixpath.dirname(path)
         except _LOAD_ERRORS:
             continue
+    if checkpoint is None:
+        return None, None
     raise RuntimeError(f"no checkpoint of this trial beside {checkpoint.path} loads") from error
 
 
@@ -457,13 +467,13 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     with clock("build"):  # the models, optimisers and gradient flow at init: trial work, a plain loop does it too
         pairs = [PairTrainer(c, data=data) for c in configs]
     with clock("setup"):
-        state = None
         ckpt = tune.get_checkpoint()
-        if ckpt is not None:
-            state, instead = restore_state(ckpt)
-            if instead is not None:
-                print(f"{trial_id}: {ckpt.path} holds no state any more (superseded); continuing from {instead}, "
-                      f"epoch {state['epoch']}", flush=True)
+        state, instead = restore_state(ckpt)
+        if instead is not None:
+            why = ("no checkpoint was recorded for it (its driver was killed first)" if ckpt is None
+                   else f"{ckpt.path} holds no state any more (superseded)")
+            print(f"{trial_id}: {why}; continuing from {instead}, epoch {state['epoch']}", flush=True)
+        if state is not None:
             for p, s in zip(pairs, state["seeds"]):
                 p.load_state_dict(s)
     with clock("mlflow"):

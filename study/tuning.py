@@ -39,9 +39,11 @@ def make_tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
                                  cfg.cells)
     scheduler = None
     if cfg.scheduler == "asha":
-        # max_t one past the last epoch: the trial's final report (decomposition, speed)
-        # comes after it, and must not be cut off.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.base.epochs + 1,
+        # Rungs by the epoch the trial reports, not Tune's count of its reports: a trial that went
+        # on from a checkpoint Tune had not recorded (restore_state) counts its reports from one.
+        # max_t one past the last epoch: ASHA stops a trial that reaches it, and the trial's final
+        # report (decomposition, speed; the last epoch's number) comes after that epoch's.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.base.epochs + 1,
                                   grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor)
     return tune.Tuner(
         trainable,

@@ -239,8 +239,10 @@ def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave
 
     resumed = _assert_continued(_assert_exactly_once(home, name, 4))
     assert victim.data.tags["rank1.trial_id"] in resumed, resumed
-    # Each trial whose recorded checkpoint had lost its state went on from the newest one there.
-    # (Or from a later one: a worker the killed driver left may have written another before it was stopped.)
+    # Each trial with a state on storage went on from the newest one there, whether the saved state
+    # named a checkpoint that had lost its state or none at all (a trial the killed driver had started
+    # and not yet recorded). (Or from a later one: a worker the killed driver left may have written
+    # another before it was stopped.)
     lost = {folder.split("_")[2]: epoch for folder, epoch in lost.items()}  # run_trial_<trial id>_<n>_...
     assert all(resumed.get(tid, -1) >= epoch for tid, epoch in lost.items()), (resumed, lost)
     _assert_checkpoints_kept(home)

@@ -156,7 +156,7 @@ def _write_states(folder, epochs: dict[int, int], at: int = 0) -> None:
         os.utime(d / CHECKPOINT_FILE, ns=(t, t))
 
 
-def test_old_checkpoints_are_emptied_not_deleted_and_a_restore_from_an_emptied_one_takes_the_newest(
+def test_old_checkpoints_are_emptied_not_deleted_and_a_restore_takes_the_newest_that_loads(
         tmp_path, monkeypatch):
     """The race a killed driver met: its saved experiment state named a checkpoint Tune had since
     deleted, and the resume could not restore that trial. Every folder now stays; the trial
@@ -199,7 +199,14 @@ def test_old_checkpoints_are_emptied_not_deleted_and_a_restore_from_an_emptied_o
     # state names, and writes over folders the killed driver's attempt had already filled.
     _write_states(folder, {7: 8, 1: 9}, at=20)
     assert restore(2) == (9, "checkpoint_000001")
+    # Tune recorded no checkpoint (a driver killed before its next saved state): the trial's own
+    # folder's newest, not a start from nothing.
+    state, instead = restore_state(None)
+    assert (state["epoch"], instead.rsplit("/", 1)[-1]) == (9, "checkpoint_000001")
     for p in folder.glob(f"*/{CHECKPOINT_FILE}"):
         p.unlink()
     with pytest.raises(RuntimeError, match="no checkpoint of this trial beside .*checkpoint_000002 loads"):
         restore(2)
+    assert restore_state(None) == (None, None)  # nothing stored: it starts from nothing
+    monkeypatch.setattr("study.trial._trial_storage", lambda: (fs, str(tmp_path / "run_trial_2")))
+    assert restore_state(None) == (None, None)  # a trial's first attempt: no folder yet
