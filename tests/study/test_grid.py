@@ -1,11 +1,12 @@
 """Pre-registered grid designs (``sampler: grid``) on real Ray, MLflow and SQLite: every cell
-runs once, a killed driver resumes without repeating or skipping one; and the decoded
-dataset reaches the trials through Ray's object store, never decoded there."""
+runs once, a killed driver resumes without repeating or skipping one, and the decoded
+dataset reaches the trials through Ray's object store, decoded once by the first driver."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -42,18 +43,26 @@ def _typed(v: str):
     return int(v) if v.isdigit() else v
 
 
-def test_a_grid_design_runs_every_cell_once_and_resumes_without_repeating_or_skipping(tmp_path):
+def test_a_grid_design_runs_every_cell_once_resumes_without_repeating_or_skipping_and_decodes_once(tmp_path):
+    """A grid on image files, its driver SIGKILLed mid-study and resumed: every cell once; the
+    images decoded once, by the first driver (the resumed one reads its cache), and reaching the
+    trials through Ray's object store, never decoded by a trial."""
+    root = tmp_path / "images"
+    write_imagefolder(root, n_train=24, n_test=6, size=(12, 12))
+    decodes = tmp_path / "decodes.log"
+    env = {"RANK1_DECODE_LOG": str(decodes), "RANK1_DATA_CACHE": str(tmp_path / "cache")}
     path = write_study(tmp_path, name="grid", sampler="grid", objective="arm", n_trials=None, search=DESIGN,
-                       train={"epochs": 4, "width": 16, "arm": "all", "measure_latency": False}, max_concurrent=2)
+                       train={"dataset": "imagefolder", "root": str(root), "image_size": 8, "epochs": 4, "width": 16,
+                              "arm": "all", "measure_latency": False}, max_concurrent=2)
     home = tmp_path / "home"
     log = tmp_path / "run.log"
-    proc = _start(path, log)
+    proc = _start(path, log, env=env)
     _wait_for(lambda: _checkpoints(home, 1), proc, log)  # some trial is two epochs in
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     status = json.loads(cli("study", "status", str(home), "--json").stdout)
     assert status["n_trials"] == len(CELLS) and status["states"].get("finished", 0) < len(CELLS)
-    p = cli("study", "resume", str(home))
+    p = cli("study", "resume", str(home), env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     expected = sorted(repr(sorted(c.items())) for c in CELLS)
     done, mlflow_cells, statuses = _cells_run(home, "grid")
@@ -64,33 +73,13 @@ def test_a_grid_design_runs_every_cell_once_and_resumes_without_repeating_or_ski
     with mlflow_client(home) as (client, _):  # the champion is the best cell's own arm, named by its own metric
         mv = client.get_model_version_by_alias("grid-decomposed", "champion")
         assert mv.tags["arm"] in ("rank1", "flat1d") and mv.tags["metric"] == f"{mv.tags['arm']}.decomposed_val_acc"
+        runs = trial_runs(client, "grid")
 
-
-def test_the_dataset_is_decoded_once_and_shared_through_the_object_store(tmp_path, monkeypatch):
-    root = tmp_path / "images"
-    write_imagefolder(root, n_train=24, n_test=6, size=(12, 12))
-    decodes = tmp_path / "decodes.log"
-    path = write_study(tmp_path, name="shared", train={"dataset": "imagefolder", "root": str(root), "image_size": 8,
-                                                       "epochs": 1, "measure_latency": False},
-                       search={"depth": [1, 2]}, sampler="grid", n_trials=None)
-    env = {"RANK1_DECODE_LOG": str(decodes), "RANK1_DATA_CACHE": str(tmp_path / "cache")}
-    p = cli("study", "run", str(path), env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "shared with the trials through Ray's object store" in p.stdout
+    # Both drivers shared the decoded images (the same counts); only the first decoded them.
+    said = [re.findall(r"data: imagefolder \((\d+ train, \d+ val, \d+ test) images\) loaded in [\d.]+ s and "
+                       r"shared with the trials through Ray's object store", out) for out in (log.read_text(), p.stdout)]
+    assert len(said[0]) == 1 and said[0] == said[1], said
     lines = decodes.read_text().splitlines()
     pids = {line.split()[0] for line in lines}
-    assert len(lines) == 2 and len(pids) == 1  # the train and test folders, decoded once, by one process
-    with mlflow_client(tmp_path / "home") as (client, _):
-        runs = trial_runs(client, "shared")
-    assert len(runs) == 2 and {r.data.tags["rank1.pid"] for r in runs}.isdisjoint(pids)  # not by a trial
-    # A second study's driver on the same files (its load is the same call, the study's own
-    # config) reads the cache: nothing is decoded at all.
-    from rank1.train import data_for
-    from study.home import load_home
-
-    b = load_home(tmp_path / "home").base
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    again = data_for(b)
-    assert len(decodes.read_text().splitlines()) == 2  # and they are the images the study's driver shared
-    assert f"({len(again.train)} train, {len(again.val)} val, {len(again.test)} test images)" in p.stdout
+    assert len(lines) == 2 and len(pids) == 1  # the train and test folders, once, by one process (the first driver)
+    assert {r.data.tags["rank1.pid"] for r in runs}.isdisjoint(pids)  # not by a trial
