@@ -205,16 +205,19 @@ class _RunLogger:
         for epoch in sorted(unlogged):
             self.log_epoch(epoch, unlogged[epoch])
 
-    def log(self, metrics: dict[str, float], step: int = 0, tags: list[RunTag] | None = None) -> None:
-        now = int(time.time() * 1000)
+    def log(self, metrics: dict[str, float], step: int = 0, tags: list[RunTag] | None = None,
+            time_ms: int | None = None) -> None:
+        now = int(time.time() * 1000) if time_ms is None else time_ms
         items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
                  if isinstance(v, (int, float)) and math.isfinite(float(v))]
         for i in range(0, max(len(items), 1), _MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_BATCH], tags=(tags or []) if i == 0 else [])
 
     def finish(self, status: str, reason: str | None, results: list[dict[str, Any]], metrics: dict[str, float],
-               step: int) -> None:
-        """The end of the run in three calls: its final numbers and tags, its files, its status."""
+               step: int, time_ms: int | None = None) -> None:
+        """The end of the run in three calls: its final numbers and tags, its files, its status.
+        Idempotent given ``time_ms``: MLflow keeps one row per (key, value, step, time) of a
+        metric, so an end sent again by a restarted attempt adds nothing to the history."""
         self.wait()
         tags = {TAG_STATUS: status}
         if reason:
@@ -223,7 +226,7 @@ class _RunLogger:
         plans = {arm: {k: v for k, v in r.get("inference", {}).items() if k.startswith("deploy_")}
                  for arm, r in results[0]["arms"].items()} if results else {}
         tags.update({f"rank1.{arm}.{k}": v for arm, plan in plans.items() for k, v in plan.items() if isinstance(v, str)})
-        self.log(metrics, step=step, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+        self.log(metrics, step=step, tags=[RunTag(k, v) for k, v in sorted(tags.items())], time_ms=time_ms)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "trial_result.json").write_text(json.dumps(results, indent=1, default=str))
             if any(plans.values()):
@@ -462,10 +465,6 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         configs = [study.trial_config(params, seed=s) for s in seeds]
         arms, split, role, logged_params, tags = study.value_arms(configs[0]), "val", "trial", params, None
         name = run_name(params)
-    with clock("data"):
-        data = _data(configs[0], ctx)
-    with clock("build"):  # the models, optimisers and gradient flow at init: trial work, a plain loop does it too
-        pairs = [PairTrainer(c, data=data) for c in configs]
     with clock("setup"):
         ckpt = tune.get_checkpoint()
         state, instead = restore_state(ckpt)
@@ -473,6 +472,14 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             why = ("no checkpoint was recorded for it (its driver was killed first)" if ckpt is None
                    else f"{ckpt.path} holds no state any more (superseded)")
             print(f"{trial_id}: {why}; continuing from {instead}, epoch {state['epoch']}", flush=True)
+    # A trial restored from its final checkpoint had ended (its driver was killed before it recorded
+    # that): its end was measured once and is reported again as it was, not evaluated and timed anew.
+    ended = json.loads(state["end"]) if state is not None and "end" in state else None
+    if ended is None:
+        with clock("data"):
+            data = _data(configs[0], ctx)
+        with clock("build"):  # the models, optimisers and gradient flow at init: trial work, a plain loop does it too
+            pairs = [PairTrainer(c, data=data) for c in configs]
         if state is not None:
             for p, s in zip(pairs, state["seeds"]):
                 p.load_state_dict(s)
@@ -481,8 +488,14 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                             name)
         started_at = state["epoch"] if state else 0
         if started_at:
-            logger.client.set_tag(logger.run_id, TAG_RESUMED, str(started_at))
+            if ended is None:
+                logger.client.set_tag(logger.run_id, TAG_RESUMED, str(started_at))
             logger.resend(state.get("unlogged", {}))
+    if ended is not None:
+        print(f"{trial_id}: it had ended ({ended['status']}) before its driver recorded that; its end is "
+              f"reported again as measured", flush=True)
+        _report_end(logger, ended, _save_checkpoint(state))
+        return
 
     epoch = started_at
     while not all(p.done() for p in pairs):
@@ -520,21 +533,38 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     # The shipped arm's trained weights of every seed: the driver registers the best.
     shipped = study.shipped_arm_of(configs[0]) if confirm is None else None
     models = {shipped: [p.trainers[shipped].model.state_dict() for p in pairs]} if status == "finished" and shipped else {}
-    with clock("checkpoint"):
-        checkpoint = _save_checkpoint({
-            "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
-            "seeds": [p.state_dict() for p in pairs], "unlogged": dict(logger.unlogged), "models": models,
-            "val_acc": {a: [arm_accuracy(r["arms"][a]) for r in results] for a in models},
-            "params": params,
-        })
-    final.update(clock.metrics())  # the calls below are not in it: the benchmark counts them as outside the trial
-    logger.finish(status, reason, results,
-                  {final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
-                  step=epoch)
+    final.update(clock.metrics())  # what follows is not in it: the benchmark counts it as outside the trial
     extra = {f"objective.{a}": v for a, v in values.items() if a != arms[0] and math.isfinite(v)}
-    tune.report({**{k: v for k, v in final.items() if math.isfinite(v)}, **extra,
-                 "objective": value if math.isfinite(value) else 0.0,
-                 "latency_ms": final["latency_ms"] if math.isfinite(final["latency_ms"]) else 1e9,
-                 "final": True, "trial_status": status, "trial_reason": reason or "", "epoch": epoch,
-                 "run_id": logger.run_id, "resumed_from": started_at}, checkpoint=checkpoint)
+    ended = {
+        "status": status, "reason": reason, "results": results, "step": epoch, "time_ms": int(time.time() * 1000),
+        "metrics": {final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
+        "report": {**{k: v for k, v in final.items() if math.isfinite(v)}, **extra,
+                   "objective": value if math.isfinite(value) else 0.0,
+                   "latency_ms": final["latency_ms"] if math.isfinite(final["latency_ms"]) else 1e9,
+                   "final": True, "trial_status": status, "trial_reason": reason or "", "epoch": epoch,
+                   "run_id": logger.run_id, "resumed_from": started_at},
+    }
+    record = _end_record(ended)  # sent as kept: a restarted attempt's report of it is the same
+    checkpoint = _save_checkpoint({
+        "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
+        "seeds": [p.state_dict() for p in pairs], "unlogged": dict(logger.unlogged), "models": models,
+        "val_acc": {a: [arm_accuracy(r["arms"][a]) for r in results] for a in models},
+        "params": params, "end": record,
+    })
+    _report_end(logger, json.loads(record), checkpoint)
+
+
+def _end_record(ended: dict[str, Any]) -> str:
+    """A trial's end as the final checkpoint keeps it: JSON text (checkpoints load with
+    ``weights_only``; numbers that are not Python's own become theirs, anything else text)."""
+    return json.dumps(ended, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+
+
+def _report_end(logger: _RunLogger, ended: dict[str, Any], checkpoint) -> None:
+    """The trial's end to MLflow (final numbers, files, status) and to Tune (its last report)."""
+    from ray import tune
+
+    logger.finish(ended["status"], ended["reason"], ended["results"], ended["metrics"], step=ended["step"],
+                  time_ms=ended["time_ms"])
+    tune.report(ended["report"], checkpoint=checkpoint)
     _empty_old_checkpoints()

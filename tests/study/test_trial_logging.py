@@ -210,3 +210,42 @@ def test_old_checkpoints_are_emptied_not_deleted_and_a_restore_takes_the_newest_
     assert restore_state(None) == (None, None)  # nothing stored: it starts from nothing
     monkeypatch.setattr("study.trial._trial_storage", lambda: (fs, str(tmp_path / "run_trial_2")))
     assert restore_state(None) == (None, None)  # a trial's first attempt: no folder yet
+
+
+def test_an_end_kept_by_the_final_checkpoint_and_sent_again_is_in_mlflow_once(ctx):
+    """A trial restored from its final checkpoint (its driver was killed before it recorded the
+    end) reports the end that checkpoint keeps instead of evaluating and timing it again: the
+    run's final numbers are the first attempt's, each once in its history, and the run ends as
+    it had."""
+    import json
+
+    import numpy as np
+
+    from study.trial import _end_record, _save_checkpoint, load_checkpoint
+
+    client = MlflowClient(ctx["tracking_uri"])
+    first = _logger(ctx)
+    first.log_epoch(1, {"objective": 0.5})
+    results = [{"arms": {"rank1": {"inference": {"deploy_b1": "cpp x4", "threads": 2}}}}]
+    ended = {"status": "finished", "reason": None, "results": results, "step": 1, "time_ms": 1_700_000_000_000,
+             "metrics": {"final/latency_ms": np.float64(1.5), "final/objective": 0.5, "final/nan": float("nan")},
+             "report": {"objective": 0.5, "final": True, "epoch": 1}}
+    record = _end_record(ended)
+    state = load_checkpoint(_save_checkpoint({"epoch": 1, "end": record}).path)  # as a restore loads it
+    kept = json.loads(state["end"])
+    assert kept["metrics"]["final/latency_ms"] == 1.5 and kept["report"] == ended["report"]
+    assert kept["results"] == results and kept["time_ms"] == ended["time_ms"]
+    first.finish(kept["status"], kept["reason"], kept["results"], kept["metrics"], step=1, time_ms=kept["time_ms"])
+    again = _logger(ctx, run_id=first.run_id)  # the restarted attempt marks the run running again
+    again.wait()
+    assert client.get_run(first.run_id).data.tags["rank1.status"] == "running"
+    kept = json.loads(load_checkpoint(_save_checkpoint(state).path)["end"])  # and saves the state again
+    again.finish(kept["status"], kept["reason"], kept["results"], kept["metrics"], step=1, time_ms=kept["time_ms"])
+    for key, value in (("final/latency_ms", 1.5), ("final/objective", 0.5)):
+        assert [(m.value, m.step) for m in client.get_metric_history(first.run_id, key)] == [(value, 1)]
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["rank1.status"] == "finished"
+    assert run.data.tags["rank1.rank1.deploy_b1"] == "cpp x4" and "final/nan" not in run.data.metrics
+    # Without the kept time, a second send is a second entry: what the record prevents.
+    again.finish("finished", None, results, {"final/objective": 0.5}, step=1)
+    assert len(client.get_metric_history(first.run_id, "final/objective")) == 2
