@@ -31,6 +31,10 @@ pytestmark = pytest.mark.slow
 EPOCHS = 4  # long enough to be killed mid-trial, with trials still to start
 LONG = dict(train={"epochs": EPOCHS, "width": 16, "measure_latency": False},
             search={"depth": {"low": 2, "high": 3}, "init": ["kaiming", "dirac"]})
+# The drivers the tests kill save their experiment state at every step (Tune's default: every 10 s
+# at least; a resumed driver keeps the period of the first): on a fast machine a trial's epochs take
+# half a second, and its trial would be over before the driver had recorded it mid-way.
+SAVE_OFTEN = {"TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
 
 def _start(path: Path, log: Path, *flags: str, env: dict[str, str] | None = None, command: str = "run",
@@ -68,6 +72,25 @@ def _recorded_checkpoints(home: Path, since: float = 0.0) -> list[Path]:
     newest = max((s.stat().st_mtime for s in tune.glob("experiment_state-*.json")), default=0.0)
     return [c for c in tune.glob("*/checkpoint_*")
             if c.name != "checkpoint_000000" and since < c.stat().st_mtime < newest]
+
+
+def _mid_way(home: Path, since: float) -> list[Path]:
+    """Trials a driver killed now leaves mid-way: each has a checkpoint written after ``since``
+    that the driver's saved experiment state knows of (:func:`_recorded_checkpoints`), and its
+    newest state is of an epoch before the last (were its worker to run on for a moment after
+    the kill, it could not reach its end)."""
+    from study.trial import CHECKPOINT_FILE, load_checkpoint
+
+    found = []
+    for trial in {c.parent for c in _recorded_checkpoints(home, since)}:
+        try:
+            newest = max(trial.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime).parent
+            state = load_checkpoint(newest)
+        except (OSError, RuntimeError, EOFError, ValueError):  # superseded or being written as we look
+            continue
+        if not state.get("final") and state["epoch"] < EPOCHS:
+            found.append(newest)
+    return found
 
 
 def _lose_the_recorded_checkpoints(home: Path) -> dict[str, int]:
@@ -153,8 +176,9 @@ def kill_driver_then_resume(tmp_path: Path, name: str, flags: dict[str, str] | N
     home = tmp_path / "home"
     log = tmp_path / "run.log"
     flags = flags or {}
-    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)], env=env)
-    _wait_for(lambda: _recorded_checkpoints(home), proc, log)  # some trial can be resumed mid-way
+    proc = _start(path, log, *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)],
+                  env={**SAVE_OFTEN, **(env or {})})
+    _wait_for(lambda: _mid_way(home, since=0.0), proc, log)  # some trial can be resumed mid-way
     os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs in the driver
     proc.wait()
     _assert_killed_mid_study(home)
@@ -200,7 +224,7 @@ def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave
     name, mark = "interrupts", uuid.uuid4().hex
     path = write_study(tmp_path, name=name, **LONG)
     home, log = tmp_path / "home", tmp_path / "run.log"
-    proc = _start(path, log, env={MARK: mark}, new_session=True)
+    proc = _start(path, log, env={MARK: mark, **SAVE_OFTEN}, new_session=True)
 
     # 1. A trial's worker.
     _wait_for(lambda: _checkpoints(home, 1), proc, log)
@@ -219,16 +243,16 @@ def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave
     assert settle(mark) == [], log.read_text()[-3000:]
     assert json.loads((home / "outcome.json").read_text())["trials"].get("finished", 0) < 4  # stopped short
 
-    # 3. Resume, and SIGKILL that driver once it has got on.
+    # 3. Resume, and SIGKILL that driver once it has recorded a trial mid-way.
     t0 = time.time()
     log = tmp_path / "resume.log"
-    proc = _start(home, log, env={MARK: f"{mark}-resume"}, command="resume", new_session=True)
-    _wait_for(lambda: _recorded_checkpoints(home, since=t0), proc, log)
+    proc = _start(home, log, env={MARK: f"{mark}-resume", **SAVE_OFTEN}, command="resume", new_session=True)
+    _wait_for(lambda: _mid_way(home, since=t0), proc, log)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    _assert_killed_mid_study(home, since=t0)
-    lost = _lose_the_recorded_checkpoints(home)
+    lost = _lose_the_recorded_checkpoints(home)  # at once: a worker the killed driver left may run on a moment
     assert lost, "no trial was mid-way"
+    _assert_killed_mid_study(home, since=t0)
 
     left = marked(f"{mark}-resume")
     p = cli("study", "resume", str(home), env={MARK: f"{mark}-final"})
