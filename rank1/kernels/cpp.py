@@ -26,6 +26,7 @@ device) computes the same function with ``F.conv2d``. The module is opaque to
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -86,8 +87,22 @@ def _build_name() -> str:
     return f"rank1_cpu_{_capability().lower()}"
 
 
+def _cflags() -> list[str]:
+    # -fopenmp: at::parallel_for is an OpenMP region compiled into this file (without it the
+    # rows run on one thread); the process already holds torch's libgomp, which the loader reuses.
+    return ["-O3", "-fopenmp", *_ARCH_FLAGS.get(_capability(), [])]
+
+
 def _build_dir() -> Path:
-    return cache_dir() / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}" / _build_name()
+    """The build's folder, named by everything its compile command depends on: the source's
+    content, torch's installation and the flags. The command names the source's path and
+    torch's headers, so a copy of rank1 elsewhere (one packed into a logged model, which
+    `mlflow models serve` imports, or another checkout) sharing one folder changed it, and the
+    two rebuilt the kernel in turn (25-35 s each, over a library another process may have loaded)."""
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), str(Path(torch.__file__).parent).encode(),
+                                      " ".join(_cflags()).encode()])).hexdigest()[:12]
+    return (cache_dir() / f"torch-{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+            / f"{_build_name()}-{key}")
 
 
 def unavailable_reason(device: torch.device | str | None = None) -> str | None:
@@ -130,14 +145,15 @@ def build() -> Any:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / f"{_build_name()}.so").exists():
         print(f"rank1: compiling the C++ CPU kernel once into {out} (about a minute)", file=sys.stderr, flush=True)
+    source = out / _SOURCE.name  # compiled from a copy in the folder: the same command wherever rank1 is
+    if not source.exists():
+        tmp = out / f".{_SOURCE.name}.{os.getpid()}"
+        shutil.copyfile(_SOURCE, tmp)
+        os.replace(tmp, source)
     try:
-        # -fopenmp: at::parallel_for is an OpenMP region compiled into this file (without
-        # it the rows run on one thread); the process already holds torch's libgomp,
-        # which the loader reuses.
         module = cpp_extension.load(
-            name=_build_name(), sources=[str(_SOURCE)], build_directory=str(out),
-            extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(_capability(), [])], extra_ldflags=["-fopenmp"],
-            verbose=False,
+            name=_build_name(), sources=[str(source)], build_directory=str(out), extra_cflags=_cflags(),
+            extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as e:  # noqa: BLE001 - any compiler or loader failure makes the kernel unavailable
         lines = str(e).strip().splitlines()

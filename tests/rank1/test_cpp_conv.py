@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -234,7 +235,18 @@ def test_the_build_is_cached_per_machine(tmp_path):
     assert "compiling the C++ CPU kernel once" in first.stderr and float(first.stdout) < 1e-5
     second = _python(code, **env)
     assert second.returncode == 0 and "compiling" not in second.stderr and float(second.stdout) < 1e-5
-    assert list((tmp_path / "cache").glob("torch-*/rank1_cpu_*/rank1_cpu_*.so"))
+    (built,) = (tmp_path / "cache").glob("torch-*/rank1_cpu_*/rank1_cpu_*.so")
+    # The same rank1 from another folder (as `mlflow models serve` imports the copy packed into a
+    # logged model) loads that build; the shared folder's command named the source's path, and the
+    # two rebuilt it in turn (23 s each here).
+    shutil.copytree(ROOT / "rank1", tmp_path / "elsewhere" / "rank1", ignore=shutil.ignore_patterns("__pycache__"))
+    before = built.stat().st_mtime_ns
+    third = subprocess.run([sys.executable, "-c", f"import rank1\nassert rank1.__file__.startswith({str(tmp_path)!r})\n{code}"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                           env={**os.environ, **env, "PYTHONPATH": str(tmp_path / "elsewhere")})
+    assert third.returncode == 0 and "compiling" not in third.stderr, third.stderr[-2000:]
+    assert float(third.stdout) < 1e-5 and built.stat().st_mtime_ns == before
+    assert len(list((tmp_path / "cache").glob("torch-*/rank1_cpu_*"))) == 1
 
 
 def test_grid_row_includes_cpp():
