@@ -263,27 +263,40 @@ def test_a_second_study_in_the_same_home_is_refused(smoke):
     assert p.returncode == 2 and "already holds this study" in p.stderr
 
 
-def test_asha_stopped_trials_are_pruned_in_optuna_and_mlflow(tmp_path):
-    """Upstream records ASHA-stopped trials as COMPLETE; here they are PRUNED everywhere."""
+def test_asha_prunes_and_a_diverging_trial_is_recorded_while_the_study_goes_on(tmp_path):
+    """ASHA-stopped trials are PRUNED in Optuna and MLflow (upstream records them COMPLETE); a
+    trial whose loss diverges is FAIL with its reason (not pruned, though ASHA sees it last at its
+    rung); the study goes on around both and picks its best from the finished trials."""
+    # Random sampler, seed 0, one trial at a time (so later trials meet earlier rungs): lr 0.05, 1e6,
+    # 0.0001, 0.05, 1e6.
     path = write_study(tmp_path, name="asha", scheduler="asha", grace_period=1, reduction_factor=2, n_trials=5,
-                       max_concurrent=1, train={"epochs": 4, "measure_latency": False},
-                       search={"lr": {"low": 0.0001, "high": 0.3, "log": True}})
+                       max_concurrent=1, seed=0, train={"epochs": 4, "measure_latency": False},
+                       search={"lr": [0.0001, 0.05, 0.1, 1000000.0]})
     p = cli("study", "run", str(path))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "not measured (train.measure_latency: false)" in p.stdout  # the summary says why it has no speed
     home = tmp_path / "home"
-    optuna_state = {t.user_attrs["ray_trial_id"]: t.state.name for t in optuna_trials(home, "asha")}
+    optuna = {t.user_attrs["ray_trial_id"]: t for t in optuna_trials(home, "asha")}
     with mlflow_client(home) as (client, _):
         runs = {r.data.tags["rank1.trial_id"]: r for r in trial_runs(client, "asha")}
-    assert set(runs) == set(optuna_state) and len(runs) == 5
-    pruned = {tid for tid, r in runs.items() if r.data.tags["rank1.status"] == "pruned"}
-    assert pruned, "ASHA stopped no trial (max_concurrent=1 makes later trials meet earlier rungs)"
+    assert set(runs) == set(optuna) and len(runs) == 5
+    statuses = {tid: r.data.tags["rank1.status"] for tid, r in runs.items()}
+    assert {"diverged", "pruned", "finished"} <= set(statuses.values()), statuses
     for tid, r in runs.items():
-        if tid in pruned:
-            assert optuna_state[tid] == "PRUNED" and r.info.status == "KILLED"
+        t = optuna[tid]
+        if float(r.data.params["lr"]) == 1000000.0:
+            assert statuses[tid] == "diverged" and r.info.status == "FAILED", statuses[tid]
+            assert "loss became" in r.data.tags["rank1.reason"]
+            assert (t.state.name, t.user_attrs.get("status")) == ("FAIL", "diverged")
+        elif statuses[tid] == "pruned":
+            assert t.state.name == "PRUNED" and r.info.status == "KILLED"
             assert "stopped early by ASHA" in r.data.tags["rank1.reason"]
             assert "final/rank1.decomposed_val_acc" not in r.data.metrics and "rank1.val_acc" in r.data.metrics
         else:
-            assert optuna_state[tid] == "COMPLETE" and r.data.tags["rank1.status"] == "finished"
+            assert statuses[tid] == "finished" and t.state.name == "COMPLETE"
+    best = max((t for t in optuna.values() if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    outcome = json.loads((home / "outcome.json").read_text())
+    assert outcome["best"]["trial_id"] == best.user_attrs["ray_trial_id"] and outcome["best"]["params"] == best.params
 
 
 def test_multi_objective_study_picks_from_the_pareto_front(tmp_path):
