@@ -215,7 +215,7 @@ def settle(mark: str, timeout: float = 30.0) -> list[str]:
     return left
 
 
-def stop_marked(mark: str, timeout: float = 15.0) -> None:
+def stop_marked(mark: str, timeout: float = 2.0) -> None:
     """Stop the processes carrying ``mark`` (SIGTERM, then SIGKILL), and only those: never
     ``ray stop``, which stops every Ray instance of the user on the machine, theirs too."""
     import psutil
