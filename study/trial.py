@@ -557,7 +557,13 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 def _end_record(ended: dict[str, Any]) -> str:
     """A trial's end as the final checkpoint keeps it: JSON text (checkpoints load with
     ``weights_only``; numbers that are not Python's own become theirs, anything else text)."""
-    return json.dumps(ended, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    def plain(v: Any) -> Any:
+        try:
+            return v.item()  # a numpy or torch scalar
+        except (AttributeError, ValueError, RuntimeError):
+            return str(v)
+
+    return json.dumps(ended, default=plain)
 
 
 def _report_end(logger: _RunLogger, ended: dict[str, Any], checkpoint) -> None:
