@@ -481,16 +481,20 @@ def verdict(data: StudyData, rows) -> Section:
     head = ("rank1", "flat1d") if ("rank1", "flat1d") in by_pair else max(
         by_pair, key=lambda k: (len(by_pair[k]), k), default=None)
     diffs = by_pair.get(head, []) if head else []
-    trials = {r["trial"] for r in rows if r["arm"] == "rank1" and (head is None or head[0] in ("rank1", r["variant"]))}
-    v = paired_verdict(diffs, len(trials) if diffs else 0)
+
+    def trials_of(pair: tuple[str, str] | None) -> int:  # the trials a pair's runs came from
+        return len({r["trial"] for r in rows if r["arm"] == "rank1" and (pair is None or pair[0] in ("rank1", r["variant"]))})
+
+    v = paired_verdict(diffs, trials_of(head) if diffs else 0)
     s.data = {**v.to_dict(), "pair": list(head) if head else None,
-              "pairs": {f"{a} vs {b}": paired_verdict(d, 0).to_dict() for (a, b), d in sorted(by_pair.items())}}
+              "pairs": {f"{a} vs {b}": paired_verdict(d, trials_of((a, b))).to_dict()
+                        for (a, b), d in sorted(by_pair.items())}}
     label = f" ({head[0]} vs {head[1]})" if head and head != ("rank1", "flat1d") else ""
     s.text.append(v.sentence + label)
     s.text.append(PAIRED_QUESTION)
     for (a, b), d in sorted(by_pair.items()):
         if (a, b) != head:
-            pv = paired_verdict(d, 0)
+            pv = paired_verdict(d, trials_of((a, b)))
             s.text.append(f"{a} vs {b}: {pv.brief()}.")
     s.text += _start_note(rows)
     accs = confirm_accuracies(data)

@@ -57,6 +57,11 @@ def test_report_from_the_smoke_study(smoke_study, smoke_tracking):
     assert verdict["n_pairs"] == len(diffs) == 4
     assert verdict["mean_diff"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-12)
     assert f"{verdict['mean_diff']:+.3f}" in verdict["sentence"] and "too few pairs" in verdict["sentence"]
+    # Each variant pair's own verdict counts the trials it came from (it said "(0 trials)").
+    assert verdict["pairs"]["rank1 vs flat1d"]["n_trials"] == 4 and len(verdict["pairs"]) > 1
+    for pair in verdict["pairs"].values():
+        n = pair["n_trials"]
+        assert n >= 1 and f"({n} trial{'s' if n != 1 else ''})" in pair["sentence"], pair
     assert {"report/report.html", "report/frontier.png", "report/verdict.json", "report/low_rank.png"} <= logged
     # Best vs best, recomputed from the confirmation runs in MLflow: 2 fresh seeds per arm, on test.
     from dashboards.stats import best_vs_best
