@@ -144,7 +144,7 @@ def build() -> Any:
     out = _build_dir()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / f"{_build_name()}.so").exists():
-        print(f"rank1: compiling the C++ CPU kernel once into {out} (about a minute)", file=sys.stderr, flush=True)
+        print(f"rank1: compiling the C++ CPU kernel once into {out} (about half a minute on 2 cores)", file=sys.stderr, flush=True)
     source = out / _SOURCE.name  # compiled from a copy in the folder: the same command wherever rank1 is
     if not source.exists():
         tmp = out / f".{_SOURCE.name}.{os.getpid()}"

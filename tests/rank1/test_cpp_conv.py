@@ -2,7 +2,7 @@
 does not reach — both of its paths, random geometries, its build, its fallbacks.
 
 The kernel is compiled here for real (once per machine, cached): CI has g++ and ninja.
-The build test compiles into a fresh cache, about a minute: it is marked slow.
+The build test compiles into a fresh cache, about half a minute on 2 cores: it is marked slow.
 """
 
 from __future__ import annotations
