@@ -74,14 +74,44 @@ def smoke_tracking(smoke_study):
 
 # Under pytest-xdist (`make test` runs two workers), the tests that share an expensive fixture
 # run on one worker, so that it is built once: the session's smoke study, the jobs tests' Ray
-# head, the multi-node cluster. Other tests go wherever a worker is free.
-SHARED_FIXTURES = {"smoke_study": "smoke-study", "smoke_tracking": "smoke-study", "head": "ray-head", "cluster": "ray-cluster"}
+# head, the multi-node cluster. Other tests go wherever a worker is free. Each group's fixture
+# costs the seconds given here once (2-core Intel Xeon, 2026-12-04), on top of its tests.
+SHARED_FIXTURES = {"smoke_study": ("smoke-study", 55), "smoke_tracking": ("smoke-study", 0),
+                   "head": ("ray-head", 10), "cluster": ("ray-cluster", 20)}
+SLOW_S, FAST_S = 10.0, 0.5  # what a test costs without a `slow(seconds=...)` estimate
+
+
+def _cost(item) -> float:
+    """A test's expected seconds: the largest `slow(seconds=...)` on it, else a flat guess."""
+    seconds = [m.kwargs["seconds"] for m in item.iter_markers("slow") if "seconds" in m.kwargs]
+    if seconds:
+        return float(max(seconds))
+    return SLOW_S if item.get_closest_marker("slow") else FAST_S
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
+    scope_of, fixture_cost = {}, {}
     for item in items:
-        for fixture, group in SHARED_FIXTURES.items():
+        scope_of[item] = item.nodeid
+        for fixture, (group, seconds) in SHARED_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
+                scope_of[item] = group
+                fixture_cost[group] = max(fixture_cost.get(group, 0), seconds)
                 break
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    # Longest first (each worker collects, and sorts, the same way): xdist hands a free worker
+    # the next group or test in this order (`--no-loadscope-reorder` in the Makefile keeps it),
+    # so the long studies start early and the many short tests fill in at the end. In
+    # collection order the longest study started last on one worker while the other had run
+    # out of work (2-core Intel Xeon, 2026-12-04: the workers finished 70 s apart).
+    cost = dict(fixture_cost)
+    for item in items:
+        cost[scope_of[item]] = cost.get(scope_of[item], 0) + _cost(item)
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(scope_of[item], i)
+    order = {item: (-cost[scope_of[item]], first[scope_of[item]], i) for i, item in enumerate(items)}
+    items.sort(key=order.__getitem__)

@@ -80,7 +80,7 @@ def test_report_from_the_smoke_study(smoke_study, smoke_tracking):
     assert "speed measured" in html and "inside the trial: 1 thread, " in html and "running beside it" in html
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=16)
 def test_report_and_mlflow_ui_in_a_real_browser(smoke_study, smoke_tracking):
     sync_playwright, chromium = _browser()
     tmp, _, _ = smoke_study

@@ -224,7 +224,7 @@ def test_without_a_compiler_cpp_is_unavailable_and_says_why(tmp_path):
     assert "impl='cpp' is unavailable here (no C++ compiler" in r.stderr, r.stderr[-2000:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_the_build_is_cached_per_machine(tmp_path):
     code = ("import torch\nfrom rank1 import Rank1Conv2d\nl = Rank1Conv2d(4, 4, 3, padding=1)\n"
             "x = torch.randn(1, 4, 6, 6)\nwith torch.no_grad():\n"

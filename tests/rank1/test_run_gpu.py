@@ -25,7 +25,7 @@ runpy.run_path("benchmarks/gpu/run_gpu.py", run_name="__main__")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_dry_run_writes_json_and_markdown(tmp_path):
     args = ["--out", str(tmp_path), "--device", "cpu", "--quick", "--dtypes", "fp32", "bf16", "--budget-s", "20",
             "--network-s", "2", "--repeats", "2", "--sample-ms", "0.2", "--deploy-s", "60"]

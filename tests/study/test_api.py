@@ -15,6 +15,7 @@ from tests.study.conftest import mlflow_client, optuna_trials, trial_runs, write
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow(seconds=35)
 def test_run_then_results_equal_mlflow_and_optuna(tmp_path):
     path = write_study(tmp_path, name="api", n_trials=3, seeds_per_trial=2, train={"arm": "all", "epochs": 1},
                        search={"depth": {"low": 1, "high": 2}, "init": ["kaiming", "dirac"]})

@@ -208,6 +208,7 @@ def _running_trial(client, name: str):
     return None
 
 
+@pytest.mark.slow(seconds=110)
 def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave_nothing(tmp_path):
     """One study through every interruption in turn, each checked as it happens, then
     exactly-once over all of them:

@@ -43,6 +43,7 @@ def _typed(v: str):
     return int(v) if v.isdigit() else v
 
 
+@pytest.mark.slow(seconds=60)
 def test_a_grid_design_runs_every_cell_once_resumes_without_repeating_or_skipping_and_decodes_once(tmp_path):
     """A grid on image files, its driver SIGKILLed mid-study and resumed: every cell once; the
     images decoded once, by the first driver (the resumed one reads its cache), and reaching the

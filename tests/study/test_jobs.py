@@ -44,6 +44,7 @@ def head():
         stop_marked(mark)  # this cluster's processes only (`ray stop` would stop every Ray on the machine)
 
 
+@pytest.mark.slow(seconds=35)
 def test_submit_wait_jobs_logs(tmp_path, head):
     url, env = head
     path = write_study(tmp_path, name="jobsmoke", train={"measure_latency": False})
@@ -58,6 +59,7 @@ def test_submit_wait_jobs_logs(tmp_path, head):
     assert logs.returncode == 0 and "models:/jobsmoke-decomposed@champion" in logs.stdout
 
 
+@pytest.mark.slow(seconds=17)
 def test_stop_a_running_job(tmp_path, head):
     url, env = head
     path = write_study(tmp_path, name="jobstop", train={"epochs": 20, "width": 16, "measure_latency": False})

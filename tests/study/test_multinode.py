@@ -61,6 +61,7 @@ def cluster():
         token.unlink(missing_ok=True)
 
 
+@pytest.mark.slow(seconds=40)
 def test_trials_run_on_more_than_one_node(tmp_path, cluster):
     address, env, node_ids = cluster
     with tracking_server(tmp_path / "server") as url:
@@ -105,6 +106,7 @@ def test_a_trial_no_node_can_fit_fails_instead_of_waiting_forever(tmp_path, clus
     assert "(cluster now: 2 CPU, 0 GPU)" in p.stderr and not (tmp_path / "home" / "study.yaml").exists()
 
 
+@pytest.mark.slow(seconds=27)
 def test_a_cluster_that_wants_a_token_says_so(tmp_path, cluster):
     address, env, _ = cluster
     path = write_study(tmp_path, name="notoken")

@@ -28,6 +28,7 @@ def test_a_finished_study_leaves_nothing_running(smoke_study):
     assert settle(mark, 5) == []  # nothing to wait for: the driver stopped everything before it exited
 
 
+@pytest.mark.slow(seconds=16)
 def test_a_failed_start_leaves_nothing_running(tmp_path):
     mark = uuid.uuid4().hex
     blocker = tmp_path / "not-a-folder"

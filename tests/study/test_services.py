@@ -58,6 +58,7 @@ def test_the_launched_server_is_signalled_at_the_end_and_its_launcher_waits(tmp_
         urllib.request.urlopen(uri + "/health", timeout=5)
 
 
+@pytest.mark.slow(seconds=20)
 def test_a_new_home_starts_from_a_copy_of_the_first_new_store(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

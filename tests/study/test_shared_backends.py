@@ -52,6 +52,7 @@ def _files_containing(root: Path, secret: bytes) -> list[str]:
     return hits
 
 
+@pytest.mark.slow(seconds=140)
 def test_an_authenticated_server_on_postgresql_keeps_exactly_once_through_a_driver_kill_and_no_secret(
         tmp_path, postgres, monkeypatch):
     """One study against what a cluster shares: an MLflow server with basic auth whose backend

@@ -121,6 +121,7 @@ def _same_classes(logits, ref):
     return bool(((logits.argmax(1) == ref.argmax(1)) | tie).all())
 
 
+@pytest.mark.slow(seconds=15)
 def test_champion_is_registered_and_pull_serves_it_like_the_trial(smoke, tmp_path):
     tmp, path, _ = smoke
     home = tmp / "home"
@@ -263,6 +264,7 @@ def test_a_second_study_in_the_same_home_is_refused(smoke):
     assert p.returncode == 2 and "already holds this study" in p.stderr
 
 
+@pytest.mark.slow(seconds=35)
 def test_asha_prunes_and_a_diverging_trial_is_recorded_while_the_study_goes_on(tmp_path):
     """ASHA-stopped trials are PRUNED in Optuna and MLflow (upstream records them COMPLETE); a
     trial whose loss diverges is FAIL with its reason (not pruned, though ASHA sees it last at its
@@ -299,6 +301,7 @@ def test_asha_prunes_and_a_diverging_trial_is_recorded_while_the_study_goes_on(t
     assert outcome["best"]["trial_id"] == best.user_attrs["ray_trial_id"] and outcome["best"]["params"] == best.params
 
 
+@pytest.mark.slow(seconds=35)
 def test_multi_objective_study_picks_from_the_pareto_front(tmp_path):
     path = write_study(tmp_path, name="multi", objective="multi", sampler="nsga2", latency_batch=1,
                        pareto_tolerance=0.05, n_trials=3)
