@@ -1,6 +1,6 @@
 """What the study service costs: the same trials through Ray Tune + MLflow vs a plain loop.
 
-    python benchmarks/study_overhead.py [--trials 4 12] [--out benchmarks/results]
+    python benchmarks/study_overhead.py [--trials 4 12] [--repeats 3] [--out benchmarks/results]
 
 Runs identical trials (digits, vgg depth 4 width 16, 3 epochs, both arms) as
   plain      a loop over rank1.train.train_pair in this process (data loaded once), before
@@ -15,6 +15,11 @@ small and the large study: (fit(large) - fit(small)) / (large - small), less the
 loop's time per trial. The trials' own clocks (``final/overhead.*_s`` in MLflow) say where
 a trial's time goes inside it; what is left of the slope is outside it (Tune's bookkeeping,
 handing the worker to the next trial, the trial's last MLflow calls and report).
+
+One repeat's slope moves between runs by more than the effects it measures (0.22-2.56 s per
+trial over 13 runs on the same machine), so the four studies are measured ``--repeats`` times,
+each repeat between two plain loops, and the headline numbers are the medians, every repeat's
+listed beside them (~4.5 min per repeat on 2 cores).
 """
 
 from __future__ import annotations
@@ -111,10 +116,10 @@ def _cpu_while(p: subprocess.Popen, interval_s: float = 0.2) -> dict[str, float]
             try:
                 with proc.oneshot():
                     key, t = (proc.pid, proc.create_time()), proc.cpu_times()
-                    entry = seen.setdefault(key, [None, 0.0])
-                    if entry[0] in (None, "ray"):  # a worker's title is set after it starts
-                        entry[0] = _kind(proc, p.pid)
-                    entry[1] = max(entry[1], t.user + t.system)
+                    kind, sec = seen.get(key, ("ray", 0.0))
+                    if kind == "ray":  # a worker's title is set after it starts
+                        kind = _kind(proc, p.pid)  # (a process gone by now is not recorded half-known)
+                    seen[key] = [kind, max(sec, t.user + t.system)]
             except psutil.Error:
                 continue
         time.sleep(interval_s)
@@ -137,51 +142,81 @@ def _phases(home: Path) -> dict[str, float]:
     return {ph: statistics.median(r.data.metrics.get(f"{FINAL}overhead.{ph}_s", 0.0) for r in runs) for ph in PHASES}
 
 
+def _one(runs: dict, small: int, large: int, t_before: float, t_after: float) -> dict[str, object]:
+    """One repeat's numbers: the four studies and the plain loops that bracket them."""
+    per_plain = (t_before + t_after) / 2 / large
+    slope = {c: (runs[c, large]["fit_s"] - runs[c, small]["fit_s"]) / (large - small) for c in (1, 2)}
+    return {"per_trial_plain_s": per_plain, "plain_before_s": t_before, "plain_after_s": t_after,
+            "per_trial_service_s": slope, "overhead_per_trial_s": slope[1] - per_plain,
+            "parallel_speedup": slope[1] / slope[2]}
+
+
+def _median_dict(ds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(d[k] for d in ds) for k in ds[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, nargs=2, default=[4, 12], metavar=("SMALL", "LARGE"))
+    ap.add_argument("--repeats", type=int, default=3, metavar="R",
+                    help="measure the four studies R times, each bracketed by the plain loop; the "
+                         "headline numbers are the medians, with every repeat's listed (default 3)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     small, large = args.trials
     if not 0 < small < large:
         ap.error(f"--trials: SMALL < LARGE, both positive (got {small} {large})")
+    if args.repeats < 1:
+        ap.error(f"--repeats: {args.repeats} must be >= 1")
     from rank1.measure import machine_info
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rank1-overhead-") as d:
         tmp = Path(d)
-        t_before, cpu_before = plain(large)
+        plains = [plain(large)]
         t_plain2 = plain_parallel(large)
-        runs = {(c, n): service(n, c, tmp) for c in (1, 2) for n in (small, large)}
-        t_after, cpu_after = plain(large)  # the machine drifts: the plain loop before and after brackets the service
-    t_plain = (t_before + t_after) / 2
-    per_plain = t_plain / large
-    slope = {c: (runs[c, large]["fit_s"] - runs[c, small]["fit_s"]) / (large - small) for c in (1, 2)}
-    ph = runs[1, large]["phases"]
+        all_runs = []
+        for r in range(args.repeats):
+            rt = tmp / f"r{r}"
+            rt.mkdir()
+            all_runs.append({(c, n): service(n, c, rt) for c in (1, 2) for n in (small, large)})
+            plains.append(plain(large))  # the machine drifts: plain loops before and after bracket each repeat
+            print(f"repeat {r + 1}/{args.repeats} done ({(time.perf_counter() - t_start) / 60:.1f} min)", flush=True)
+    reps = [_one(runs, small, large, plains[r][0], plains[r + 1][0]) for r, runs in enumerate(all_runs)]
+    med = lambda k: statistics.median(x[k] for x in reps)  # noqa: E731
+    t_before, cpu_before = plains[0]
+    t_after, cpu_after = plains[-1]
+    t_plain = statistics.mean(t for t, _ in plains)
+    per_plain = med("per_trial_plain_s")
+    slope = {c: statistics.median(x["per_trial_service_s"][c] for x in reps) for c in (1, 2)}
+    ph = _median_dict([runs[1, large]["phases"] for runs in all_runs])
     inside = sum(ph[p] for p in SERVICE)
     outside = slope[1] - sum(ph.values())
     # CPU seconds per trial by process kind (slopes, as the wall times): what the service's own
     # processes take from the trials when they share the cores.
-    cpu = {c: {k: (runs[c, large]["cpu_s"][k] - runs[c, small]["cpu_s"][k]) / (large - small) for k in KINDS}
-           for c in (1, 2)}
-    cpu_plain = (cpu_before + cpu_after) / 2 / large
+    cpu = {c: _median_dict([{k: (runs[c, large]["cpu_s"][k] - runs[c, small]["cpu_s"][k]) / (large - small)
+                             for k in KINDS} for runs in all_runs]) for c in (1, 2)}
+    cpu_plain = statistics.mean(c for _, c in plains) / large
     res = {
-        "trials": [small, large], "train": TRAIN, "plain_s": t_plain, "plain_before_s": t_before,
-        "plain_after_s": t_after, "plain_2proc_s": t_plain2,
-        "per_trial_plain_s": per_plain, "plain_2proc_speedup": t_before / t_plain2,
-        "runs": {f"c{c}_n{n}": r for (c, n), r in runs.items()},
+        "trials": [small, large], "repeats": args.repeats, "train": TRAIN, "plain_s": t_plain,
+        "plain_before_s": t_before, "plain_after_s": t_after, "plain_2proc_s": t_plain2,
+        "per_trial_plain_s": per_plain, "plain_2proc_speedup": plains[0][0] / t_plain2,
+        "runs": {f"r{r}_c{c}_n{n}": x for r, rs in enumerate(all_runs) for (c, n), x in rs.items()},
+        "per_repeat": reps,
         "per_trial_service_s": slope,
-        "overhead_per_trial_s": slope[1] - per_plain,
+        "overhead_per_trial_s": med("overhead_per_trial_s"),
         "overhead_inside_trial_s": {p: ph[p] for p in SERVICE},
         "overhead_outside_trial_s": outside,
         "trial_work_s": {"build": ph["build"], "train": ph["train"], "finish": ph["finish"]},
-        "parallel_speedup": slope[1] / slope[2],
+        "parallel_speedup": med("parallel_speedup"),
         "cpu_per_trial_s": {f"c{c}": v for c, v in cpu.items()}, "plain_cpu_per_trial_s": cpu_plain,
-        "startup_s": runs[1, large]["startup_s"], "finish_s": runs[1, large]["finish_s"],
+        "startup_s": statistics.median(rs[1, large]["startup_s"] for rs in all_runs),
+        "finish_s": statistics.median(rs[1, large]["finish_s"] for rs in all_runs),
         # the process's time outside the driver's clock: its start (imports, reading the study
         # file) and, after the summary, the MLflow server's and Ray's shutdown and the exit
-        "outside_clock_s": runs[1, large]["wall_s"] - runs[1, large]["total_s"],
-        "fixed_s": runs[1, small]["fit_s"] - small * slope[1],
+        "outside_clock_s": statistics.median(rs[1, large]["wall_s"] - rs[1, large]["total_s"] for rs in all_runs),
+        "fixed_s": statistics.median(rs[1, small]["fit_s"] - small * x["per_trial_service_s"][1]
+                                     for rs, x in zip(all_runs, reps)),
         "machine": machine_info("cpu"), "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/study_overhead.py " + " ".join(sys.argv[1:]),
         "benchmark_s": time.perf_counter() - t_start,
@@ -190,12 +225,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_overhead.json").write_text(json.dumps(res, indent=2))
     f = res["overhead_inside_trial_s"]
+    each_overhead = ", ".join(f"{x['overhead_per_trial_s']:.2f}" for x in reps)
+    each_speedup = ", ".join(f"{x['parallel_speedup']:.2f}x" for x in reps)
+    repeats_md = "" if len(reps) == 1 else (
+        f"Medians of {len(reps)} repeats (each: the four studies, bracketed by the plain loop). Every repeat's "
+        f"overhead per trial: {each_overhead} s; its 2-at-a-time speedup: {each_speedup}.\n\n")
     md = (
         f"Identical trials (digits, vgg depth 4 width 16, 3 epochs, rank1 + flat1d); {res['machine'].get('cpu', '')}, "
         f"{res['date']}; `{res['command']}` ({res['benchmark_s'] / 60:.1f} min).\n\n"
-        f"| per trial | seconds |\n|---|---|\n"
-        f"| plain loop over `train_pair`, one process (mean of before and after the service: "
-        f"{t_before / large:.2f}, {t_after / large:.2f}) | {per_plain:.2f} |\n"
+        + repeats_md
+        + f"| per trial | seconds |\n|---|---|\n"
+        f"| plain loop over `train_pair`, one process (mean of the loops before and after the service: "
+        f"{', '.join(f'{t / large:.2f}' for t, _ in plains)}) | {per_plain:.2f} |\n"
         f"| service, 1 trial at a time (slope {small} → {large} trials) | {slope[1]:.2f} |\n"
         f"| **overhead per trial** (service − plain) | **{res['overhead_per_trial_s']:.2f}** |\n"
         f"| … inside the trial: setup {f['setup']:.3f}, data {f['data']:.3f}, MLflow {f['mlflow']:.3f}, "
