@@ -235,8 +235,9 @@ def main() -> None:
         f"{res['date']}; `{res['command']}` ({res['benchmark_s'] / 60:.1f} min).\n\n"
         + repeats_md
         + f"| per trial | seconds |\n|---|---|\n"
-        f"| plain loop over `train_pair`, one process (mean of the loops before and after the service: "
-        f"{', '.join(f'{t / large:.2f}' for t, _ in plains)}) | {per_plain:.2f} |\n"
+        f"| plain loop over `train_pair`, one process (the loops around the service's studies: "
+        f"{', '.join(f'{t / large:.2f}' for t, _ in plains)}; a repeat's baseline is the mean of the two "
+        f"around it) | {per_plain:.2f} |\n"
         f"| service, 1 trial at a time (slope {small} → {large} trials) | {slope[1]:.2f} |\n"
         f"| **overhead per trial** (service − plain) | **{res['overhead_per_trial_s']:.2f}** |\n"
         f"| … inside the trial: setup {f['setup']:.3f}, data {f['data']:.3f}, MLflow {f['mlflow']:.3f}, "
