@@ -11,6 +11,7 @@ as PRUNED; trials that diverged or failed as FAIL with the reason.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
@@ -56,14 +57,16 @@ class OptunaRDBSearcher(Searcher):
         self._study = None
         self._numbers: dict[str, tuple[int, int]] = {}  # Ray trial id -> (Optuna number, storage id)
         self._scanned = False
+        self._writer: ThreadPoolExecutor | None = None  # intermediate values, off Tune's loop
+        self._pending: list[Future] = []
 
     # The Optuna study (an open database connection) is not pickled with the
-    # experiment state; a restored searcher reconnects on first use.
+    # experiment state; a restored searcher reconnects on first use. What was
+    # handed to the writer is in the storage first, so no saved state runs ahead of it.
     def __getstate__(self) -> dict[str, Any]:
+        self.flush()
         state = self.__dict__.copy()
-        state["_study"] = None
-        state["_numbers"] = {}
-        state["_scanned"] = False
+        state.update(_study=None, _numbers={}, _scanned=False, _writer=None, _pending=[])
         return state
 
     @property
@@ -134,18 +137,41 @@ class OptunaRDBSearcher(Searcher):
         return params
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        # Intermediate values feed Optuna's history (single objective only).
+        # Intermediate values feed Optuna's history (single objective only). Written by a
+        # background thread: the trial waits for Tune to take each report, and a database
+        # commit per epoch was most of that wait (~11 ms of ~17 ms on a local SQLite file).
         if (self._ids(trial_id) is None or len(self.objectives) > 1 or self.metric not in result
                 or result.get("final")):
             return
-        trial, frozen = self._trial(trial_id)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        storage_id = self._numbers[trial_id][1]
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="rank1-optuna")
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._writer.submit(self._intermediate, storage_id, step, float(result[self.metric])))
+
+    def _intermediate(self, storage_id: int, step: int, value: float) -> None:
+        """One epoch's value, unless the trial has ended or already has that epoch (a trial
+        continued from a checkpoint reports the epochs after it again)."""
+        storage = self.study._storage
+        frozen = storage.get_trial(storage_id)
         if frozen.state.name == "RUNNING" and step not in frozen.intermediate_values:
-            trial.report(float(result[self.metric]), step)
+            storage.set_trial_intermediate_value(storage_id, step, value)
+
+    def flush(self) -> None:
+        """Until every intermediate value handed to the writer is in the storage. A failed write
+        is logged, not raised: the value is also in the trial's MLflow run."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001 - the search goes on without that one value
+                log.warning("an intermediate value of the Optuna study %s was not recorded: %s", self.study_name, e)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         import optuna
 
+        self.flush()  # its epochs first: a trial told is finished, and takes no more values
         number = self._number(trial_id)
         if number is None:
             log.warning("trial %s is not in the Optuna study %s", trial_id, self.study_name)
@@ -170,6 +196,7 @@ class OptunaRDBSearcher(Searcher):
 
     # Tune checkpoints searchers with these; the storage already holds everything.
     def save(self, checkpoint_path: str) -> None:
+        self.flush()
         with open(checkpoint_path, "w") as f:
             f.write(f"optuna study {self.study_name} in {self.storage_url.split('@')[-1]}\n")
 

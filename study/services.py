@@ -475,11 +475,16 @@ class ProcessLedger:
 
         me = psutil.Process()
         try:
+            before = len(self._known)
             for p in me.children(recursive=True):
+                if p.pid in self._known:  # its start time is read once
+                    continue
                 with contextlib.suppress(psutil.Error):
                     started = p.create_time()
                     if started >= self._since:  # only what the study started, not a caller's own children
-                        self._known.setdefault(p.pid, started)
+                        self._known[p.pid] = started
+            if len(self._known) == before and self.path.exists():  # nothing new to write down
+                return
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps({"driver": [me.pid, me.create_time()],
                                        "processes": [[p, t] for p, t in self._known.items()]}))

@@ -215,9 +215,10 @@ class _RunLogger:
 
     def finish(self, status: str, reason: str | None, results: list[dict[str, Any]], metrics: dict[str, float],
                step: int, time_ms: int | None = None) -> None:
-        """The end of the run in three calls: its final numbers and tags, its files, its status.
-        Idempotent given ``time_ms``: MLflow keeps one row per (key, value, step, time) of a
-        metric, so an end sent again by a restarted attempt adds nothing to the history."""
+        """The end of the run: its final numbers and tags, and its files, side by side (the
+        server's database write and its file write overlap), then its status. Idempotent given
+        ``time_ms``: MLflow keeps one row per (key, value, step, time) of a metric, so an end sent
+        again by a restarted attempt adds nothing to the history."""
         self.wait()
         tags = {TAG_STATUS: status}
         if reason:
@@ -226,12 +227,14 @@ class _RunLogger:
         plans = {arm: {k: v for k, v in r.get("inference", {}).items() if k.startswith("deploy_")}
                  for arm, r in results[0]["arms"].items()} if results else {}
         tags.update({f"rank1.{arm}.{k}": v for arm, plan in plans.items() for k, v in plan.items() if isinstance(v, str)})
-        self.log(metrics, step=step, tags=[RunTag(k, v) for k, v in sorted(tags.items())], time_ms=time_ms)
-        with tempfile.TemporaryDirectory() as d:
+        # The pool is left (waiting for the upload) before the folder is removed.
+        with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(1, thread_name_prefix="rank1-files") as pool:
             (Path(d) / "trial_result.json").write_text(json.dumps(results, indent=1, default=str))
             if any(plans.values()):
                 (Path(d) / "deploy_plan.json").write_text(json.dumps(plans, indent=1))
-            self.client.log_artifacts(self.run_id, d)
+            files = pool.submit(self.client.log_artifacts, self.run_id, d)
+            self.log(metrics, step=step, tags=[RunTag(k, v) for k, v in sorted(tags.items())], time_ms=time_ms)
+            files.result()
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
         self._pool.shutdown()
 

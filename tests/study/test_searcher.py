@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import threading
 
 import optuna
 import pytest
@@ -70,3 +71,40 @@ def test_multi_objective(tmp_path):
     s.on_trial_complete("t1", {"objective": 0.8, "latency_ms": 3.5, "final": True, "trial_status": "finished"})
     (t,) = _trials(tmp_path)
     assert t.values == [0.8, 3.5]
+
+
+def test_intermediate_values_are_written_off_tunes_loop_and_are_in_before_the_trial_is_told(tmp_path):
+    s = _searcher(tmp_path)
+    s.suggest("t1")
+    storage = s.study._storage
+    writers, write = [], storage.set_trial_intermediate_value
+
+    def recording(*args):
+        writers.append(threading.current_thread().name)
+        return write(*args)
+
+    storage.set_trial_intermediate_value = recording
+    for epoch, acc in ((1, 0.2), (2, 0.4)):
+        s.on_trial_result("t1", {"objective": acc, "epoch": epoch})
+    pickle.dumps(s)  # Tune saving its experiment state: what was reported is in the storage by then
+    assert _trials(tmp_path)[0].intermediate_values == {1: 0.2, 2: 0.4}
+    s.on_trial_result("t1", {"objective": 0.6, "epoch": 3})
+    s.on_trial_complete("t1", {"objective": 0.7, "final": True, "trial_status": "finished"})
+    (t,) = _trials(tmp_path)
+    assert t.state.name == "COMPLETE" and t.intermediate_values == {1: 0.2, 2: 0.4, 3: 0.6}
+    assert writers and threading.current_thread().name not in writers
+
+
+def test_a_failed_intermediate_write_is_logged_and_the_search_goes_on(tmp_path, caplog):
+    s = _searcher(tmp_path)
+    s.suggest("t1")
+
+    def broken(*args):
+        raise RuntimeError("database is locked")
+
+    s.study._storage.set_trial_intermediate_value = broken
+    s.on_trial_result("t1", {"objective": 0.2, "epoch": 1})
+    s.on_trial_complete("t1", {"objective": 0.5, "final": True, "trial_status": "finished"})
+    (t,) = _trials(tmp_path)
+    assert t.state.name == "COMPLETE" and t.values == [0.5] and t.intermediate_values == {}
+    assert "database is locked" in caplog.text
