@@ -147,7 +147,7 @@ class OptunaRDBSearcher(Searcher):
         storage_id = self._numbers[trial_id][1]
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="rank1-optuna")
-        self._pending = [f for f in self._pending if not f.done()]
+        self._settle(block=False)
         self._pending.append(self._writer.submit(self._intermediate, storage_id, step, float(result[self.metric])))
 
     def _intermediate(self, storage_id: int, step: int, value: float) -> None:
@@ -159,13 +159,20 @@ class OptunaRDBSearcher(Searcher):
             storage.set_trial_intermediate_value(storage_id, step, value)
 
     def flush(self) -> None:
-        """Until every intermediate value handed to the writer is in the storage. A failed write
-        is logged, not raised: the value is also in the trial's MLflow run."""
+        """Until every intermediate value handed to the writer is in the storage."""
+        self._settle(block=True)
+
+    def _settle(self, block: bool) -> None:
+        """Forget the writes that are done (all of them, waiting, with ``block``). A failed write is
+        logged, not raised: the search goes on without that one value, which the trial's MLflow run has."""
         pending, self._pending = self._pending, []
         for f in pending:
+            if not block and not f.done():
+                self._pending.append(f)
+                continue
             try:
                 f.result()
-            except Exception as e:  # noqa: BLE001 - the search goes on without that one value
+            except Exception as e:  # noqa: BLE001
                 log.warning("an intermediate value of the Optuna study %s was not recorded: %s", self.study_name, e)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
