@@ -83,7 +83,9 @@ def service(n: int, concurrent: int, tmp: Path) -> dict[str, object]:
             log.seek(0)
             raise SystemExit(log.read()[-6000:])
     timings = json.loads((home / "outcome.json").read_text())["timings"]
-    return {"n": n, "concurrent": concurrent, "wall_s": wall, **timings, "phases": _phases(home), "cpu_s": cpu}
+    runs = _trial_runs(home)
+    return {"n": n, "concurrent": concurrent, "wall_s": wall, **timings, "phases": _phases(runs),
+            "cadence_s": _cadence(runs, concurrent), "cpu_s": cpu}
 
 
 KINDS = ("trials", "mlflow_server", "driver", "ray")  # where the study's CPU time goes
@@ -129,26 +131,47 @@ def _cpu_while(p: subprocess.Popen, interval_s: float = 0.2) -> dict[str, float]
     return out
 
 
-def _phases(home: Path) -> dict[str, float]:
-    """Median seconds per trial in each phase of the trials' clocks, read from the study's MLflow
-    store (the median: a worker's first trial pays its imports and warm-up, which the slope cancels)."""
+def _trial_runs(home: Path) -> list:
+    """The study's search-trial runs from its MLflow store, in the order they started."""
     from mlflow import MlflowClient
 
-    from study.names import FINAL, TAG_ROLE
+    from study.names import TAG_ROLE
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exps, filter_string=f"tags.`{TAG_ROLE}` = 'trial'", max_results=1000)
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def _phases(runs: list) -> dict[str, float]:
+    """Median seconds per trial in each phase of the trials' clocks (the median: a worker's first
+    trial pays its imports and warm-up, which the slope cancels)."""
+    from study.names import FINAL
+
     return {ph: statistics.median(r.data.metrics.get(f"{FINAL}overhead.{ph}_s", 0.0) for r in runs) for ph in PHASES}
+
+
+def _cadence(runs: list, concurrent: int) -> float:
+    """Seconds per trial in the study's steady state, from its trials' start times (each trial's
+    MLflow run is created as it starts): from the first trial that started on a worker another
+    trial had left to the last trial's start, over the trials started in between. Unlike the slope
+    it is one study's own clock, so the start-up and wrap-up of two studies do not enter it; every
+    cost a trial pays in the steady state does."""
+    starts = [r.info.start_time / 1000 for r in runs]
+    if len(starts) < concurrent + 2:
+        return float("nan")
+    return (starts[-1] - starts[concurrent]) / (len(starts) - 1 - concurrent)
 
 
 def _one(runs: dict, small: int, large: int, t_before: float, t_after: float) -> dict[str, object]:
     """One repeat's numbers: the four studies and the plain loops that bracket them."""
     per_plain = (t_before + t_after) / 2 / large
     slope = {c: (runs[c, large]["fit_s"] - runs[c, small]["fit_s"]) / (large - small) for c in (1, 2)}
+    cadence = {c: runs[c, large]["cadence_s"] for c in (1, 2)}
     return {"per_trial_plain_s": per_plain, "plain_before_s": t_before, "plain_after_s": t_after,
             "per_trial_service_s": slope, "overhead_per_trial_s": slope[1] - per_plain,
-            "parallel_speedup": slope[1] / slope[2]}
+            "parallel_speedup": slope[1] / slope[2], "cadence_s": cadence,
+            "overhead_steady_s": cadence[1] - per_plain, "parallel_speedup_steady": cadence[1] / cadence[2]}
 
 
 def _median_dict(ds: list[dict[str, float]]) -> dict[str, float]:
@@ -209,6 +232,8 @@ def main() -> None:
         "overhead_outside_trial_s": outside,
         "trial_work_s": {"build": ph["build"], "train": ph["train"], "finish": ph["finish"]},
         "parallel_speedup": med("parallel_speedup"),
+        "per_trial_steady_s": {c: statistics.median(x["cadence_s"][c] for x in reps) for c in (1, 2)},
+        "overhead_steady_s": med("overhead_steady_s"), "parallel_speedup_steady": med("parallel_speedup_steady"),
         "cpu_per_trial_s": {f"c{c}": v for c, v in cpu.items()}, "plain_cpu_per_trial_s": cpu_plain,
         "startup_s": statistics.median(rs[1, large]["startup_s"] for rs in all_runs),
         "finish_s": statistics.median(rs[1, large]["finish_s"] for rs in all_runs),
@@ -227,9 +252,13 @@ def main() -> None:
     f = res["overhead_inside_trial_s"]
     each_overhead = ", ".join(f"{x['overhead_per_trial_s']:.2f}" for x in reps)
     each_speedup = ", ".join(f"{x['parallel_speedup']:.2f}x" for x in reps)
+    each_steady = ", ".join(f"{x['overhead_steady_s']:.2f}" for x in reps)
+    each_steady_speedup = ", ".join(f"{x['parallel_speedup_steady']:.2f}x" for x in reps)
+    steady = res["per_trial_steady_s"]
     repeats_md = "" if len(reps) == 1 else (
         f"Medians of {len(reps)} repeats (each: the four studies, bracketed by the plain loop). Every repeat's "
-        f"overhead per trial: {each_overhead} s; its 2-at-a-time speedup: {each_speedup}.\n\n")
+        f"overhead per trial: {each_overhead} s by the slope, {each_steady} s in the steady state; its 2-at-a-time "
+        f"speedup: {each_speedup} by the slope, {each_steady_speedup} in the steady state.\n\n")
     md = (
         f"Identical trials (digits, vgg depth 4 width 16, 3 epochs, rank1 + flat1d); {res['machine'].get('cpu', '')}, "
         f"{res['date']}; `{res['command']}` ({res['benchmark_s'] / 60:.1f} min).\n\n"
@@ -248,6 +277,10 @@ def main() -> None:
         f"| service, 2 trials at a time (slope) | {slope[2]:.2f} |\n"
         f"| **parallel speedup**, 2 vs 1 trial at a time | **{res['parallel_speedup']:.2f}x** |\n"
         f"| plain loop in 2 processes vs 1 (what this machine gives) | {res['plain_2proc_speedup']:.2f}x |\n"
+        f"| service in the steady state, one study's own clock ({large} trials: from the first trial on a reused "
+        f"worker to the last trial's start), 1 / 2 trials at a time | {steady[1]:.2f} / {steady[2]:.2f} |\n"
+        f"| **overhead per trial, steady state** (service − plain) | **{res['overhead_steady_s']:.2f}** |\n"
+        f"| **parallel speedup, steady state**, 2 vs 1 trial at a time | **{res['parallel_speedup_steady']:.2f}x** |\n"
         f"| CPU per trial, 2 at a time (slope): the trial {cpu[2]['trials']:.2f} (the plain loop's {cpu_plain:.2f}), "
         f"MLflow server {cpu[2]['mlflow_server']:.2f}, driver {cpu[2]['driver']:.2f}, Ray's own processes "
         f"{cpu[2]['ray']:.2f} | {sum(cpu[2].values()):.2f} |\n\n"
