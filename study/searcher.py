@@ -35,6 +35,11 @@ class OptunaRDBSearcher(Searcher):
     also what Tune's scheduler sees.
     """
 
+    # Class-level defaults: a searcher pickled by a driver before the writer existed (a study
+    # resumed after an upgrade) has neither attribute in its state.
+    _writer: ThreadPoolExecutor | None = None  # intermediate values, off Tune's loop
+    _pending: list[Future] | tuple = ()
+
     def __init__(
         self,
         storage_url: str,
@@ -57,8 +62,8 @@ class OptunaRDBSearcher(Searcher):
         self._study = None
         self._numbers: dict[str, tuple[int, int]] = {}  # Ray trial id -> (Optuna number, storage id)
         self._scanned = False
-        self._writer: ThreadPoolExecutor | None = None  # intermediate values, off Tune's loop
-        self._pending: list[Future] = []
+        self._writer = None
+        self._pending = []
 
     # The Optuna study (an open database connection) is not pickled with the
     # experiment state; a restored searcher reconnects on first use. What was

@@ -112,3 +112,14 @@ def test_a_failed_intermediate_write_is_logged_and_the_search_goes_on(tmp_path, 
     (t,) = _trials(tmp_path)
     assert t.state.name == "COMPLETE" and t.values == [0.5] and t.intermediate_values == {}
     assert caplog.text.count("database is locked") == 2
+
+
+def test_a_searcher_pickled_before_the_background_writer_existed_still_works(tmp_path):
+    s = _searcher(tmp_path)
+    s.suggest("t1")
+    old = pickle.loads(pickle.dumps(s))
+    del old.__dict__["_writer"], old.__dict__["_pending"]  # the state an older driver saved
+    old.on_trial_result("t1", {"objective": 0.3, "epoch": 1})
+    old.on_trial_complete("t1", {"objective": 0.5, "final": True, "trial_status": "finished"})
+    (t,) = _trials(tmp_path)
+    assert t.state.name == "COMPLETE" and t.intermediate_values == {1: 0.3}
