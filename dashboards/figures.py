@@ -402,7 +402,9 @@ def speed(data: StudyData, rows) -> Section:
             if acc > best:
                 front.append((lat, acc))
                 best = acc
-        ax.plot([p[0] for p in front], [p[1] for p in front], color="k", drawstyle="steps-post", label="Pareto front")
+        # Ringed points too: a front of one trial (the fastest is also the most accurate) is no line.
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="k", drawstyle="steps-post", marker="o",
+                markerfacecolor="none", markersize=10, label="Pareto front")
         ax.legend()
     ax.set_xlabel(f"decomposed latency, batch {b} (ms)")
     ax.set_ylabel("rank1 decomposed val accuracy")
