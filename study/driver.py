@@ -34,6 +34,7 @@ from study.tuning import (
     pick_best,
     reconcile,
     release_orphans,
+    repair_experiment_state,
     share_data,
 )
 
@@ -107,7 +108,9 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
                "study_config": cfg.to_dict(), "data": share_data(cfg),
                "fresh": not resume}  # no trial of a study started from nothing can have a run yet
         if resume:
-            release_orphans(cfg, tune_path=str(Path(str(cfg.tune_path)) / "tune"))
+            search_path = str(Path(str(cfg.tune_path)) / "tune")
+            repair_experiment_state(search_path)  # before anything reads it
+            release_orphans(cfg, tune_path=search_path)
         tuner = make_tuner(cfg, ctx, restore=resume)
         t_fit = time.perf_counter()
         results = tuner.fit()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,11 @@ from study.runs import trial_runs
 
 __all__ = [
     "best_per_arm", "confirm_phase", "count_states", "make_tuner", "pick_best", "reconcile", "release_orphans",
-    "share_data",
+    "repair_experiment_state", "share_data",
 ]
+
+_STATE_PREFIX = "experiment_state-"  # Tune's saved experiment state: experiment_state-<session>.json
+SNAPSHOT = ".rank1-last-complete-state"  # the keeper's copy of the newest complete set of state files
 
 
 def make_tuner(cfg: StudyConfig, ctx: dict[str, Any], restore: bool):
@@ -60,18 +65,109 @@ def _run_config(cfg: StudyConfig, name: str):
     (:data:`study.trial.KEEP_CHECKPOINTS`), so that none a saved experiment state names is gone."""
     from ray import tune
 
-    return tune.RunConfig(name=name, storage_path=str(cfg.tune_path), verbose=0, callbacks=_callbacks(),
+    return tune.RunConfig(name=name, storage_path=str(cfg.tune_path), verbose=0,
+                          callbacks=_callbacks(str(Path(str(cfg.tune_path)) / name)),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                           failure_config=tune.FailureConfig(max_failures=cfg.max_failures))
 
 
-def _callbacks() -> list:
-    """The live progress table, and of Tune's own loggers only the JSON one (``result.json``):
-    what Tune reads back for its results at the end of a fit. The CSV and TensorBoard copies
-    of every result stay off (:data:`study.services.DRIVER_ENV`)."""
+def _callbacks(experiment_path: str) -> list:
+    """The live progress table, the keeper of the last complete experiment state, and of Tune's
+    own loggers only the JSON one (``result.json``): what Tune reads back for its results at the end
+    of a fit. The CSV and TensorBoard copies of every result stay off (:data:`study.services.DRIVER_ENV`)."""
     from ray.tune.logger import JsonLoggerCallback
 
-    return [progress_callback(), JsonLoggerCallback()]
+    return [progress_callback(), _state_keeper(experiment_path), JsonLoggerCallback()]
+
+
+def _session_files(experiment_path: Path) -> list[Path]:
+    """Tune's state files of its newest driver session (the experiment state, the search
+    algorithm's, the searcher's, the callbacks'): ``*-<session>.json`` / ``.pkl``."""
+    states = sorted(experiment_path.glob(f"{_STATE_PREFIX}*.json"))  # Tune restores from the newest name
+    if not states:
+        return []
+    session = states[-1].name[len(_STATE_PREFIX):-len(".json")]
+    return sorted(p for p in experiment_path.iterdir() if p.is_file() and p.stem.endswith(f"-{session}"))
+
+
+def _whole(path: Path) -> bool:
+    """A state file read in full: the experiment state parses as JSON, Tune's others unpickle (the
+    searcher's own file is a line of text its ``restore`` does not read: the storage is its state)."""
+    if path.name.startswith("searcher-state-"):
+        return True
+    try:
+        data = path.read_bytes()
+        if path.name.startswith(_STATE_PREFIX):
+            json.loads(data)
+        else:
+            pickle.loads(data)
+        return True
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError):  # torn (or unreadable)
+        return False
+    except Exception:  # noqa: BLE001 - whole, but not loadable here (e.g. a class this process lacks)
+        return True
+
+
+def _state_keeper(experiment_path: str):
+    """A Tune callback that keeps a copy of Tune's newest complete set of state files. Tune writes
+    them in a staging folder and copies them into the experiment folder in the background, in
+    place, so a driver killed during that copy leaves torn files, and Tune, finding them on
+    resume, logs "Failed to restore the run state" and starts the experiment anew: every trial it
+    had, finished or half-way, forgotten (seen: a killed study whose resume ran 1 of its 4 trials).
+    Tune asks its callbacks for their state at every save; this one then copies the files of the
+    newest session, checks each copy is whole, and only then replaces its previous copy."""
+    from ray import tune
+
+    class _Keeper(tune.Callback):
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def get_state(self):
+            here = Path(self.path)
+            files = _session_files(here) if here.is_dir() else []
+            if files:
+                tmp, keep, old = here / f"{SNAPSHOT}.tmp", here / SNAPSHOT, here / f"{SNAPSHOT}.old"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                for f in files:
+                    shutil.copyfile(f, tmp / f.name)
+                if all(_whole(tmp / f.name) for f in files):
+                    shutil.rmtree(old, ignore_errors=True)
+                    if keep.exists():
+                        keep.rename(old)
+                    tmp.rename(keep)
+                    shutil.rmtree(old, ignore_errors=True)
+            return None  # nothing of its own to save
+
+    return _Keeper(experiment_path)
+
+
+def repair_experiment_state(experiment_path: str) -> bool:
+    """Before a resume: if a file of Tune's newest saved state is torn (its driver was killed while
+    Tune copied it), that session's files are moved aside and the keeper's last complete set put
+    in their place, so that Tune restores the experiment instead of starting it anew. Returns
+    whether it did; says so, or that it cannot."""
+    here = Path(experiment_path)
+    files = _session_files(here) if here.is_dir() else []
+    torn = [f.name for f in files if not _whole(f)]
+    if not torn:
+        return False
+    kept = next((d for d in (here / SNAPSHOT, here / f"{SNAPSHOT}.old")
+                 if d.is_dir() and any(d.iterdir()) and all(_whole(f) for f in d.iterdir())), None)
+    if kept is None:
+        print(f"resume: Tune's saved state in {here} was cut off when its driver was killed ({', '.join(torn)}) "
+              "and no complete copy is kept: Tune will start this experiment anew (its unfinished trials are "
+              "marked orphaned)", flush=True)
+        return False
+    aside = here / f".rank1-torn-{int(time.time())}"
+    aside.mkdir(exist_ok=True)
+    for f in files:
+        f.rename(aside / f.name)
+    for f in kept.iterdir():
+        shutil.copyfile(f, here / f.name)
+    print(f"resume: Tune's saved state was cut off when its driver was killed ({', '.join(torn)}; kept in "
+          f"{aside.name}); resuming from the last complete one", flush=True)
+    return True
 
 
 def share_data(cfg: StudyConfig) -> dict[str, Any]:
@@ -138,6 +234,7 @@ def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: di
     path = str(Path(str(cfg.tune_path)) / "confirm")
     param_space = {"confirm": tune.grid_search(cells)}
     trainable = _trainable(cfg, ctx)
+    repair_experiment_state(path)
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space, resume_unfinished=True,
                                    resume_errored=True)
