@@ -4,13 +4,15 @@ At small shapes a decomposed layer run as two or three framework convolutions pa
 each call's fixed cost (~7 µs here), and the library's depthwise kernels run far
 below the machine's speed on short channel rows: at 32 channels, 8x8, batch 32, the
 depthwise conv of ``dw2d`` alone took longer than the 1x1. This kernel
-(``rank1/kernels/csrc/rank1_cpu.cpp``) does the layer in one call on channels-last fp32
-(with the ReLU that follows it, where ``fuse_relu`` folded one in):
+(``rank1/kernels/csrc/rank1_cpu.cpp``) does the layer in one call, fp32, its output
+channels-last (with the ReLU that follows it, where ``fuse_relu`` folded one in); its
+input channels-last or NCHW, read as it is (a user's NCHW input is not converted first):
 for small layers (:func:`fused_path`) each thread takes whole images, computes an
 image's 1x1 in vector registers into a buffer that stays in cache, then both
-depthwise 1-D passes and the bias; larger layers use the library GEMM for the 1x1
-and the same fused passes, the threads splitting output rows. The factors sit in
-vector registers and every load is a contiguous 16-float vector of channels.
+depthwise 1-D passes and the bias; larger layers use one library call for the 1x1
+(:data:`LIBRARY_CONV_ROWS`) and the same fused passes, the threads splitting output
+rows. The factors sit in vector registers and every load of the depthwise passes is a
+contiguous 16-float vector of channels.
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ``ninja`` needed; 25 s to a minute once per machine, cached under ``$RANK1_CPP_CACHE``, else
@@ -43,8 +45,8 @@ from rank1.kernels.library import layer_cost
 from rank1.kernels.registry import Geometry, Kernel, register_kernel
 
 __all__ = [
-    "FUSED_PLANE", "FUSED_WEIGHTS", "MAX_KERNEL", "CppRank1Conv2d", "available", "build", "cache_dir", "fused_path",
-    "unavailable_reason",
+    "FUSED_PLANE", "FUSED_WEIGHTS", "LIBRARY_CONV_ROWS", "MAX_KERNEL", "CppRank1Conv2d", "available", "build",
+    "cache_dir", "fused_path", "unavailable_reason",
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "rank1_cpu.cpp"
@@ -64,6 +66,12 @@ _build_error: str | None = None
 # wins.
 FUSED_WEIGHTS = 128 * 128
 FUSED_PLANE = 256 * 1024
+# Other layers compute the 1x1 with one library call over the whole batch: for a
+# channels-last input of at least this many pixels in all, the library's 1x1 convolution
+# (oneDNN: 8-21% faster than its GEMM at batch 32 on the AMD EPYC, 256 channels 8x8 to 128
+# channels 32x32), else the GEMM (the convolution was slower at batch 1, e.g. 0.26 vs
+# 0.19 ms at 256 channels 16x16); an NCHW input, one batched GEMM reading it as it is.
+LIBRARY_CONV_ROWS = 2048
 MAX_KERNEL = 64  # kMaxTaps in the C++ source
 
 
@@ -222,8 +230,10 @@ class CppRank1Conv2d(nn.Module):
                 x.requires_grad and torch.is_grad_enabled()):
             if self._pre_pad:  # a bias-free 1x1 commutes with padding: pad its input instead
                 x = F.pad(x, self._pads, mode=self.padding_mode)
-            return build()(x.contiguous(memory_format=torch.channels_last), a, bt, ct, bias, *self._geometry,
-                           FUSED_WEIGHTS, FUSED_PLANE, self.relu)
+            if not (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
+                x = x.contiguous(memory_format=torch.channels_last)
+            return build()(x, a, bt, ct, bias, *self._geometry, FUSED_WEIGHTS, FUSED_PLANE, self.relu,
+                           LIBRARY_CONV_ROWS)
         # Autograd, another dtype or device: the same function with F.conv2d.
         y = R.conv2d_chain(x, a, bt.t(), ct.t(), bias, self.stride, self.padding, self.dilation, self.padding_mode)
         return torch.relu(y) if self.relu else y

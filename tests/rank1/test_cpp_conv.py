@@ -8,6 +8,7 @@ The build test compiles into a fresh cache, about half a minute on 2 cores: it i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from tests.rank1.test_kernels import GEOMETRIES
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = (cpp_conv.FUSED_WEIGHTS, cpp_conv.FUSED_PLANE)
+CL = torch.channels_last
 
 
 def _layer(case):
@@ -47,10 +49,13 @@ def test_cpp_on_one_thread_and_in_its_layout(name):
     then >= the threads, so small layers take the fused path on any machine."""
     layer, x = _layer(name)
     fused = layer.decompose(impl="cpp").eval()
-    with torch.no_grad(), one_thread():
-        y = fused(x)
-    assert y.is_contiguous(memory_format=torch.channels_last)  # the kernel's layout, kept for the next layer
-    assert rel_err(y, layer.dense_conv()(x)) <= 1e-5
+    ref = layer.dense_conv()(x)
+    # NCHW (what users pass: read as it is), channels-last, and neither (converted first).
+    for xi in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        with torch.no_grad(), one_thread():
+            y = fused(xi)
+        assert y.is_contiguous(memory_format=torch.channels_last)  # the kernel's layout, kept for the next layer
+        assert rel_err(y, ref) <= 1e-5
 
 
 @contextlib.contextmanager
@@ -69,10 +74,15 @@ def _reference(x, a, b, c, bias, stride, pads, dilation):
     return F.conv2d(F.pad(x, pads), w, bias, stride=stride, dilation=dilation)
 
 
-def test_random_geometries_on_both_paths():
+# (fused_weights, fused_plane, library_conv_rows) sending a layer down each of the kernel's
+# three paths for the 1x1: in registers, the library's GEMM, the library's 1x1 convolution.
+PATHS = {"registers": (10**9, 10**9, 10**9), "library-gemm": (0, 0, 10**9), "library-conv": (0, 0, 0)}
+
+
+def test_random_geometries_on_every_path_and_layout():
     """Seeded random shapes: kernels up to 64, padding beyond the kernel's reach on any
     side, channel counts around the 16-float vector, a single output, images narrower
-    than a pixel block; each through the fused and the library-GEMM path."""
+    than a pixel block; each through every path of the 1x1, fed channels-last and NCHW."""
     gen = torch.Generator().manual_seed(0)
     op = cpp_conv.build()
 
@@ -87,30 +97,31 @@ def test_random_geometries_on_both_paths():
             pt, pb, pl, pr = (pick(0, 1, 3, 70) for _ in range(4))
             h = max(1, dh * (kh - 1) + 1 - pt - pb) + pick(0, 1, 5)
             w = max(1, dw * (kw - 1) + 1 - pl - pr) + pick(0, 2, 9)
-            x = torch.randn(pick(1, 2, 3), ch, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+            x = torch.randn(pick(1, 2, 3), ch, h, w, generator=gen)
             a, b, c = (torch.randn(o, n, generator=gen) for n in (ch, kh, kw))
             bias = pick(None, torch.randn(o, generator=gen))
             ref = _reference(x, a, b, c, bias, (sh, sw), (pl, pr, pt, pb), (dh, dw))
             relu = bool(pick(0, 1))
             ref = ref.relu() if relu else ref
-            for limits in ((10**9, 10**9), (0, 0)):
-                y = op(x, a, b.t().contiguous(), c.t().contiguous(), bias, sh, sw, pt, pb, pl, pr, dh, dw, *limits,
-                       relu)
+            for (fw, fp, rows), xi in itertools.product(PATHS.values(), (x, x.contiguous(memory_format=CL))):
+                y = op(xi, a, b.t().contiguous(), c.t().contiguous(), bias, sh, sw, pt, pb, pl, pr, dh, dw, fw, fp,
+                       relu, rows)
                 assert y.shape == ref.shape and rel_err(y, ref) <= 1e-5, (o, ch, kh, kw, sh, sw, dh, dw, pt, pb, pl,
-                                                                          pr, h, w, limits, relu)
+                                                                          pr, h, w, fw, rows, relu, xi.stride())
 
 
-def test_the_fused_and_library_gemm_paths_agree():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_path_of_the_1x1_equals_the_dense_conv(path, layout):
     layer, x = _layer("k5-p2-c24-o40")
     fused = layer.decompose(impl="cpp").fused
     op = cpp_conv.build()
-    xc = x.contiguous(memory_format=torch.channels_last)
-    args = (xc, fused.a, fused.bt, fused.ct, fused.bias, 1, 1, 2, 2, 2, 2, 1, 1)
+    xi = x.contiguous(memory_format=CL) if layout == "channels_last" else x
+    fw, fp, rows = PATHS[path]
     with torch.no_grad(), one_thread():  # batch 3 >= 1 thread: the fused path is allowed
-        ref = layer.dense_conv()(x)
-        in_registers = op(*args, 10**9, 10**9)
-        library = op(*args, 0, 0)
-    assert rel_err(in_registers, ref) <= 1e-5 and rel_err(library, ref) <= 1e-5
+        y = op(xi, fused.a, fused.bt, fused.ct, fused.bias, 1, 1, 2, 2, 2, 2, 1, 1, fw, fp, False, rows)
+        assert rel_err(y, layer.dense_conv()(x)) <= 1e-5
+    assert y.is_contiguous(memory_format=CL)
 
 
 def test_cpp_is_one_module_and_rejects_kernels_it_cannot_run():
@@ -177,8 +188,10 @@ def test_the_op_checks_its_inputs():
     x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     a, b, c = torch.randn(8, 4), torch.randn(3, 8), torch.randn(3, 8)
     assert op(x, a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS).shape == (1, 8, 5, 5)
-    with pytest.raises(RuntimeError, match="channels-last"):
-        op(x.contiguous(), a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS)
+    assert rel_err(op(x.contiguous(), a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS),
+                   op(x, a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS)) <= 1e-6  # NCHW too
+    with pytest.raises(RuntimeError, match="channels-last or contiguous NCHW"):
+        op(x.transpose(2, 3), a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS)
     with pytest.raises(RuntimeError, match="float32"):
         op(x.double(), a, b, c, None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS)
     with pytest.raises(RuntimeError, match="a: O x C"):

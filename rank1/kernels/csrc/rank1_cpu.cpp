@@ -13,6 +13,8 @@
 // with one function, conv.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -146,15 +148,16 @@ constexpr int kGemmPx = 8;
 
 template <int NP, int NV>
 inline void gemm_tile(const float* __restrict x, const float* __restrict at, float* __restrict z, int64_t c,
-                      int64_t o, int64_t o0) {
+                      int64_t o, int64_t o0, int64_t sp, int64_t sk) {
   vf acc[NP][NV];
   for (int p = 0; p < NP; ++p)
     for (int v = 0; v < NV; ++v) acc[p][v] = vf{};
   for (int64_t k = 0; k < c; ++k) {
     vf w[NV];
     for (int v = 0; v < NV; ++v) w[v] = ld(at + k * o + o0 + v * VL);
+    const float* xk = x + k * sk;
     for (int p = 0; p < NP; ++p) {
-      const vf xb = vf{} + x[p * c + k];
+      const vf xb = vf{} + xk[p * sp];
       for (int v = 0; v < NV; ++v) acc[p][v] += xb * w[v];
     }
   }
@@ -162,42 +165,48 @@ inline void gemm_tile(const float* __restrict x, const float* __restrict at, flo
     for (int v = 0; v < NV; ++v) st(z + p * o + o0 + v * VL, acc[p][v]);
 }
 
+// x: one image, pixel p's channel k at x[p * sp + k * sk] (channels-last: sp = c, sk = 1;
+// NCHW: sp = 1, sk = pixels, read as it is: no conversion pass over the input).
 void gemm_image(const float* __restrict x, const float* __restrict at, float* __restrict z, int64_t pixels,
-                int64_t c, int64_t o) {
+                int64_t c, int64_t o, int64_t sp, int64_t sk) {
   int64_t o0 = 0;
   for (; o0 + 2 * VL <= o; o0 += 2 * VL) {
     int64_t p = 0;
-    for (; p + kGemmPx <= pixels; p += kGemmPx) gemm_tile<kGemmPx, 2>(x + p * c, at, z + p * o, c, o, o0);
-    for (; p < pixels; ++p) gemm_tile<1, 2>(x + p * c, at, z + p * o, c, o, o0);
+    for (; p + kGemmPx <= pixels; p += kGemmPx) gemm_tile<kGemmPx, 2>(x + p * sp, at, z + p * o, c, o, o0, sp, sk);
+    for (; p < pixels; ++p) gemm_tile<1, 2>(x + p * sp, at, z + p * o, c, o, o0, sp, sk);
   }
   for (; o0 + VL <= o; o0 += VL) {
     int64_t p = 0;
-    for (; p + kGemmPx <= pixels; p += kGemmPx) gemm_tile<kGemmPx, 1>(x + p * c, at, z + p * o, c, o, o0);
-    for (; p < pixels; ++p) gemm_tile<1, 1>(x + p * c, at, z + p * o, c, o, o0);
+    for (; p + kGemmPx <= pixels; p += kGemmPx) gemm_tile<kGemmPx, 1>(x + p * sp, at, z + p * o, c, o, o0, sp, sk);
+    for (; p < pixels; ++p) gemm_tile<1, 1>(x + p * sp, at, z + p * o, c, o, o0, sp, sk);
   }
   for (int64_t p = 0; p < pixels; ++p)  // the last o % 16 channels
     for (int64_t j = o0; j < o; ++j) {
       float acc = 0.0f;
-      for (int64_t k = 0; k < c; ++k) acc += x[p * c + k] * at[k * o + j];
+      for (int64_t k = 0; k < c; ++k) acc += x[p * sp + k * sk] * at[k * o + j];
       z[p * o + j] = acc;
     }
 }
 
-// x: N x C x H x W, channels-last; a: O x C; b: kh x O and c: kw x O (transposed, so
+// x: N x C x H x W, channels-last or NCHW (contiguous); a: O x C; b: kh x O and c: kw x O (transposed, so
 // channels are contiguous); bias: O or None. Zero padding top/bottom/left/right; `relu`:
 // the output is max(y, 0) (the ReLU that follows the layer, fused into its store). The
 // fused path (the 1x1 in registers) is taken up to `fused_weights` = C x O and
-// `fused_plane` = H x W x O floats (rank1.cpp_conv.FUSED_*, which the roofline reads too).
+// `fused_plane` = H x W x O floats (rank1.kernels.cpp.FUSED_*, which the roofline reads too);
+// otherwise the 1x1 is one library call: the library's 1x1 convolution (oneDNN) for a
+// channels-last input of at least `library_conv_rows` pixels in all, else a GEMM.
 at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                       const std::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                       int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t fused_weights, int64_t fused_plane,
-                      bool relu) {
+                      bool relu, int64_t library_conv_rows) {
   // Every message is one string literal: a message built from several values went
   // through std::string across the library boundary and crashed with torch 2.11 and
   // g++ 13 (on the GPU machine's image); the Python side names the values anyway.
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
               "rank1 cpp conv: x must be a 4-D float32 CPU tensor");
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "rank1 cpp conv: x must be channels-last");
+  // Channels-last, or NCHW read as it is (a layer fed a user's NCHW input converts nothing).
+  const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(cl || x.is_contiguous(), "rank1 cpp conv: x must be channels-last or contiguous NCHW");
   for (const at::Tensor* t : {&a, &b, &c})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
                 "rank1 cpp conv: a, b and c must be contiguous 2-D float32 CPU tensors");
@@ -236,7 +245,9 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   const float* cp = c.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t pixels = g.h * g.w, plane_z = pixels * g.o, row_y = g.wo * g.o, plane_y = g.ho * row_y;
-  const float* xp = x.data_ptr<float>();  // channels-last: (N x H x W) rows of C channels
+  const float* xp = x.data_ptr<float>();
+  // Pixel p's channel k of an image at p * sp + k * sk: channels-last rows of C channels, or NCHW planes.
+  const int64_t sp = cl ? g.c : 1, sk = cl ? 1 : pixels;
   if (g.n >= at::get_num_threads() && g.c * g.o <= fused_weights && plane_z <= fused_plane) {
     // Small layers, enough images: each thread takes whole images, computes an
     // image's 1x1 in registers into a buffer that stays in L2, then its rows. One
@@ -251,16 +262,27 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
       std::vector<float> z(static_cast<size_t>(plane_z));
       std::vector<float> row(static_cast<size_t>(row_len), 0.0f);
       for (int64_t n = n0; n < n1; ++n) {
-        gemm_image(xp + n * pixels * g.c, atp, z.data(), pixels, g.c, g.o);
+        gemm_image(xp + n * pixels * g.c, atp, z.data(), pixels, g.c, g.o, sp, sk);
         for (int64_t oy = 0; oy < g.ho; ++oy)
           spatial_row(z.data(), zerop, bp, cp, bias_p, row.data(), yp + n * plane_y + oy * row_y, oy, g, relu);
       }
     });
     return y;
   }
-  // Otherwise the 1x1 as one threaded library GEMM over every pixel of the batch, then
-  // the threads split the output rows.
-  const auto z = at::mm(x.permute({0, 2, 3, 1}).reshape({g.n * pixels, g.c}), a.t());
+  // Otherwise the 1x1 as one threaded library call over every pixel of the batch, its output
+  // channels-last (pixels x O), then the threads split the output rows. An NCHW input is one
+  // batched GEMM reading each image transposed (a conversion pass first cost 12% more at
+  // 256 channels 8x8 batch 32, and 60% at 128 channels 32x32); a channels-last one the
+  // library's 1x1 convolution, 8-21% faster than its GEMM at batch 32 here, and slower at
+  // batch 1 (where `library_conv_rows` sends it to the GEMM).
+  at::Tensor z;
+  if (!cl) {
+    z = at::bmm(x.view({g.n, g.c, pixels}).transpose(1, 2), a.t().unsqueeze(0).expand({g.n, g.c, g.o}));
+  } else if (g.n * pixels >= library_conv_rows) {
+    z = at::conv2d(x, a.view({g.o, g.c, 1, 1})).contiguous(at::MemoryFormat::ChannelsLast);
+  } else {
+    z = at::mm(x.permute({0, 2, 3, 1}).reshape({g.n * pixels, g.c}), a.t());
+  }
   const float* zp = z.data_ptr<float>();
   // Rows per task: enough work (~16k multiply-adds) to outweigh the scheduling.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_y * (g.kh + g.kw)));
@@ -284,5 +306,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c"), pybind11::arg("bias"),
         pybind11::arg("sh"), pybind11::arg("sw"), pybind11::arg("pt"), pybind11::arg("pb"), pybind11::arg("pl"),
         pybind11::arg("pr"), pybind11::arg("dh"), pybind11::arg("dw"), pybind11::arg("fused_weights"),
-        pybind11::arg("fused_plane"), pybind11::arg("relu") = false);
+        pybind11::arg("fused_plane"), pybind11::arg("relu") = false, pybind11::arg("library_conv_rows") = 2048);
 }
