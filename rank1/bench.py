@@ -123,12 +123,14 @@ def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch
     layer = Rank1Conv2d(c, c, k, padding=k // 2, device=device)
     x = torch.randn(batch, c, size, size, device=device)
     times: dict[str, float] = {}
+    built: dict[str, tuple[nn.Module, torch.Tensor]] = {}
     for name, (m, cl) in _variants(layer, compile_, peer).items():
         m = m.to(device)
         xi = x
         if cl:
             m = m.to(memory_format=torch.channels_last)
             xi = x.contiguous(memory_format=torch.channels_last)
+        built[name] = (m, xi)
         times[name] = time_forward(m, xi, warmup=3 if "compiled" not in name else 2, repeats=repeats,
                                    min_time_s=0.3).median_ms
     costs = {impl: impl_cost(impl, c, c, k, size, size, batch) for impl in (*KERNELS, "cp")}
@@ -156,15 +158,32 @@ def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch
     times["auto"] = time_forward(auto, x, warmup=3, repeats=repeats, min_time_s=0.3).median_ms
     row.update(auto_ms=times["auto"], auto_plan=auto.plan.summary(), auto_speedup=dense_best / times["auto"],
                auto_fraction_of_flop_ratio=dense_best / times["auto"] / flop_ratio)
+    # The same ratio side by side: auto and the faster dense form (given its own layout free)
+    # timed back to back, round by round, the ratio taken within each round (the first pass
+    # timed them seconds apart, and this machine drifts by 10-20% in that time).
+    dense_name = "dense" if times["dense"] <= times["dense-cl"] else "dense-cl"
+    dense_m, dense_x = built[dense_name]
+    paired = time_paired({"dense": lambda _: dense_m(dense_x), "auto": auto}, x, "dense", rounds=7,
+                         min_time_s=0.1)
+    row.update(auto_speedup_paired=1.0 / paired["auto"][0], auto_speedup_paired_range=[
+        1.0 / paired["auto"][2], 1.0 / paired["auto"][1]])
+    row["auto_fraction_of_flop_ratio_paired"] = row["auto_speedup_paired"] / flop_ratio
     if "tltorch-cp" in times:
         row["auto_vs_tltorch"] = times["tltorch-cp"] / times["auto"]
     return row
 
 
+def _paired(row: dict[str, Any]) -> str:
+    if "auto_speedup_paired" not in row:  # a row from before the paired measurement
+        return "—"
+    lo, hi = row["auto_speedup_paired_range"]
+    return f"{row['auto_speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]"
+
+
 def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> str:
     head = ("| C=O | k | HxW | batch | dense ms | best 1-D impl | 1-D ms | speedup | FLOP ratio | of FLOP ratio "
             "| roofline ms | of roofline | of roofline + calls | auto (NCHW in) ms | auto speedup | auto of FLOP ratio "
-            "| tltorch CP ms |\n|" + "---|" * 17)
+            "| auto speedup, paired [range] | auto of FLOP ratio, paired | tltorch CP ms |\n|" + "---|" * 19)
     lines = [head]
     for r in rows:
         cp = r["times_ms"].get("tltorch-cp")
@@ -174,12 +193,15 @@ def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> st
             f"| {r['fraction_of_flop_ratio']:.0%} | {r['bound_ms'][r['best'].split('-')[0]]:.3f} "
             f"| {r['fraction_of_bound']:.0%} | {r.get('fraction_of_bound_with_calls', float('nan')):.0%} "
             f"| {r['auto_ms']:.3f} | {r['auto_speedup']:.2f}x | {r['auto_fraction_of_flop_ratio']:.0%} "
+            f"| {_paired(r)} | {r.get('auto_fraction_of_flop_ratio_paired', float('nan')):.0%} "
             f"| {'—' if cp is None else f'{cp:.3f}'} |")
     lines.append("")
     lines.append(f"{info.get('cpu', info.get('gpu', info['device']))}, {info['threads']} threads, torch {info['torch']}; "
                  f"measured peak {peaks.gflops:.0f} GFLOP/s (fp32 GEMM), {peaks.gbytes_per_s:.1f} GB/s (copy), "
                  f"{1e3 * peaks.call_ms:.1f} µs per conv call (a 1x1 conv on one pixel). "
                  "speedup: best dense (NCHW or channels-last) / best decomposed; "
+                 "auto, paired: auto and the faster dense form timed back to back over 7 rounds, the median of the "
+                 "rounds' ratios; "
                  "of roofline: the decomposed implementation's lower bound / its measured time; "
                  "+ calls: the bound plus the fixed cost of its calls ("
                  + ", ".join(f"{k.calls} {n}" for n, k in KERNELS.items() if k.decomposed) + ").")

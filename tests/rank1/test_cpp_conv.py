@@ -263,8 +263,14 @@ def test_the_build_is_cached_per_machine(tmp_path):
 
 
 def test_grid_row_includes_cpp():
-    from rank1.bench import bench_grid_point
+    from rank1.bench import bench_grid_point, grid_markdown
     from rank1.roofline import Peaks
 
     row = bench_grid_point(16, 3, 8, 2, Peaks(100.0, 10.0, 0.005), peer=False, repeats=2)
     assert "cpp" in row["times_ms"] and "cpp" in row["bound_ms"]
+    # auto's speedup also timed paired with the dense form: a median ratio within its own range
+    lo, hi = row["auto_speedup_paired_range"]
+    assert 0 < lo <= row["auto_speedup_paired"] <= hi
+    assert row["auto_fraction_of_flop_ratio_paired"] == pytest.approx(row["auto_speedup_paired"] / row["flop_ratio"])
+    md = grid_markdown([row], {"device": "cpu", "threads": 1, "torch": torch.__version__}, Peaks(100.0, 10.0, 0.005))
+    assert f"{row['auto_speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]" in md
