@@ -100,19 +100,30 @@ def _lose_the_recorded_checkpoints(home: Path) -> dict[str, int]:
     other checkpoint emptied as the trial empties old ones. ``{trial folder: the epoch left}``."""
     from study.trial import CHECKPOINT_FILE, SUPERSEDED_FILE, load_checkpoint
 
+    def whole(path: Path) -> dict | None:  # None: being written this moment by a worker the killed driver left
+        try:
+            return load_checkpoint(path.parent)
+        except (OSError, RuntimeError, EOFError, ValueError):
+            return None
+
     left = {}
     for trial in (home / "ray_results" / "tune").glob("run_trial_*"):
         states = sorted(trial.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime)
-        if not states or any(load_checkpoint(p.parent).get("final") for p in states):
+        loaded = [(p, whole(p)) for p in states]
+        complete = [(p, s) for p, s in loaded if s is not None]
+        if not complete or any(s.get("final") for _, s in complete):
             continue
+        newest, state = complete[-1]
         last = max(int(p.name.split("_")[1]) for p in trial.glob("checkpoint_*"))
         unrecorded = trial / f"checkpoint_{last + 1:06d}"
-        unrecorded.mkdir(exist_ok=True)  # a worker the killed driver left may be writing it too
-        (unrecorded / CHECKPOINT_FILE).write_bytes(states[-1].read_bytes())
+        unrecorded.mkdir(exist_ok=True)  # a worker the killed driver left may be writing it too:
+        tmp = unrecorded / f".{CHECKPOINT_FILE}.{os.getpid()}"  # so the copy lands whole, at once
+        tmp.write_bytes(newest.read_bytes())
+        os.replace(tmp, unrecorded / CHECKPOINT_FILE)
         for p in states:
             (p.parent / SUPERSEDED_FILE).write_text(json.dumps({"superseded_by": unrecorded.name}))
-            p.unlink()
-        left[trial.name] = load_checkpoint(unrecorded)["epoch"]
+            p.unlink(missing_ok=True)
+        left[trial.name] = state["epoch"]
     return left
 
 
