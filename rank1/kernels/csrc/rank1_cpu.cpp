@@ -188,8 +188,8 @@ void gemm_image(const float* __restrict x, const float* __restrict at, float* __
     }
 }
 
-// x: N x C x H x W, channels-last or NCHW (contiguous); a: O x C; b: kh x O and c: kw x O (transposed, so
-// channels are contiguous); bias: O or None. Zero padding top/bottom/left/right; `relu`:
+// x: N x C x H x W, channels-last or NCHW (contiguous); a: O x C; b: kh x O and c: kw x O
+// (transposed, so channels are contiguous); bias: O or None. Zero padding top/bottom/left/right; `relu`:
 // the output is max(y, 0) (the ReLU that follows the layer, fused into its store). The
 // fused path (the 1x1 in registers) is taken up to `fused_weights` = C x O and
 // `fused_plane` = H x W x O floats (rank1.kernels.cpp.FUSED_*, which the roofline reads too);
