@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.names import TAG_REASON, TAG_ROLE, TAG_STATUS, TAG_TRIAL
+from study.names import TAG_REASON, TAG_ROLE, TAG_STATUS, TAG_TRIAL, TRIAL_RESULT
 
 __all__ = ["StudyData", "TrialRecord", "load_study_data"]
 
@@ -108,8 +109,9 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
     except KeyError:
         study, otrials = None, []
     by_ray = {t.user_attrs.get("ray_trial_id"): t for t in otrials}
-    trials = [_record(client, r, by_ray) for r in runs]
-    confirms = sorted((_record(client, r, {}) for r in confirm_runs),
+    results = _trial_results(tracking_uri, [*runs, *confirm_runs])
+    trials = [_record(r, by_ray, results) for r in runs]
+    confirms = sorted((_record(r, {}, results) for r in confirm_runs),
                       key=lambda t: (t.config.get("arm", ""), int(t.config.get("seed", 0))))
     trials.sort(key=lambda t: (by_ray[t.trial_id].number if t.trial_id in by_ray else 1 << 30, t.trial_id))
     importances, note = None, ""
@@ -128,7 +130,35 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
     )
 
 
-def _record(client, r, by_ray: dict) -> TrialRecord:
+def _ended(r) -> bool:
+    return r.data.tags.get(TAG_STATUS) in ("finished", "diverged", "failed")
+
+
+def _trial_results(tracking_uri: str, runs: list, workers: int = 4) -> dict[str, list[dict[str, Any]] | None]:
+    """``trial_result.json`` of every ended run, by run id (None where it cannot be read).
+
+    Each file is fetched from its run's own artifact location (known from the search: no
+    lookup of the run first, two requests a file where a run id costs five), a few at a time,
+    so a study of hundreds of trials reports in seconds; nothing is fetched for a running one."""
+    from mlflow.artifacts import download_artifacts
+
+    def one(r) -> list[dict[str, Any]] | None:
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                path = download_artifacts(artifact_uri=f"{r.info.artifact_uri.rstrip('/')}/{TRIAL_RESULT}",
+                                          dst_path=d, tracking_uri=tracking_uri)
+                return json.loads(Path(path).read_text())
+        except Exception:  # noqa: BLE001 - a missing or unreadable file: the report says the trial has no results
+            return None
+
+    ended = [r for r in runs if _ended(r)]
+    if not ended:
+        return {}
+    with ThreadPoolExecutor(min(workers, len(ended)), thread_name_prefix="rank1-report") as pool:
+        return dict(zip((r.info.run_id for r in ended), pool.map(one, ended)))
+
+
+def _record(r, by_ray: dict, results: dict[str, list[dict[str, Any]] | None]) -> TrialRecord:
     """A trial (or confirmation) run as a record, with its per-seed results once it ended."""
     tid = r.data.tags.get(TAG_TRIAL, r.info.run_id)
     params = {k[len("search."):]: v for k, v in r.data.params.items() if k.startswith("search.")}
@@ -139,10 +169,5 @@ def _record(client, r, by_ray: dict) -> TrialRecord:
         rec.params = dict(ot.params)  # typed
         rec.optuna_state, rec.optuna_number, rec.values = ot.state.name, ot.number, ot.values
         rec.intermediate = dict(ot.intermediate_values)
-    if rec.status in ("finished", "diverged", "failed"):
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                rec.results = json.loads(Path(client.download_artifacts(r.info.run_id, "trial_result.json", d)).read_text())
-        except Exception:
-            rec.results = None
+    rec.results = results.get(r.info.run_id)
     return rec

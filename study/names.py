@@ -24,7 +24,7 @@ import re
 from rank1.measure import batch_of, batched
 
 __all__ = [
-    "FINAL", "LAYERS", "TAG_ARM", "TAG_CHAMPION", "TAG_CONFIRM_OF", "TAG_NODE", "TAG_PID", "TAG_REASON", "TAG_RESUMED", "TAG_ROLE",
+    "DEPLOY_PLAN", "FINAL", "LAYERS", "TRIAL_RESULT", "TAG_ARM", "TAG_CHAMPION", "TAG_CONFIRM_OF", "TAG_NODE", "TAG_PID", "TAG_REASON", "TAG_RESUMED", "TAG_ROLE",
     "TAG_SEED", "TAG_STATUS", "TAG_STUDY", "TAG_TRIAL", "batch_of", "batched", "counted", "epoch_metric", "final_metric",
     "experiment_url", "run_name",
 ]
@@ -41,6 +41,9 @@ TAG_ARM = "rank1.arm"  # a confirmation run's arm
 TAG_SEED = "rank1.seed"
 TAG_CONFIRM_OF = "rank1.confirm_of"  # the search trial whose configuration it retrains
 TAG_CHAMPION = "rank1.champion"  # on the parent run: the registered version, or why there is none
+
+TRIAL_RESULT = "trial_result.json"  # a trial run's artifact: every seed's full result
+DEPLOY_PLAN = "deploy_plan.json"  # a trial run's artifact: the kernel each layer got as deployed
 
 FINAL = "final/"
 LAYERS = "layers/"

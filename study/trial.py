@@ -34,6 +34,7 @@ from mlflow.entities import Metric, Param, RunTag
 from rank1.data import from_shared, with_subsets
 from rank1.train import PairTrainer, TrainConfig, data_for
 from study.names import (
+    DEPLOY_PLAN,
     TAG_ARM,
     TAG_CONFIRM_OF,
     TAG_NODE,
@@ -45,6 +46,7 @@ from study.names import (
     TAG_STATUS,
     TAG_STUDY,
     TAG_TRIAL,
+    TRIAL_RESULT,
     epoch_metric,
     final_metric,
     run_name,
@@ -152,11 +154,14 @@ class _RunLogger:
         memo = _RunMemo(ctx, trial_id)
         if run_id is None:
             run_id = memo.run_id()
+        # Where the run's files go, when the run is in hand: the end's upload then asks nothing first.
+        self.artifact_uri: str | None = None
         if run_id is None and not memo.first_attempt():
             found = self.client.search_runs(
                 [ctx["experiment_id"]], filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}'", max_results=2
             )
             run_id = found[0].info.run_id if found else None
+            self.artifact_uri = found[0].info.artifact_uri if found else None
         if run_id is None:
             memo.creating()
             run = self.client.create_run(
@@ -164,7 +169,7 @@ class _RunLogger:
                 tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, TAG_ROLE: role,
                       TAG_STUDY: ctx["study"], **live, **(tags or {})},
             )
-            self.run_id = run.info.run_id
+            self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
             memo.created(self.run_id)
             self._send(self._log_params, batch, [])
             self.last_logged = 0
@@ -213,6 +218,16 @@ class _RunLogger:
         for i in range(0, max(len(items), 1), _MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_BATCH], tags=(tags or []) if i == 0 else [])
 
+    def _log_files(self, folder: str) -> None:
+        """The folder's files into the run's artifacts: straight to its artifact location when
+        known (the client would look the run up first: one request more per trial)."""
+        if self.artifact_uri is None:
+            self.client.log_artifacts(self.run_id, folder)
+            return
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(self.artifact_uri, tracking_uri=self.ctx["tracking_uri"]).log_artifacts(folder)
+
     def finish(self, status: str, reason: str | None, results: list[dict[str, Any]], metrics: dict[str, float],
                step: int, time_ms: int | None = None) -> None:
         """The end of the run: its final numbers and tags, and its files, side by side (the
@@ -229,10 +244,10 @@ class _RunLogger:
         tags.update({f"rank1.{arm}.{k}": v for arm, plan in plans.items() for k, v in plan.items() if isinstance(v, str)})
         # The pool is left (waiting for the upload) before the folder is removed.
         with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(1, thread_name_prefix="rank1-files") as pool:
-            (Path(d) / "trial_result.json").write_text(json.dumps(results, indent=1, default=str))
+            (Path(d) / TRIAL_RESULT).write_text(json.dumps(results, indent=1, default=str))
             if any(plans.values()):
-                (Path(d) / "deploy_plan.json").write_text(json.dumps(plans, indent=1))
-            files = pool.submit(self.client.log_artifacts, self.run_id, d)
+                (Path(d) / DEPLOY_PLAN).write_text(json.dumps(plans, indent=1))
+            files = pool.submit(self._log_files, d)
             self.log(metrics, step=step, tags=[RunTag(k, v) for k, v in sorted(tags.items())], time_ms=time_ms)
             files.result()
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
