@@ -12,7 +12,12 @@ image's 1x1 in vector registers into a buffer that stays in cache, then both
 depthwise 1-D passes and the bias; larger layers use one library call for the 1x1
 (:data:`LIBRARY_CONV_ROWS`) and the same fused passes, the threads splitting output
 rows. The factors sit in vector registers and every load of the depthwise passes is a
-contiguous 16-float vector of channels.
+contiguous 16-float vector of channels. It is registered twice: ``cpp`` chooses the 1x1's
+path by the layer's size, ``cpp_lib`` always takes the library's 1x1; which is faster
+depends on the input's layout, the threads and the shape (2026-12-05, AMD EPYC, batch 32,
+channels-last input, 2 threads: the library 5-14% faster at 64-128 channels 32x32; one
+thread, 128 channels 32x32: 3% slower; NCHW input: 5-32% slower everywhere measured), so
+``impl="auto"`` measures both on the network it is given.
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ``ninja`` needed; 25 s to a minute once per machine, cached under ``$RANK1_CPP_CACHE``, else
@@ -187,6 +192,7 @@ class CppRank1Conv2d(nn.Module):
         padding: str | tuple[int, int] = (0, 0),
         dilation: tuple[int, int] = (1, 1),
         padding_mode: str = "zeros",
+        library: bool = False,
     ) -> None:
         super().__init__()
         if a.dim() != 2 or b.dim() != 2 or c.dim() != 2 or not a.shape[0] == b.shape[0] == c.shape[0]:
@@ -214,6 +220,9 @@ class CppRank1Conv2d(nn.Module):
                           self.dilation[0], self.dilation[1])
         self._pre_pad = not zeros
         self.relu = False  # a following ReLU fused into the output store (see fuse_relu)
+        # The 1x1 always by one library call (``cpp_lib``), never in registers: which is faster
+        # depends on the input's layout, the threads and the shape, so `auto` measures both.
+        self.library = library
 
     def fuse_relu(self) -> bool:
         """Apply the ReLU that follows this layer in its own output store (one pass over the
@@ -232,6 +241,8 @@ class CppRank1Conv2d(nn.Module):
                 x = F.pad(x, self._pads, mode=self.padding_mode)
             if not (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.library:
+                return build()(x, a, bt, ct, bias, *self._geometry, 0, 0, self.relu, LIBRARY_CONV_ROWS)
             return build()(x, a, bt, ct, bias, *self._geometry, FUSED_WEIGHTS, FUSED_PLANE, self.relu,
                            LIBRARY_CONV_ROWS)
         # Autograd, another dtype or device: the same function with F.conv2d.
@@ -241,13 +252,19 @@ class CppRank1Conv2d(nn.Module):
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
         s += R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
-        return s + (", relu=True" if self.relu else "")
+        return s + (", 1x1=library" if self.library else "") + (", relu=True" if self.relu else "")
 
 
-def _build(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, g: Geometry) -> nn.Module:
+def _build(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, g: Geometry,
+           library: bool = False) -> nn.Module:
     seq = nn.Sequential()
-    seq.add_module("fused", CppRank1Conv2d(a, b, c, bias, g.stride, g.padding, g.dilation, g.padding_mode))
+    seq.add_module("fused", CppRank1Conv2d(a, b, c, bias, g.stride, g.padding, g.dilation, g.padding_mode, library))
     return seq
+
+
+def _build_library(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None,
+                   g: Geometry) -> nn.Module:
+    return _build(a, b, c, bias, g, library=True)
 
 
 def _cost(c_in: int, c_out: int, k: int, h: int, w: int, batch: int, bytes_per: int = 4) -> tuple[float, float]:
@@ -257,9 +274,20 @@ def _cost(c_in: int, c_out: int, k: int, h: int, w: int, batch: int, bytes_per: 
     return layer_cost(passes=0 if fused else 1, separable=True)(c_in, c_out, k, h, w, batch, bytes_per)
 
 
+def _cost_library(c_in: int, c_out: int, k: int, h: int, w: int, batch: int, bytes_per: int = 4) -> tuple[float, float]:
+    return layer_cost(passes=1, separable=True)(c_in, c_out, k, h, w, batch, bytes_per)
+
+
 register_kernel(Kernel(
     "cpp", _build, devices=("cpu",), dtypes=(torch.float32,), exportable=False, calls=1, cost=_cost,
     unavailable=lambda device: unavailable_reason(device), layout="channels_last",
     doc="the whole layer in one call of a fused C++ CPU kernel (compiled on first use), channels-last fp32; "
         "inference only",
+))
+register_kernel(Kernel(
+    "cpp_lib", _build_library, devices=("cpu",), dtypes=(torch.float32,), exportable=False, calls=1,
+    cost=_cost_library, unavailable=lambda device: unavailable_reason(device), layout="channels_last",
+    doc="the same C++ kernel with its 1x1 always one library call (oneDNN's 1x1 convolution on a channels-last "
+        "input, a GEMM otherwise), then its fused depthwise passes: faster than the in-register 1x1 at some "
+        "shapes, layouts and thread counts, slower at others (auto measures both); inference only",
 ))

@@ -140,7 +140,7 @@ def test_auto_without_an_example_uses_the_device_default_and_says_so(vgg):
 def test_bad_input_is_a_clear_error_and_builds_nothing(vgg, tmp_path):
     model, x = vgg
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'cpp', 'auto'\), got 'fastest'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'cpp', 'cpp_lib', 'auto'\), got 'fastest'"):
         decompose_model(model, "fastest")
     with pytest.raises(ValueError, match=r"example: a batch of shape \(4, 1, 16, 16\) \(torch.float32, cpu\) does not "
                                          r"fit the model \(.*channels"):

@@ -170,7 +170,7 @@ def test_library_kernels_export_and_accelerated_ones_say_they_do_not():
 
 
 def test_an_unknown_or_unavailable_kernel_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'cpp'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('chain', 'dw2d', 'triton', 'cpp', 'cpp_lib'\), got 'fast'"):
         get_kernel("fast")
     if not KERNELS["triton"].available():
         with pytest.raises(ValueError, match=r"impl='triton' is unavailable here \(.*\); allowed: \('chain', 'dw2d'"):

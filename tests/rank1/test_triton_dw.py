@@ -130,9 +130,9 @@ def test_unavailable_triton_impl_names_what_is_allowed(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not available("cpu")
     layer = Rank1Conv2d(4, 4, 3, padding=1)
-    with pytest.raises(ValueError, match=r"impl='triton' is unavailable here .*allowed: \('chain', 'dw2d'(, 'cpp')?\)"):
+    with pytest.raises(ValueError, match=r"impl='triton' is unavailable here .*allowed: \('chain', 'dw2d'(, 'cpp', 'cpp_lib')?\)"):
         layer.decompose(impl="triton")
-    with pytest.raises(ValueError, match=r"must be one of \('chain', 'dw2d', 'triton', 'cpp'\)"):
+    with pytest.raises(ValueError, match=r"must be one of \('chain', 'dw2d', 'triton', 'cpp', 'cpp_lib'\)"):
         layer.decompose(impl="cuda")
     with pytest.raises(ValueError, match=r"impl='triton' is unavailable here"):
         decompose_model(build_model("vgg", arm="rank1", depth=2, width=4), "triton")
