@@ -60,9 +60,10 @@ DENSE = "dense"
 # Without an example: the single form that was fastest on most whole networks in this
 # project's benchmarks, per device type. CPU: `rank1 bench --networks` of 2026-12-05
 # (benchmarks/results/networks.json): the fused kernel fed the input as given (it reads NCHW
-# as it is) was the best single form on 74 of 96 networks, 1.005x the best's time (geometric
-# mean; at worst 1.12x), where in channels-last 1.029x (at worst 1.67x); without the kernel,
-# dw2d in channels-last (faster than in NCHW on all 96). CUDA:
+# as it is) was the best single form on 50 of 96 networks and the closest to the best on
+# average, 1.020x the best's time (geometric mean; at worst 1.16x), where in channels-last
+# 1.041x and with the library's 1x1 (cpp_lib) 1.106x / 1.116x; without the kernel, dw2d in
+# channels-last (faster than in NCHW on all 96). CUDA:
 # benchmarks/results/gpu/h200_eager_*, eager dw2d in NCHW.
 DEFAULTS: dict[str, tuple[tuple[str, str], ...]] = {
     "cpu": (("cpp", "nchw"), ("dw2d", "channels_last")),
