@@ -221,6 +221,37 @@ def test_cpp_is_an_auto_candidate_on_cpu_with_its_roofline():
     assert impl_cost("cpp", 256, 256, 3, 8, 8, 32) == impl_cost("triton", 256, 256, 3, 8, 8, 32)
 
 
+def test_cpp_lib_always_takes_the_library_1x1_and_auto_measures_it(monkeypatch):
+    """``cpp_lib`` is the same kernel with the 1x1 by the library at every size: on a layer small
+    enough for ``cpp``'s in-register path it hands the op limits that send the 1x1 to the library
+    (the two paths' outputs can agree bit for bit, so the limits are what is checked), and it
+    computes the dense conv's function in both layouts."""
+    assert "cpp_lib" in candidate_impls(torch.device("cpu")) and CALLS["cpp_lib"] == 1
+    assert impl_cost("cpp_lib", 32, 32, 3, 8, 8, 32) == impl_cost("triton", 32, 32, 3, 8, 8, 32)  # always a pass more
+    layer = Rank1Conv2d(16, 32, 3, padding=1, bias=True)
+    with torch.no_grad():
+        layer.project_()
+        layer.bias.normal_()
+    lib, fused = layer.decompose(impl="cpp_lib").eval(), layer.decompose(impl="cpp").eval()
+    assert lib.fused.library and not fused.fused.library and "1x1=library" in repr(lib)
+    op, limits = cpp_conv.build(), []
+
+    def recording(*args):
+        limits.append(args[13:15])  # fused_weights, fused_plane
+        return op(*args)
+
+    monkeypatch.setattr(cpp_conv, "build", lambda: recording)
+    x = torch.randn(4, 16, 8, 8)
+    assert cpp_conv.fused_path(16, 32, 8, 8, 4, threads=1)  # cpp computes this 1x1 in registers
+    with torch.no_grad(), one_thread():
+        for xi in (x, x.contiguous(memory_format=CL)):
+            limits.clear()
+            y = lib(xi)
+            assert limits == [(0, 0)]  # no layer fits: the library's 1x1
+            assert rel_err(y, layer.dense_conv()(x)) <= 1e-5 and rel_err(fused(xi), y) <= 1e-5
+            assert limits[-1] == LIMITS  # cpp: by size
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **env}, timeout=300)
