@@ -107,8 +107,9 @@ def decompose_model(
 
     ``impl``: a kernel of :data:`rank1.kernels.KERNELS` for every layer — ``"chain"`` (1x1,
     kx1, 1xk) or ``"dw2d"`` (1x1, one depthwise kxk), both standard torch modules that
-    trace, export and convert to ONNX; ``"cpp"`` (a fused C++ CPU kernel) or ``"triton"`` (a
-    fused Triton kernel, CUDA), inference only — or ``"auto"``: the fastest form of *this
+    trace, export and convert to ONNX; ``"cpp"`` (a fused C++ CPU kernel), ``"cpp_lib"`` (the
+    same kernel with the library's 1x1) or ``"triton"`` (a fused Triton kernel, CUDA),
+    inference only — or ``"auto"``: the fastest form of *this
     network* on ``example`` (its device, dtype and shape), measured and cached
     (:func:`rank1.autotune.plan_model`), returned as a :class:`rank1.autotune.DeployedModel`
     that carries its plan (which kernel each layer got, the memory format, a CUDA graph).
