@@ -52,7 +52,7 @@ from rank1.measure import keep_freed_memory, machine_info, time_forward, time_pa
 
 __all__ = [
     "DEFAULTS", "DENSE", "FORMATS", "DeployedModel", "Plan", "assemble", "cache_path", "candidate_impls", "default_plan",
-    "deploy", "device_key", "formatted", "fuse_relus", "greedy_pick", "in_format", "plan_model", "rank1_layer_table",
+    "deploy", "device_key", "formatted", "fuse_relus", "greedy_pick", "in_format", "layer_times", "plan_model", "rank1_layer_table",
     "record_shapes",
 ]
 
@@ -74,6 +74,12 @@ FORMATS = ("nchw", "channels_last")
 # vgg d8 w128 b32 32x32 was left out by one noisy first pass and auto chose one 1.24x slower).
 FINAL_MARGIN, FINALISTS, FINAL_ROUNDS = 1.5, 6, 5
 MIXED_MARGIN = 0.03  # a greedy per-layer mix must beat the best single finalist by 3% to be kept
+# A single form whose layers, timed in isolation for the greedy pick, take more than this times the
+# best form's is not timed as a whole network (it could not come within FINAL_MARGIN of the fastest:
+# what the layers share, pooling and the head, only dilutes the ratio towards 1, and 2 x 0.5 of a
+# network's time already makes 1.5x). Most planning time went to such forms (chain and dw2d at small
+# shapes, 2-4x the fused kernel's layer time).
+SKIP_MARGIN = 2.0
 _LayerLike = (Rank1Conv2d, Flat1dConv2d)
 
 
@@ -110,6 +116,8 @@ class Plan:
     times_ms: dict[str, float] = field(default_factory=dict)  # every candidate measured on the example
     measured: bool = True  # False: a device default, nothing measured
     final_ratios: dict[str, float] = field(default_factory=dict)  # the finalists re-timed, paired: time / the first pass's best
+    # single forms not timed as networks: their layers in isolation took > SKIP_MARGIN x the best form's
+    skipped: dict[str, float] = field(default_factory=dict)  # label -> that ratio
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,14 +294,15 @@ def _time(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, budget_s: float) -
 
 
 @torch.inference_mode()
-def greedy_pick(table: list[_Layer], candidates: tuple[str, ...], fmt: str, device: torch.device,
-            dtype: torch.dtype) -> dict[str, str]:
-    """Per layer, the fastest kernel on that layer's own input shape in layout ``fmt``."""
-    best: dict[tuple, str] = {}
+def layer_times(table: list[_Layer], candidates: tuple[str, ...], fmt: str, device: torch.device,
+                dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """Per layer, each kernel's time (ms) on that layer's own input shape in layout ``fmt``
+    (layers of one shape measured once; a kernel that fails to build here is left out)."""
+    by_shape: dict[tuple, dict[str, float]] = {}
     out = {}
     for layer in table:
         key = (layer.in_shape, layer.geometry, tuple(f.shape for f in layer.factors), layer.bias is None)
-        if key not in best:
+        if key not in by_shape:
             x = in_format(torch.randn(*layer.in_shape, device=device, dtype=dtype), fmt)
             times = {}
             for name in candidates:
@@ -303,9 +312,17 @@ def greedy_pick(table: list[_Layer], candidates: tuple[str, ...], fmt: str, devi
                 except Exception:  # an accelerator kernel that fails to build here is just not picked
                     if KERNELS[name].exportable:
                         raise
-            best[key] = min(times, key=times.get)
-        out[layer.name] = best[key]
+            by_shape[key] = times
+        out[layer.name] = by_shape[key]
     return out
+
+
+def greedy_pick(table: list[_Layer], candidates: tuple[str, ...], fmt: str, device: torch.device,
+                dtype: torch.dtype, times: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
+    """Per layer, the fastest kernel on that layer's own input shape in layout ``fmt`` (from
+    ``times``, :func:`layer_times`, when the caller has them)."""
+    times = times if times is not None else layer_times(table, candidates, fmt, device, dtype)
+    return {layer.name: min(times[layer.name], key=times[layer.name].get) for layer in table}
 
 
 def _signature(model: nn.Module, example: torch.Tensor, candidates: tuple[str, ...]) -> str:
@@ -357,12 +374,18 @@ def plan_model(model: nn.Module, example: torch.Tensor, path: Path | None = None
                 return plan, table
         except TypeError:  # an entry of another version: measured again
             pass
+    per_layer = {fmt: layer_times(table, candidates, fmt, device, example.dtype) for fmt in FORMATS}
+    layer_sums = {f"{name}, {fmt}": sum(per_layer[fmt][t.name].get(name, float("inf")) for t in table)
+                  for name in candidates for fmt in FORMATS}
+    fastest_layers = min(layer_sums.values())
+    skipped = {k: v / fastest_layers for k, v in layer_sums.items() if v > SKIP_MARGIN * fastest_layers}
     options: dict[str, tuple[dict[str, str], str]] = {}
     for name in candidates:
         for fmt in FORMATS:
-            options[f"{name}, {fmt}"] = ({t.name: name for t in table}, fmt)
+            if f"{name}, {fmt}" not in skipped:
+                options[f"{name}, {fmt}"] = ({t.name: name for t in table}, fmt)
     for fmt in FORMATS:
-        options[f"greedy, {fmt}"] = (greedy_pick(table, candidates, fmt, device, example.dtype), fmt)
+        options[f"greedy, {fmt}"] = (greedy_pick(table, candidates, fmt, device, example.dtype, per_layer[fmt]), fmt)
     times: dict[str, float] = {}
     built: dict[str, nn.Module] = {}
     for label, (impls, fmt) in options.items():
@@ -404,6 +427,7 @@ def plan_model(model: nn.Module, example: torch.Tensor, path: Path | None = None
                 best_ms, plan = t, Plan(options[label][0], options[label][1], True, label, list(example.shape))
     plan.times_ms = times
     plan.final_ratios = final
+    plan.skipped = {k: v for k, v in skipped.items() if v != float("inf")}
     _store(path, key, plan)
     return plan, table
 

@@ -14,6 +14,7 @@ from rank1.autotune import (
     FINAL_MARGIN,
     FORMATS,
     MIXED_MARGIN,
+    SKIP_MARGIN,
     DeployedModel,
     candidate_impls,
     device_key,
@@ -40,7 +41,10 @@ def test_auto_measures_every_candidate_on_the_whole_network_and_keeps_the_fastes
     cands = candidate_impls(x.device)
     assert "dense" in cands and "chain" in cands and "triton" not in cands  # triton: CUDA only
     expected = {f"{k}, {fmt}" for k in cands for fmt in FORMATS} | {f"greedy, {fmt}" for fmt in FORMATS}
-    assert set(plan.times_ms) == expected  # every single form in both layouts, and the greedy pick
+    # every single form in both layouts and the greedy pick, timed as networks or skipped for layers
+    # that took over SKIP_MARGIN x the best form's (never the greedy pick)
+    assert set(plan.times_ms) | set(plan.skipped) == expected and not set(plan.times_ms) & set(plan.skipped)
+    assert all(r > SKIP_MARGIN for r in plan.skipped.values()) and not any(k.startswith("greedy") for k in plan.skipped)
     # the finalists (within FINAL_MARGIN of the fastest first pass) re-timed paired; the lowest ratio wins
     first = min(plan.times_ms, key=plan.times_ms.get)
     assert first in plan.final_ratios or not plan.final_ratios
@@ -81,6 +85,7 @@ def test_the_finalists_are_retimed_and_the_paired_winner_kept_not_the_first_pass
     first = {"chain, nchw": 1.0, "dw2d, channels_last": 1.1}
     monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: first.get(_label(fn), 1.1 * FINAL_MARGIN))
     monkeypatch.setattr(autotune, "greedy_pick", lambda table, *a: {t.name: "dense" for t in table})
+    _equal_layer_times(monkeypatch)
     seen = []
 
     def paired(fns, x, reference, rounds, min_time_s):
@@ -102,11 +107,37 @@ def test_a_greedy_mix_is_kept_only_where_it_beats_the_best_single_form_by_a_marg
                                                                                            1.1 * FINAL_MARGIN))
     monkeypatch.setattr(autotune, "greedy_pick", lambda table, *a: {t.name: ("dense", "chain")[i % 2]
                                                                    for i, t in enumerate(table)})
+    _equal_layer_times(monkeypatch)
     monkeypatch.setattr(autotune, "time_paired", lambda fns, x, ref, rounds, min_time_s: {
         k: ((greedy_ratio,) * 3 if k == "greedy, nchw" else (1.0,) * 3) for k in fns})
     plan = decompose_model(model, "auto", example=x, cache=tmp_path / "c.json").plan
     assert set(plan.final_ratios) == {"dw2d, nchw", "greedy, nchw", "greedy, channels_last"}
     assert plan.candidate == kept
+
+
+def _equal_layer_times(monkeypatch) -> None:
+    """Every kernel as fast as every other on every layer: no single form is skipped."""
+    monkeypatch.setattr(autotune, "layer_times", lambda table, cands, *a: {t.name: dict.fromkeys(cands, 1.0)
+                                                                           for t in table})
+
+
+def test_a_form_whose_layers_take_over_the_margin_is_not_timed_as_a_network(vgg, tmp_path, monkeypatch):
+    """Layers in isolation: chain 3x and dw2d 1.5x the fastest kernel's; chain's networks are
+    skipped (recorded with their ratio), dw2d's timed; the plan still computes the dense function."""
+    model, x = vgg
+    speed = {"chain": 3.0, "dw2d": 1.5}
+    monkeypatch.setattr(autotune, "layer_times", lambda table, cands, *a: {
+        t.name: {c: speed.get(c, 1.0) for c in cands} for t in table})
+    timed = []
+    real_time = autotune._time
+    monkeypatch.setattr(autotune, "_time", lambda fn, x, budget: timed.append(_label(fn)) or real_time(fn, x, budget))
+    plan = decompose_model(model, "auto", example=x, cache=tmp_path / "c.json")
+    assert set(plan.plan.skipped) == {"chain, nchw", "chain, channels_last"}
+    assert all(r == pytest.approx(3.0) for r in plan.plan.skipped.values())
+    assert not any(k.startswith("chain") for k in plan.plan.times_ms) and "dw2d, nchw" in plan.plan.times_ms
+    assert not {"chain, nchw", "chain, channels_last"} & set(timed)
+    with torch.no_grad():
+        assert rel_err(plan(x), dense_model(model)(x)) <= 1e-5
 
 
 def _label(deployed) -> str:
