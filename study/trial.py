@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -374,12 +375,16 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _save_checkpoint(state: dict[str, Any]):
+@contextlib.contextmanager
+def _staged_checkpoint(state: dict[str, Any]) -> Iterator[Any]:
+    """``state`` as a Tune checkpoint in a local folder that lives as long as the ``with`` block:
+    ``tune.report`` copies it to the trial's storage before it returns, so the folder goes after
+    it (kept, they had filled /tmp: ~1 MB a report for the smallest networks, every epoch)."""
     from ray import tune
 
-    d = tempfile.mkdtemp(prefix="rank1-ckpt-")
-    torch.save(state, os.path.join(d, CHECKPOINT_FILE))
-    return tune.Checkpoint.from_directory(d)
+    with tempfile.TemporaryDirectory(prefix="rank1-ckpt-") as d:
+        torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+        yield tune.Checkpoint.from_directory(d)
 
 
 def load_checkpoint(directory: str | Path) -> dict[str, Any]:
@@ -512,7 +517,8 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     if ended is not None:
         print(f"{trial_id}: it had ended ({ended['status']}) before its driver recorded that; its end is "
               f"reported again as measured", flush=True)
-        _report_end(logger, ended, _save_checkpoint(state))
+        with _staged_checkpoint(state) as checkpoint:
+            _report_end(logger, ended, checkpoint)
         return
 
     epoch = started_at
@@ -524,16 +530,17 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         metrics["objective"] = metrics.get(f"{arms[0]}.val_acc", float("nan"))
         with clock("mlflow"):
             logger.log_epoch(epoch, metrics)
-        with clock("checkpoint"):
-            checkpoint = _save_checkpoint({
-                "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id,
-                "seeds": [p.state_dict() for p in pairs], "unlogged": dict(logger.unlogged),
-            })
         report = {k: v for k, v in metrics.items() if not (".grad" in k or ".weight." in k or ".residual." in k
                                                             or ".lowrank." in k)}
         report.update({"epoch": epoch, "run_id": logger.run_id, "final": False, "resumed_from": started_at})
-        with clock("report"):
-            tune.report(report, checkpoint=checkpoint)
+        with contextlib.ExitStack() as staged:
+            with clock("checkpoint"):
+                checkpoint = staged.enter_context(_staged_checkpoint({
+                    "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id,
+                    "seeds": [p.state_dict() for p in pairs], "unlogged": dict(logger.unlogged),
+                }))
+            with clock("report"):
+                tune.report(report, checkpoint=checkpoint)
         with clock("checkpoint"):
             _empty_old_checkpoints()
 
@@ -563,13 +570,13 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                    "run_id": logger.run_id, "resumed_from": started_at},
     }
     record = _end_record(ended)  # sent as kept: a restarted attempt's report of it is the same
-    checkpoint = _save_checkpoint({
+    with _staged_checkpoint({
         "epoch": epoch, "run_id": logger.run_id, "trial_id": trial_id, "final": True,
         "seeds": [p.state_dict() for p in pairs], "unlogged": dict(logger.unlogged), "models": models,
         "val_acc": {a: [arm_accuracy(r["arms"][a]) for r in results] for a in models},
         "params": params, "end": record,
-    })
-    _report_end(logger, json.loads(record), checkpoint)
+    }) as checkpoint:
+        _report_end(logger, json.loads(record), checkpoint)
 
 
 def _end_record(ended: dict[str, Any]) -> str:

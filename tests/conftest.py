@@ -49,7 +49,9 @@ def smoke_study(tmp_path_factory):
                                "rank1_lr": {"low": 0.02, "high": 0.1, "log": True},
                                "flat1d_lr": {"low": 0.02, "high": 0.1, "log": True}})
     mark = uuid.uuid4().hex  # every process the study starts inherits it (tests/study/test_processes.py)
-    p = cli("study", "run", str(path), env={MARK: mark})
+    scratch = tmp / "scratch"  # its temp dir, so that what a study leaves in one can be seen
+    scratch.mkdir()
+    p = cli("study", "run", str(path), env={MARK: mark, "TMPDIR": str(scratch)})
     (tmp / "process-mark").write_text(mark)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp, path, p

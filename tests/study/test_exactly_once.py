@@ -3,6 +3,7 @@ and what a killed driver left running, the next start stops."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -70,8 +71,14 @@ def _recorded_checkpoints(home: Path, since: float = 0.0) -> list[Path]:
     the driver has taken its first.)"""
     tune = home / "ray_results" / "tune"
     newest = max((s.stat().st_mtime for s in tune.glob("experiment_state-*.json")), default=0.0)
-    return [c for c in tune.glob("*/checkpoint_*")
-            if c.name != "checkpoint_000000" and since < c.stat().st_mtime < newest]
+    found = []
+    # The trials' folders only: the driver's keeper of Tune's state renames and removes its own
+    # (dot-named) folders beside them while this looks, and a folder gone mid-scan is an error
+    for trial in (t for t in tune.iterdir() if t.is_dir() and not t.name.startswith(".")):
+        with contextlib.suppress(FileNotFoundError):
+            found += [c for c in trial.glob("checkpoint_*")
+                      if c.name != "checkpoint_000000" and since < c.stat().st_mtime < newest]
+    return found
 
 
 def _mid_way(home: Path, since: float) -> list[Path]:

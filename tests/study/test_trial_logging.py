@@ -6,6 +6,8 @@ epoch and MLflow having it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 from pyarrow import fs as pafs
@@ -221,7 +223,7 @@ def test_an_end_kept_by_the_final_checkpoint_and_sent_again_is_in_mlflow_once(ct
 
     import numpy as np
 
-    from study.trial import _end_record, _save_checkpoint, load_checkpoint
+    from study.trial import _end_record, _staged_checkpoint, load_checkpoint
 
     client = MlflowClient(ctx["tracking_uri"])
     first = _logger(ctx)
@@ -231,7 +233,9 @@ def test_an_end_kept_by_the_final_checkpoint_and_sent_again_is_in_mlflow_once(ct
              "metrics": {"final/latency_ms": np.float64(1.5), "final/objective": 0.5, "final/nan": float("nan")},
              "report": {"objective": 0.5, "final": True, "epoch": 1}}
     record = _end_record(ended)
-    state = load_checkpoint(_save_checkpoint({"epoch": 1, "end": record}).path)  # as a restore loads it
+    with _staged_checkpoint({"epoch": 1, "end": record}) as checkpoint:
+        state = load_checkpoint(checkpoint.path)  # as a restore loads it
+    assert not Path(checkpoint.path).exists()  # staged for Tune's copy only
     kept = json.loads(state["end"])
     assert kept["metrics"]["final/latency_ms"] == 1.5 and kept["report"] == ended["report"]
     assert kept["results"] == results and kept["time_ms"] == ended["time_ms"]
@@ -239,7 +243,8 @@ def test_an_end_kept_by_the_final_checkpoint_and_sent_again_is_in_mlflow_once(ct
     again = _logger(ctx, run_id=first.run_id)  # the restarted attempt marks the run running again
     again.wait()
     assert client.get_run(first.run_id).data.tags["rank1.status"] == "running"
-    kept = json.loads(load_checkpoint(_save_checkpoint(state).path)["end"])  # and saves the state again
+    with _staged_checkpoint(state) as checkpoint:  # and saves the state again
+        kept = json.loads(load_checkpoint(checkpoint.path)["end"])
     again.finish(kept["status"], kept["reason"], kept["results"], kept["metrics"], step=1, time_ms=kept["time_ms"])
     for key, value in (("final/latency_ms", 1.5), ("final/objective", 0.5)):
         assert [(m.value, m.step) for m in client.get_metric_history(first.run_id, key)] == [(value, 1)]
