@@ -15,6 +15,12 @@ for batch 1 and the card's latency batch at load, and a request is served by the
 the nearest planned batch size, so no request waits for a measurement.
 ``mlflow models serve -m models:/NAME@champion`` and ``rank1 pull`` both get that form.
 
+The loading machine's environment may choose: ``RANK1_SERVE_DEVICE`` (``cpu``, ``cuda``;
+default CUDA where there is one) and ``RANK1_SERVE_FORM`` (``auto``, the default, or one
+kernel of :data:`rank1.kernels.KERNELS` for every layer and batch size, nothing measured:
+``chain`` is the form that exports). The study's driver loads the model with ``chain`` to
+check it before registering it, so that the check plans nothing on the driver.
+
 ``predict`` takes a float32 array ``N x C x H x W``, normalised as the card's ``input``
 says, and returns the logits ``N x classes``.
 """
@@ -29,7 +35,9 @@ from typing import Any
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-__all__ = ["Rank1ServingModel"]
+__all__ = ["FORM_ENV", "Rank1ServingModel"]
+
+FORM_ENV = "RANK1_SERVE_FORM"
 
 
 class Rank1ServingModel(PythonModel):
@@ -48,6 +56,15 @@ class Rank1ServingModel(PythonModel):
         self.device = torch.device(want)
         self.net = net.eval().to(self.device)
         self.deployed: dict[int, Any] = {}
+        form = os.environ.get(FORM_ENV) or "auto"
+        if form != "auto":  # one form for every batch size, nothing measured
+            from rank1 import decompose_model
+
+            try:
+                self.deployed[1] = decompose_model(self.net, form)
+            except ValueError as e:
+                raise ValueError(f"{FORM_ENV}={form}: {e}") from None
+            return
         c, h, w = self.card["input"]["channels"], *self.card["input"]["size"]
         for batch in sorted({1, int(self.card.get("latency_batch", 32))}):
             self.plan_for(torch.randn(batch, c, h, w, device=self.device))

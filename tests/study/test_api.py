@@ -54,3 +54,22 @@ def test_run_then_results_equal_mlflow_and_optuna(tmp_path):
                 assert math.isclose(mean, t.value, abs_tol=1e-9)
             if arm != "dense":  # the decomposed arms' speed, as MLflow has it (mean over seeds)
                 assert math.isclose(arm_rows["speedup_b8"].mean(), m[f"{FINAL}{arm}.speedup_b8"], rel_tol=1e-9)
+
+
+@pytest.mark.slow(seconds=8)
+def test_importing_the_service_turns_mlflow_telemetry_off_unless_the_user_chose():
+    """Offline, MLflow's telemetry thread deletes an environment variable while other threads may
+    be walking os.environ (a study's start died of it): the service's packages (``study``, and
+    ``dashboards`` through it) turn it off before MLflow is imported, and leave a user's own
+    setting alone. Run outside pytest and CI, where MLflow itself would turn it off."""
+    import subprocess
+    import sys
+
+    ci = {"PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE", "JENKINS_URL", "TF_BUILD"}
+    env = {k: v for k, v in os.environ.items() if k not in ci and k != "MLFLOW_DISABLE_TELEMETRY"}
+    for package, user, expected in (("dashboards", None, "true True"), ("study", "false", "false False")):
+        code = (f"import {package}, os, mlflow\nfrom mlflow.telemetry.utils import is_telemetry_disabled\n"
+                "print(os.environ.get('MLFLOW_DISABLE_TELEMETRY'), is_telemetry_disabled())")
+        run_env = env if user is None else {**env, "MLFLOW_DISABLE_TELEMETRY": user}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=120)
+        assert p.returncode == 0 and p.stdout.split("\n")[-2] == expected, p.stdout + p.stderr[-2000:]

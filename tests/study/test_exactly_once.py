@@ -70,6 +70,8 @@ def _recorded_checkpoints(home: Path, since: float = 0.0) -> list[Path]:
     their trials from a checkpoint. (By the time a worker has written its second checkpoint,
     the driver has taken its first.)"""
     tune = home / "ray_results" / "tune"
+    if not tune.is_dir():  # Tune has not started the experiment yet
+        return []
     newest = max((s.stat().st_mtime for s in tune.glob("experiment_state-*.json")), default=0.0)
     found = []
     # The trials' folders only: the driver's keeper of Tune's state renames and removes its own

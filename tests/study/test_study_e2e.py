@@ -146,6 +146,18 @@ def test_champion_is_registered_and_pull_serves_it_like_the_trial(smoke, tmp_pat
         assert torch.allclose(logits, ref, rtol=1e-4, atol=1e-4) and _same_classes(logits, ref)
     acc = float((logits.argmax(1) == data.val.y).float().mean())
     assert acc == pytest.approx(card["val_acc"], abs=1e-9)
+    # The loader's choice of form (what the driver's check before registering uses): one form for
+    # every batch size, nothing measured, the same predictions; a form that is none, a clear error.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANK1_SERVE_FORM", "chain")
+        chain = mlflow.pyfunc.load_model(str(out / "model"))
+        (deployed,) = chain.unwrap_python_model().deployed.values()
+        assert not hasattr(deployed, "plan") and "Conv2d" in repr(deployed)
+        with torch.no_grad():
+            assert torch.allclose(torch.as_tensor(chain.predict(x.numpy())), ref, rtol=1e-4, atol=1e-4)
+        mp.setenv("RANK1_SERVE_FORM", "fastest")
+        with pytest.raises(Exception, match=r"RANK1_SERVE_FORM=fastest: impl must be one of \(.*'chain'.*'auto'\)"):
+            mlflow.pyfunc.load_model(str(out / "model"))
     # ... and the exportable chain form inside it loads with torch.export alone (no rank1, no pickle).
     prog = torch.export.load(str(out / "model" / "artifacts" / "exportable.pt2"))
     with torch.no_grad():
