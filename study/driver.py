@@ -26,7 +26,7 @@ from study.home import STATE_FILE, STUDY_FILE, home_locations, load_home, write_
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
 from study.services import MlflowServer, driver_env, start_ray
-from study.trial import load_checkpoint
+from study.trial import end_report, load_checkpoint
 from study.tuning import (
     confirm_phase,
     count_states,
@@ -178,8 +178,10 @@ def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str
         state = load_checkpoint(d)
     from study.registry import register_champion
 
+    # Tune has the final report's short view (study.trial.tune_view); the checkpoint, all of it
+    metrics = {**dict(res.metrics), **(end_report(state) or {})}
     outcome.best = {"trial_id": tid, "optuna_number": best.number, "params": dict(best.params), "arm": cfg.shipped_arm,
-                    "value": best.values[0], "run_id": state["run_id"], "metrics": dict(res.metrics)}
+                    "value": best.values[0], "run_id": state["run_id"], "metrics": metrics}
     reg = register_champion(cfg, client, uri, state, outcome.best)
     outcome.model_uri, outcome.model_version, outcome.alias = reg["model_uri"], reg["version"], reg["alias"]
     client.set_tag(parent_id, TAG_CHAMPION, f"{cfg.model_name} v{reg['version']} ({reg['alias']}) from {tid}")

@@ -120,9 +120,7 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
         # `auto` (every candidate form timed on the whole network at two batch sizes: ~20 s for vgg
         # depth 8 width 128 on 32x32 images, 2 cores) for the driver's machine, a plan thrown away:
         # the check loads the `chain` form instead, which measures nothing.
-        with _serve_form("chain"), warnings.catch_warnings():
-            # MLflow's advice to type-hint `predict` (for its data validation: the signature does it)
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        with _serve_form("chain"), warnings.catch_warnings(record=True) as caught:
             info = mlflow.pyfunc.log_model(
                 name="model", model_id=logged.model_id, python_model=str(SERVING),
                 code_paths=[str(Path(rank1.__file__).parent)],
@@ -130,6 +128,11 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
                 signature=mlflow.models.infer_signature(x_example.numpy(), logits), input_example=x_example.numpy(),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
             )
+        # All but MLflow's advice to type-hint `predict` (for its data validation: the signature does
+        # that), printed twice per study otherwise; MLflow resets filters inside, so it is caught here
+        for w in caught:
+            if "type hints to the `predict` method" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=int(state.get("epoch", 0)))])
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
             "dataset": train_cfg.dataset, "metric": metric, "value": f"{acc:.6f}", "study": cfg.name,

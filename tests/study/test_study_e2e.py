@@ -41,6 +41,18 @@ def test_summary_and_home(smoke):
     for f in ("study.yaml", "resolved.yaml", "state.json", "optuna.db", "mlflow.db", "outcome.json", "confirm.json"):
         assert (home / f).exists(), f
     assert not (home / "mlflow-server.json").exists()  # the embedded server was stopped
+    # Tune got the short view of each trial's end (its experiment state keeps statistics of every key
+    # it is sent, per trial); the champion's numbers in the outcome are all of them, from its checkpoint
+    finals = [json.loads(f.read_text().splitlines()[-1]) for f in (home / "ray_results" / "tune").glob("*/result.json")]
+    assert len(finals) == 4 and all(r["final"] for r in finals)
+    from study.trial import tune_view
+
+    for r in finals:
+        numbers = {k for k in r if k.startswith(("rank1.", "flat1d.", "dense.", "paired.", "latency.", "overhead."))}
+        assert numbers == {k for k in tune_view(r) if k in numbers} and "rank1.decomposed_val_acc" in numbers
+    best = outcome["best"]["metrics"]
+    assert {"rank1.speedup_b1", "rank1.flop_ratio", "rank1.decomposed_val_acc", "trial_id"} <= set(best)
+    assert len(best) > 4 * len(tune_view(best))
 
 
 def test_one_parent_and_exactly_one_child_run_per_trial(smoke, smoke_tracking):
