@@ -201,16 +201,15 @@ SERVE_FORM_ENV = "RANK1_SERVE_FORM"  # study/serving.py's FORM_ENV (the model ca
 
 @contextlib.contextmanager
 def _serve_form(form: str):
-    """The form the registered model deploys when loaded in this process, for the block."""
+    """The form the registered model deploys when loaded in this process, for the block. Put back
+    after it as it was, or as ``auto`` (the default's value) if it was unset: deleting a variable
+    while another thread walks ``os.environ`` is the race MLflow's telemetry had (study/__init__.py)."""
     before = os.environ.get(SERVE_FORM_ENV)
     os.environ[SERVE_FORM_ENV] = form
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(SERVE_FORM_ENV, None)
-        else:
-            os.environ[SERVE_FORM_ENV] = before
+        os.environ[SERVE_FORM_ENV] = "auto" if before is None else before
 
 
 @contextlib.contextmanager
