@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@# file at a time: the install took 116 s with it, 80 s without), and the C++ CPU kernel, compiled
 	@# once per machine (~24 s alone, one compiler process) now rather than in the first trial that
 	@# deploys a model (which slowed that trial and the latency another one measured). Both together:
-	@# 40 s (2-core Intel Xeon, 2026-12-04), so the setup is ~20 s shorter.
+	@# 40 s (2-core Intel Xeon, 2026-12-04), so the setup is ~20 s shorter. The byte-compiling is
+	@# not optional here: these machines set PYTHONDONTWRITEBYTECODE=1, so no import ever writes a
+	@# .pyc, and without it every test process compiled torch, MLflow and Ray from source (a clean
+	@# clone's pytest 995 s instead of 563 s, 2026-12-06; tried with the compile moved beside the
+	@# install instead, ~30 s off the setup).
 	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib >/dev/null 2>&1 & \
 	$(BIN)/python -c "from rank1.kernels import cpp; r = cpp.unavailable_reason(); \
 	  print(f'note: no C++ kernel here ({r}): the deployed form uses the library kernels') if r else cpp.build()" \
