@@ -51,7 +51,9 @@ def smoke_study(tmp_path_factory):
     mark = uuid.uuid4().hex  # every process the study starts inherits it (tests/study/test_processes.py)
     scratch = tmp / "scratch"  # its temp dir, so that what a study leaves in one can be seen
     scratch.mkdir()
-    p = cli("study", "run", str(path), env={MARK: mark, "TMPDIR": str(scratch)})
+    # and its kernel-plan cache, so that who planned what can be read back
+    p = cli("study", "run", str(path), env={MARK: mark, "TMPDIR": str(scratch),
+                                            "RANK1_IMPL_CACHE": str(tmp / "impl_cache.json")})
     (tmp / "process-mark").write_text(mark)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp, path, p

@@ -55,6 +55,17 @@ def test_summary_and_home(smoke):
     assert len(best) > 4 * len(tune_view(best))
 
 
+def test_registering_the_champion_plans_no_kernels_on_the_driver(smoke):
+    """MLflow checks a model before it is registered by loading it; the driver has that load the
+    `chain` form, so `auto` plans nothing for the driver's machine: every plan in the study's
+    kernel cache is a trial's (one thread each), none the driver's (all the cores)."""
+    tmp, _, _ = smoke
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("on one core the driver's plans and the trials' have the same key")
+    keys = list(json.loads((tmp / "impl_cache.json").read_text()))
+    assert keys and all(", 1 threads:" in k for k in keys), keys
+
+
 def test_one_parent_and_exactly_one_child_run_per_trial(smoke, smoke_tracking):
     tmp, _, _ = smoke
     client = smoke_tracking[0]
