@@ -105,8 +105,9 @@ def print_summary(outcome, keep_ui: bool) -> None:
 
     console = Console()
     t = Table(title=f"study {outcome.name}: " + ", ".join(f"{v} {k}" for k, v in sorted(outcome.trials.items())))
-    t.add_column("")
-    t.add_column("")
+    # Long values wrap instead of ending in "…": piped to a file (80 columns) nothing is cut off.
+    t.add_column("", overflow="fold")
+    t.add_column("", overflow="fold")
     b = outcome.best
     if b:
         m = b.get("metrics", {})
@@ -148,9 +149,14 @@ def print_summary(outcome, keep_ui: bool) -> None:
     ui = outcome.tracking_uri if keep_ui else f"rank1 ui --home {outcome.home}"
     t.add_row("MLflow UI", ui)
     state = Path(outcome.home) / STATE_FILE
-    if state.exists():
-        exp = json.loads(state.read_text()).get("experiment_id")
-        t.add_row("the study's runs", experiment_url(outcome.tracking_uri if keep_ui else "http://127.0.0.1:5000", exp))
+    exp = json.loads(state.read_text()).get("experiment_id") if state.exists() else None
     console.print(t)
+    # The links on lines of their own, never wrapped, so that they can be copied whole.
+    runs_url = experiment_url(outcome.tracking_uri if keep_ui else "http://127.0.0.1:5000", exp) if exp else None
     if not keep_ui:
-        console.print(f"Open the MLflow UI with: [bold]rank1 ui --home {outcome.home}[/] (then http://127.0.0.1:5000)")
+        console.print(f"Open the MLflow UI with: [bold]rank1 ui --home {outcome.home}[/]"
+                      + (", then the study's runs:" if runs_url else " (then http://127.0.0.1:5000)"), soft_wrap=True)
+    elif runs_url:
+        console.print("The study's runs in the MLflow UI:")
+    if runs_url:
+        console.print(runs_url, soft_wrap=True, markup=False, highlight=False)

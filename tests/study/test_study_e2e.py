@@ -14,7 +14,7 @@ import torch
 from rank1.data import TensorLoader, load_dataset
 from rank1.models import model_for
 from study.config import load_study
-from study.names import counted
+from study.names import counted, experiment_url
 from study.trial import load_checkpoint
 from tests.study.conftest import cli, mlflow_client, optuna_trials, trial_runs, write_study
 
@@ -33,6 +33,11 @@ def test_summary_and_home(smoke):
     assert "best vs best" in p.stdout
     assert "models:/smoke-decomposed@champion" in p.stdout
     assert "rank1 ui --home" in p.stdout  # how to open the UI
+    # piped (80 columns), the summary cuts nothing off, and the runs' link is whole on its own line
+    summary = p.stdout[p.stdout.index("study smoke: 4 finished"):]
+    assert "…" not in summary
+    exp = json.loads((home / "state.json").read_text())["experiment_id"]
+    assert experiment_url("http://127.0.0.1:5000", exp) in summary.splitlines()
     assert "Failed to fetch metrics" not in p.stdout + p.stderr  # Tune read back what it wrote (result.json)
     # the champion's speedup says how it was timed: one thread, with the other trials counted
     outcome = json.loads((home / "outcome.json").read_text())
