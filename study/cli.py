@@ -65,15 +65,21 @@ def cmd_study_status(args: argparse.Namespace) -> int:
         return 0
     t = Table(title=f"study {s['name']}: " + ", ".join(f"{v} {k}" for k, v in sorted(s["states"].items()))
                     + f" of {s['n_trials']} trials")
-    for col in ("#", "trial", "status", "params", "value"):
-        t.add_column(col)
+    for col in ("#", "trial", "status", "params", *s["value_names"]):
+        t.add_column(col, overflow="fold")
+
+    def params(p: dict) -> str:
+        return " ".join(f"{k}={v}" for k, v in sorted(p.items()))
+
     for tr in s["trials"]:
-        t.add_row(str(tr["number"]), str(tr["trial_id"]), tr["status"],
-                  " ".join(f"{k}={v}" for k, v in sorted(tr["params"].items())),
-                  ", ".join(f"{v:.4f}" for v in tr["values"]) if tr["values"] else "")
+        values = tr["values"] or []
+        t.add_row(str(tr["number"]), str(tr["trial_id"]), tr["status"], params(tr["params"]),
+                  *(f"{values[i]:.4f}" if i < len(values) else "" for i in range(len(s["value_names"]))))
     Console().print(t)
     if s["best"]:
-        print(f"best so far: trial #{s['best']['number']} {s['best']['params']} value {s['best']['values']}")
+        b = s["best"]
+        print(f"best so far: #{b['number']} ({b['trial_id']}) {params(b['params'])}: "
+              + ", ".join(f"{name} {v:.4f}" for name, v in zip(s["value_names"], b["values"])))
     return 0
 
 

@@ -200,5 +200,17 @@ def study_status(home: str | Path) -> dict[str, Any]:
         return {"name": cfg.name, "n_trials": cfg.n_trials, "states": {}, "trials": [], "best": None}
     states, trials = count_states(study)
     best = pick_best(cfg, study)
+    ids = {t["number"]: t["trial_id"] for t in trials}
     return {"name": cfg.name, "n_trials": cfg.n_trials, "states": states, "trials": trials,
-            "best": None if best is None else {"number": best.number, "params": best.params, "values": best.values}}
+            "value_names": value_names(cfg),
+            "best": None if best is None else {"number": best.number, "trial_id": ids.get(best.number),
+                                               "params": best.params, "values": best.values}}
+
+
+def value_names(cfg: StudyConfig) -> list[str]:
+    """What each of a trial's Optuna values is, in order: ``rank1 val acc``, ``flat1d val acc``
+    (pair), ``latency ms`` (multi); ``val acc`` where each trial scores its own arm."""
+    arms = cfg.objective_arms
+    names = {"objective": f"{arms[0]} val acc" if arms else "val acc", "objective.flat1d": "flat1d val acc",
+             "latency_ms": "latency ms"}
+    return [names[key] for key, _ in cfg.objectives]

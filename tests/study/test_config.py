@@ -152,3 +152,15 @@ def test_yaml_is_never_executed(tmp_path):
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_study(path)
     assert not Path(tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("objective, names", [
+    ("rank1", ["rank1 val acc"]), ("flat1d", ["flat1d val acc"]), ("dense", ["dense val acc"]),
+    ("pair", ["rank1 val acc", "flat1d val acc"]), ("multi", ["rank1 val acc", "latency ms"]),
+])
+def test_each_optuna_value_has_a_name(tmp_path, objective, names):
+    """`rank1 study status` heads its value columns with these, one per Optuna objective, in order."""
+    from study.driver import value_names
+
+    cfg = load_study(write_study(tmp_path, objective=objective, train={"arm": "all"}))
+    assert value_names(cfg) == names and len(names) == len(cfg.objectives)

@@ -296,6 +296,15 @@ def test_status_reads_the_storage(smoke):
     assert p.returncode == 0, p.stderr
     s = json.loads(p.stdout)
     assert s["states"] == {"finished": 4} and s["best"] is not None
+    # each value named (the smoke study's objective: rank1's accuracy), the best by its trial id
+    assert s["value_names"] == ["rank1 val acc"]
+    best = s["best"]
+    assert best["trial_id"] == next(t["trial_id"] for t in s["trials"] if t["number"] == best["number"])
+    p = cli("study", "status", str(tmp / "home"))
+    assert p.returncode == 0, p.stderr
+    line = next(x for x in p.stdout.splitlines() if x.startswith("best so far:"))
+    assert line.startswith(f"best so far: #{best['number']} ({best['trial_id']}) ")
+    assert line.endswith(f": rank1 val acc {best['values'][0]:.4f}")
 
 
 def test_a_second_study_in_the_same_home_is_refused(smoke):
