@@ -158,8 +158,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     t = Table(title=f"{card['name']} version {card['version']} {card.get('aliases') or ''}")
-    t.add_column("")
-    t.add_column("")
+    t.add_column("", overflow="fold")
+    t.add_column("", overflow="fold")
     for k in ("study", "trial_id", "dataset", "val_acc", "seed", "arch", "model_uri"):
         t.add_row(k, str(card.get(k)))
     t.add_row("params", " ".join(f"{k}={v}" for k, v in sorted(card["params"].items())))
