@@ -13,6 +13,7 @@ drift. In a notebook::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -26,6 +27,22 @@ from rank1.measure import machine_info
 __all__ = ["export", "load", "pull", "records", "report", "results", "resume", "run", "status", "tracking"]
 
 
+def _quiet(fn):
+    """``fn`` with MLflow's and Tune's per-call output off (progress bars of every artifact
+    download, run links), as the CLI runs: in a notebook a study's results arrived under a
+    progress bar per trial. The environment is as it was afterwards."""
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        from study.services import QUIET_ENV, scoped_env
+
+        with scoped_env(QUIET_ENV):
+            return fn(*args, **kwargs)
+
+    return quiet
+
+
+@_quiet
 def run(study: str | Path, home: str | Path | None = None, address: str | None = None,
         overrides: dict[str, Any] | None = None, keep_ui: bool = False, node_wait_s: float = 600.0):
     """Run the study file ``study`` (``home``, ``overrides`` of its locations); returns its
@@ -36,6 +53,7 @@ def run(study: str | Path, home: str | Path | None = None, address: str | None =
     return run_study(study, address=address, keep_ui=keep_ui, overrides=over, node_wait_s=node_wait_s)
 
 
+@_quiet
 def resume(home: str | Path, address: str | None = None, keep_ui: bool = False, node_wait_s: float = 600.0):
     """Continue a stopped or killed study from its home (its stores as it started with them)."""
     from study.driver import resume_study
@@ -89,6 +107,7 @@ def _variant(arm: str, config: dict[str, Any], varying: dict[str, list[str]]) ->
     return arm + (" (" + ", ".join(str(config.get(f)) for f in fields) + ")" if fields else "")
 
 
+@_quiet
 def records(home: str | Path, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every (trial, seed, arm) and every confirmation run of a study, from MLflow (the runs and
     their per-seed results) and Optuna (the trial's number and state): one dict each, the
@@ -155,6 +174,7 @@ def results(home: str | Path, tracking_uri: str | None = None):
     return pd.DataFrame(rows)
 
 
+@_quiet
 def export(home: str | Path, out: str | Path, tracking_uri: str | None = None) -> dict[str, Path]:
     """Write a study's results for others to check: ``runs.jsonl`` (every record of
     :func:`records`), ``trials.csv`` (:func:`results`) and ``summary.json`` (the study, its
@@ -197,6 +217,7 @@ def export(home: str | Path, out: str | Path, tracking_uri: str | None = None) -
     return {"runs": out / "runs.jsonl", "trials": out / "trials.csv", "summary": out / "summary.json"}
 
 
+@_quiet
 def pull(ref: str, out: str | Path, home: str | Path | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
     """Download registered model ``ref`` (``NAME``, ``NAME@alias``, ``NAME/version``) into ``out``;
     returns its card. Load it with ``mlflow.pyfunc.load_model(out / "model")``."""
@@ -208,6 +229,7 @@ def pull(ref: str, out: str | Path, home: str | Path | None = None, tracking_uri
         return _pull(ref, out, uri)
 
 
+@_quiet
 def report(home: str | Path, tracking_uri: str | None = None, log: bool = True) -> Path:
     """Build the study report (HTML + PNGs) into HOME/report, logged to the parent run."""
     from dashboards.report import report_study

@@ -43,6 +43,7 @@ __all__ = [
     "driver_env",
     "free_port",
     "ray_temp_dir",
+    "scoped_env",
     "start_ray",
 ]
 
@@ -74,16 +75,21 @@ DRIVER_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_ONLY_STORE_CHECKP
 
 
 @contextlib.contextmanager
-def driver_env() -> Iterator[None]:
-    """:data:`DRIVER_ENV` for the study's duration; afterwards (a notebook's process goes on) the
-    environment is as it was."""
-    added = [k for k in DRIVER_ENV if k not in os.environ]
-    os.environ.update({k: DRIVER_ENV[k] for k in added})
+def scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in the environment for a block, where it does not say otherwise already;
+    afterwards (a notebook's process goes on) the environment is as it was."""
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
     try:
         yield
     finally:
         for k in added:
             os.environ.pop(k, None)
+
+
+def driver_env() -> contextlib.AbstractContextManager[None]:
+    """:data:`DRIVER_ENV` for the study's duration."""
+    return scoped_env(DRIVER_ENV)
 
 
 def _ephemeral_range() -> tuple[int, int]:

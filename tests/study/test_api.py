@@ -16,10 +16,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.slow(seconds=35)
-def test_run_then_results_equal_mlflow_and_optuna(tmp_path):
+def test_run_then_results_equal_mlflow_and_optuna(tmp_path, capfd):
     path = write_study(tmp_path, name="api", n_trials=3, seeds_per_trial=2, train={"arm": "all", "epochs": 1},
                        search={"depth": {"low": 1, "high": 2}, "init": ["kaiming", "dirac"]})
-    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")}
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
+                                             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
     outcome = study.run(path)  # in this process, as a notebook would
     # not left at the study's stopped server, nor with the study's Tune settings
     assert {k: os.environ.get(k) for k in before} == before
@@ -29,7 +30,11 @@ def test_run_then_results_equal_mlflow_and_optuna(tmp_path):
     assert outcome.trials.get("finished") == 3 and outcome.model_uri == "models:/api-decomposed@champion"
     assert study.load(home).name == "api" and study.status(home)["states"] == {"finished": 3}
 
+    capfd.readouterr()
     df = study.results(home)
+    # as quiet as the CLI: no progress bar per trial's downloaded results; the environment as it was
+    assert "Downloading artifacts" not in "".join(capfd.readouterr())
+    assert {k: os.environ.get(k) for k in before} == before
     assert len(df) == 3 * 2 * 3  # trials x seeds x arms
     assert set(df["arm"]) == {"rank1", "flat1d", "dense"} and set(df["phase"]) == {"search"}
     assert sorted(df["seed"].unique()) == [0, 1]
