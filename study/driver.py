@@ -76,6 +76,10 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
                 f"home: {str(home)!r} holds a different study (its search or settings differ); "
                 "use another home, or `rank1 study resume` with the original file"
             )
+        if not resume and (home / "outcome.json").exists():
+            raise ConfigError(f"home: {str(home)!r} already holds this study, which finished: read it with "
+                              f"`rank1 study status {home}` or `rank1 study report {home}`, or give --home "
+                              "another folder to run it again")
         if not resume:
             raise ConfigError(f"home: {str(home)!r} already holds this study; continue it with "
                               f"`rank1 study resume {home}`")

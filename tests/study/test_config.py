@@ -164,3 +164,23 @@ def test_each_optuna_value_has_a_name(tmp_path, objective, names):
 
     cfg = load_study(write_study(tmp_path, objective=objective, train={"arm": "all"}))
     assert value_names(cfg) == names and len(names) == len(cfg.objectives)
+
+
+def test_running_a_study_again_in_its_home_says_what_to_do(tmp_path):
+    """A home that holds the same study: `resume` continues an unfinished one; a finished one is
+    read with `status` / `report`, not continued. Refused before anything starts."""
+    import json
+
+    from study.driver import run_study
+
+    path = write_study(tmp_path)
+    cfg = load_study(path)
+    cfg.home_path.mkdir(parents=True)
+    (cfg.home_path / "state.json").write_text(json.dumps({"fingerprint": cfg.fingerprint()}))
+    with pytest.raises(ConfigError, match=r"already holds this study; continue it with `rank1 study resume "):
+        run_study(path)
+    (cfg.home_path / "outcome.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"which finished: read it with `rank1 study status .*` or "
+                                          r"`rank1 study report .*`, or give --home another folder"):
+        run_study(path)
+    assert sorted(p.name for p in cfg.home_path.iterdir()) == ["outcome.json", "state.json"]  # nothing started

@@ -310,7 +310,7 @@ def test_status_reads_the_storage(smoke):
 def test_a_second_study_in_the_same_home_is_refused(smoke):
     _, path, _ = smoke
     p = cli("study", "run", str(path), timeout=120)
-    assert p.returncode == 2 and "already holds this study" in p.stderr
+    assert p.returncode == 2 and "already holds this study, which finished" in p.stderr  # not "continue it"
 
 
 @pytest.mark.slow(seconds=35)
