@@ -24,6 +24,24 @@ from rank1.cli import build_parser as build_rank1_parser
 
 __all__ = ["build_parser", "main", "program"]
 
+STUDY_HELP = """\
+A hyperparameter study of rank-1 training: Optuna searches (or a pre-registered grid) run by
+Ray Tune, every trial training the arms side by side and landing in MLflow, the best decomposed
+model registered. A study is a YAML file (studies/*.yaml); its home folder keeps everything.
+
+  rank1 study run STUDY.yaml       on a local Ray instance with an embedded MLflow server
+                                   (--address: a Ray cluster; --home: another folder)
+  rank1 study resume HOME          continue a stopped or killed study
+  rank1 study status HOME          trials done / running / failed, the best so far
+  rank1 study report HOME          the study report again (HTML + figures)
+  rank1 study export HOME --out D  runs.jsonl, trials.csv, summary.json
+  rank1 study submit STUDY.yaml --address URL
+                                   to a Ray cluster as a Ray Job, followed with
+                                   rank1 study jobs / logs JOB / stop JOB
+
+Then: rank1 ui --home HOME (the MLflow UI), rank1 pull NAME@champion --home HOME (the model).
+From Python: import study; study.run(...), study.results(HOME) (a DataFrame), study.pull(...)."""
+
 
 def _check_node_wait(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.node_wait) and args.node_wait >= 0):
@@ -249,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = build_rank1_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
-    study = sub.add_parser("study", help="the hyperparameter-study service", description=__doc__,
+    study = sub.add_parser("study", help="The hyperparameter-study service: run, resume, status, report, export, submit a "
+                                         "study (Ray Tune + Optuna, every trial in MLflow).", description=STUDY_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ssub = study.add_subparsers(dest="study_command", required=True, metavar="STUDY_COMMAND")
     run = ssub.add_parser("run", help=cmd_study_run.__doc__, description=cmd_study_run.__doc__)

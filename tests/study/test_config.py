@@ -184,3 +184,18 @@ def test_running_a_study_again_in_its_home_says_what_to_do(tmp_path):
                                           r"`rank1 study report .*`, or give --home another folder"):
         run_study(path)
     assert sorted(p.name for p in cfg.home_path.iterdir()) == ["outcome.json", "state.json"]  # nothing started
+
+
+def test_rank1_study_help_names_every_study_command():
+    """`rank1 study --help` says what each study command is for; a command added later is listed."""
+    import argparse
+    import re
+
+    from study.cli import STUDY_HELP, build_parser
+
+    parser = build_parser()
+    top = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in top.choices["study"]._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"run", "resume", "status", "report", "export", "submit"} <= set(sub.choices)
+    missing = [name for name in sub.choices if not re.search(rf"rank1 study ({name}|\S+ / {name}|.* / {name})\b", STUDY_HELP)]
+    assert not missing, missing
