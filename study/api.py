@@ -144,9 +144,13 @@ def results(home: str | Path, tracking_uri: str | None = None):
     """The study as a pandas DataFrame: one row per (trial, seed, arm) of the search and per
     confirmation run, with the trial's parameters (``param.*``), the training options that
     vary, the arm's accuracy, gradient flow, effective ranks and speed."""
+    return _frame(records(home, tracking_uri))
+
+
+def _frame(recs: list[dict[str, Any]]):
+    """:func:`results` of the records :func:`records` gave."""
     import pandas as pd
 
-    recs = records(home, tracking_uri)
     from rank1.sweep import VARIANT_FIELDS
 
     varying = {arm: [f for f in fields if len({repr(r["config"].get(f)) for r in recs if r["arm"] == arm}) > 1]
@@ -179,20 +183,22 @@ def export(home: str | Path, out: str | Path, tracking_uri: str | None = None) -
     """Write a study's results for others to check: ``runs.jsonl`` (every record of
     :func:`records`), ``trials.csv`` (:func:`results`) and ``summary.json`` (the study, its
     MLflow experiment and parent run, the verdicts, the confirmation, the wall time)."""
+    from study.home import OUTCOME_FILE, STATE_FILE
+
     cfg = load(home)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    recs = records(home, tracking_uri)
-    (out / "runs.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in recs))
-    results(home, tracking_uri).to_csv(out / "trials.csv", index=False)
-    home_p = Path(cfg.home_path)
-    summary: dict[str, Any] = {"study": cfg.name, "study_config": cfg.to_dict(), "n_records": len(recs)}
-    for name in ("state.json", "outcome.json", "confirm.json", "report/verdict.json"):
-        p = home_p / name
-        if p.exists():
-            summary[name.split("/")[-1].removesuffix(".json")] = json.loads(p.read_text())
-    summary["mlflow_run_ids"] = sorted({r["run_id"] for r in recs})
-    with tracking(home, tracking_uri) as uri:
+    with tracking(home, tracking_uri) as uri:  # one server for all of it (an embedded home's starts once)
+        recs = records(home, uri)
+        (out / "runs.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in recs))
+        _frame(recs).to_csv(out / "trials.csv", index=False)
+        home_p = Path(cfg.home_path)
+        summary: dict[str, Any] = {"study": cfg.name, "study_config": cfg.to_dict(), "n_records": len(recs)}
+        for name in (STATE_FILE, OUTCOME_FILE, "confirm.json", "report/verdict.json"):
+            p = home_p / name
+            if p.exists():
+                summary[name.split("/")[-1].removesuffix(".json")] = json.loads(p.read_text())
+        summary["mlflow_run_ids"] = sorted({r["run_id"] for r in recs})
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)

@@ -22,7 +22,7 @@ from rank1.measure import machine_info
 from study.checks import check_cluster_resources, preflight
 from study.config import StudyConfig, load_study
 from study.console import print_summary
-from study.home import STATE_FILE, STUDY_FILE, home_locations, load_home, write_home
+from study.home import OUTCOME_FILE, STATE_FILE, STUDY_FILE, home_locations, load_home, write_home
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
 from study.services import MlflowServer, driver_env, start_ray
@@ -76,7 +76,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
                 f"home: {str(home)!r} holds a different study (its search or settings differ); "
                 "use another home, or `rank1 study resume` with the original file"
             )
-        if not resume and (home / "outcome.json").exists():
+        if not resume and (home / OUTCOME_FILE).exists():
             raise ConfigError(f"home: {str(home)!r} already holds this study, which finished: read it with "
                               f"`rank1 study status {home}` or `rank1 study report {home}`, or give --home "
                               "another folder to run it again")
@@ -127,7 +127,7 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
                            "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
         outcome.machine = {**machine_info("cpu"), "cluster": bool(address)}
         outcome.started = started
-        (home / "outcome.json").write_text(json.dumps(outcome.__dict__, indent=2, default=str))
+        (home / OUTCOME_FILE).write_text(json.dumps(outcome.__dict__, indent=2, default=str))
         for k, v in outcome.timings.items():
             client.log_metric(parent_id, f"study.{k}", v)
         client.set_terminated(parent_id, "FINISHED")

@@ -13,9 +13,10 @@ from typing import Any
 from rank1.config import ConfigError
 from study.config import StudyConfig, load_study
 
-__all__ = ["LOCATIONS", "STATE_FILE", "STUDY_FILE", "home_locations", "load_home", "write_home"]
+__all__ = ["LOCATIONS", "OUTCOME_FILE", "STATE_FILE", "STUDY_FILE", "home_locations", "load_home", "write_home"]
 
 STATE_FILE = "state.json"
+OUTCOME_FILE = "outcome.json"  # written when a study has finished (its trials, best, champion, timings)
 
 
 LOCATIONS = ("tracking_uri", "storage", "storage_path")  # where a study's state lives, fixed at its start

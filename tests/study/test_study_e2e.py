@@ -290,6 +290,38 @@ def test_confirmation_retrains_each_arms_best_with_fresh_seeds_on_test(smoke, sm
     assert "confirmation:" in p.stdout
 
 
+def test_export_writes_what_mlflow_and_the_home_hold(smoke, tmp_path):
+    """`rank1 study export`: every record once (runs.jsonl), the results table (trials.csv), and
+    the summary's experiment, runs, champion and when the study ran, as MLflow holds them."""
+    import csv
+
+    tmp, _, _ = smoke
+    home, out = tmp / "home", tmp_path / "export"
+    p = cli("study", "export", str(home), "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(recs) and {r["run_id"] for r in rows} == {r["run_id"] for r in recs}
+    summary = json.loads((out / "summary.json").read_text())
+    outcome = json.loads((home / "outcome.json").read_text())
+    with mlflow_client(home) as (client, _):
+        exp = client.get_experiment_by_name("smoke")
+        children = client.search_runs([exp.experiment_id], max_results=1000)
+        parent = client.get_run(outcome["parent_run_id"]).info
+    assert summary["mlflow_experiment_id"] == exp.experiment_id
+    assert set(summary["mlflow_run_ids"]) == {r.info.run_id for r in children if r.data.tags.get("rank1.role")
+                                              in ("trial", "confirm")}
+    assert summary["champion"]["version"] == outcome["model_version"] and summary["outcome"] == outcome
+    assert summary["started"] and summary["ended"] and parent.end_time >= parent.start_time
+    # every search trial x seed x arm, and one record per confirmation run
+    search = [r for r in recs if r["phase"] == "search"]
+    trials, arms, seeds = ({r[k] for r in search} for k in ("trial_id", "arm", "seed"))
+    assert len(search) == len(trials) * len(arms) * len(seeds) and len(trials) == 4
+    confirms = [r for r in children if r.data.tags.get("rank1.role") == "confirm"]
+    assert len([r for r in recs if r["phase"] == "confirm"]) == len(confirms) > 0
+
+
 def test_status_reads_the_storage(smoke):
     tmp, _, _ = smoke
     p = cli("study", "status", str(tmp / "home"), "--json")
