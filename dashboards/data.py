@@ -123,9 +123,14 @@ def load_study_data(tracking_uri: str, cfg) -> StudyData:
             note = f"importances unavailable: {e}"
     else:
         note = f"importances need at least 3 completed trials of a single-objective study ({len(complete)} completed)"
+    champion = _champion(client, cfg.model_name)
+    if champion is not None:  # how a reader of the report gets it: from the study's store
+        from study.registry import pull_command
+
+        champion["pull"] = pull_command(cfg, f"{champion['name']}@{champion['alias']}")
     return StudyData(
         cfg.name, exp.experiment_id, parents[0].info.run_id, tracking_uri, trials, cfg.n_trials,
-        cfg.seeds_per_trial, cfg.model_name, _champion(client, cfg.model_name),
+        cfg.seeds_per_trial, cfg.model_name, champion,
         [(t.number, t.state.name, t.values) for t in otrials], importances, note, confirms, cfg.confirm_seeds,
     )
 

@@ -545,20 +545,22 @@ def champion(data: StudyData, rows) -> Section:
         s.text.append("No model was registered: no trial finished.")
         return s
     card = c.get("card") or {}
-    m = card.get("metrics", {})
+    m, arm = card.get("metrics", {}), card.get("arm", "rank1")  # the arm it ships (flat1d where that won)
     s.data = {
         "registered model": c["name"], "version": c["version"], "alias": c["alias"],
         "trial": card.get("trial_id"), "config": " ".join(f"{k}={v}" for k, v in sorted(card.get("params", {}).items())),
         "decomposed val accuracy": f"{card.get('val_acc', float('nan')):.4f}",
+        "arm": arm,
         "speedup vs dense": ", ".join(f"batch {batch_of(k)}: {v:.2f}x"
                                       for k, v in sorted(m.items(), key=lambda kv: batch_of(kv[0]) or 0)
-                                      if k.startswith("rank1.speedup_b")) or "not measured",
-        **({"speed measured": measured_inside_trial(m.get("latency.threads", m.get("rank1.threads")),
+                                      if k.startswith(f"{arm}.speedup_b")) or "not measured",
+        **({"speed measured": measured_inside_trial(m.get("latency.threads", m.get(f"{arm}.threads")),
                                                     m.get("latency.other_trials_running"))
             + f"; rank1 pull {c['name']}@{c['alias']} measures it again on the machine that loads it"}
-           if any(k.startswith("rank1.speedup_b") for k in m) else {}),
-        "parameters (dense / decomposed)": f"{int(m.get('rank1.dense_params', 0))} / {int(m.get('rank1.decomposed_params', 0))}",
-        "pull": f"rank1 pull {c['name']}@{c['alias']} --out model/",
+           if any(k.startswith(f"{arm}.speedup_b") for k in m) else {}),
+        "parameters (dense / decomposed)": f"{int(m.get(f'{arm}.dense_params', 0))} / "
+                                           f"{int(m.get(f'{arm}.decomposed_params', 0))}",
+        "pull": c.get("pull") or f"rank1 pull {c['name']}@{c['alias']} --out model/",
     }
     return s
 

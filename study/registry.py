@@ -144,8 +144,16 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
             "val_acc": acc}
 
 
-def card_markdown(card: dict[str, Any], version: str | None = None) -> str:
-    """The model card as the registry shows it: what the model is, how good, how fast, how to pull."""
+def pull_command(cfg, ref: str) -> str:
+    """The ``rank1 pull`` that finds ``ref`` where the study keeps its registry: its tracking
+    server, or (an embedded store) its home."""
+    where = f"--tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else f"--home {cfg.home_path}"
+    return f"rank1 pull {ref} {where} --out model/"
+
+
+def card_markdown(card: dict[str, Any], version: str | None = None, cfg=None) -> str:
+    """The model card as the registry shows it: what the model is, how good, how fast, how to
+    pull (from ``cfg``'s store when given)."""
     m, arm = card.get("metrics", {}), card.get("arm", "rank1")
     c = card["train_config"]
     speed = "; ".join(
@@ -169,7 +177,8 @@ def card_markdown(card: dict[str, Any], version: str | None = None) -> str:
         f"normalised with mean {[round(v, 4) for v in card['input']['mean']]} and std "
         f"{[round(v, 4) for v in card['input']['std']]}; output: logits of {card['input']['classes']} classes",
         "",
-        f"Pull it: `rank1 pull {ref} --out model/`, or serve it: `mlflow models serve -m models:/{ref} "
+        f"Pull it: `{pull_command(cfg, ref) if cfg is not None else f'rank1 pull {ref} --out model/'}`, or serve "
+        f"it: `mlflow models serve -m models:/{ref} "
         "--env-manager local`. Loading it plans the fastest decomposed form for that machine; the exportable "
         "chain form is the artifact `exportable.pt2` (`torch.export.load`).",
     ]
@@ -178,10 +187,10 @@ def card_markdown(card: dict[str, Any], version: str | None = None) -> str:
 
 def describe_version(client, cfg, card: dict[str, Any], version: str) -> None:
     """The model card as the registered model's and the version's description in the UI."""
-    client.update_model_version(cfg.model_name, version, description=card_markdown(card, version))
+    client.update_model_version(cfg.model_name, version, description=card_markdown(card, version, cfg))
     client.update_registered_model(cfg.model_name, description=(
         f"Decomposed rank-1 networks from the study `{cfg.name}`; alias `champion` is the best on {card.get('metric', cfg.metric)}. "
-        f"Each version's description is its model card.\n\n" + card_markdown(card)))
+        f"Each version's description is its model card.\n\n" + card_markdown(card, cfg=cfg)))
 
 
 def _registered(client, name: str, study: str, trial_id: str, seed: int):

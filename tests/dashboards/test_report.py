@@ -173,3 +173,20 @@ def test_failed_trials_only_still_render(tmp_path, one_result):
     html = (tmp_path / "report.html").read_text()
     assert "No trial finished both arms" in html and "Data: 0 finished trials" in html
     assert "could not be drawn" not in html
+
+
+def test_the_champion_section_reads_the_arm_it_ships(one_result):
+    """A flat1d champion (a study whose objective is flat1d): its own speed and sizes, not rank1's
+    (which such a card may hold too), and the pull that reaches the study's store."""
+    from dashboards.figures import champion
+
+    data = _data([_record("a", "finished", [one_result])])
+    metrics = {"flat1d.speedup_b1": 2.0, "flat1d.speedup_b8": 3.5, "flat1d.threads": 1.0, "flat1d.dense_params": 900.0,
+               "flat1d.decomposed_params": 300.0, "rank1.speedup_b1": 9.0, "rank1.dense_params": 1.0}
+    data.champion = {"name": "tiny-decomposed", "version": "1", "alias": "champion",
+                     "pull": "rank1 pull tiny-decomposed@champion --home /h --out model/",
+                     "card": {"arm": "flat1d", "trial_id": "a", "params": {"depth": 2}, "val_acc": 0.9, "metrics": metrics}}
+    s = champion(data, [])
+    assert s.data["arm"] == "flat1d" and s.data["speedup vs dense"] == "batch 1: 2.00x, batch 8: 3.50x"
+    assert s.data["parameters (dense / decomposed)"] == "900 / 300"
+    assert s.data["pull"] == "rank1 pull tiny-decomposed@champion --home /h --out model/"

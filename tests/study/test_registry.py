@@ -67,3 +67,16 @@ def test_the_model_card_says_how_fast_where_speed_was_measured_and_not_measured_
     # A study with `measure_latency: false` has no speedup and no thread count: the card says so.
     unmeasured = card_markdown(_card({"rank1.flop_ratio": 3.0}))
     assert "speedup over its dense form: not measured; FLOP ratio 3.00x" in unmeasured
+
+
+def test_the_model_card_pulls_from_where_the_study_keeps_its_registry(tmp_path):
+    """An embedded study's registry is reached through its home; a shared server's by its URL."""
+    from study.config import load_study
+    from study.registry import card_markdown
+    from tests.study.conftest import write_study
+
+    embedded = load_study(write_study(tmp_path))
+    assert f"`rank1 pull m-decomposed/2 --home {embedded.home_path} --out model/`" in card_markdown(_card({}), "2", embedded)
+    shared = load_study(write_study(tmp_path, name="shared", tracking_uri="http://127.0.0.1:5999"))
+    assert "`rank1 pull m-decomposed@champion --tracking-uri http://127.0.0.1:5999 --out model/`" in \
+        card_markdown(_card({}), cfg=shared)
