@@ -144,6 +144,21 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
             "val_acc": acc}
 
 
+def _registry_contents(client, name: str) -> str:
+    """What a reference could have named: the model's versions and aliases, else the models there."""
+    try:
+        model = client.get_registered_model(name)
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        aliases = ", ".join(f"@{a} (version {v})" for a, v in sorted((model.aliases or {}).items()))
+        return f"{name} versions {', '.join(map(str, versions)) or 'none'}" + (f", aliases {aliases}" if aliases else "")
+    except Exception:  # no such model: which ones there are
+        try:
+            names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        except Exception:
+            return "nothing it could list"
+        return "the models " + ", ".join(names) if names else "no registered model"
+
+
 def pull_command(cfg, ref: str) -> str:
     """The ``rank1 pull`` that finds ``ref`` where the study keeps its registry: its tracking
     server, or (an embedded store) its home."""
@@ -282,7 +297,8 @@ def pull(ref: str, out: str | Path, tracking_uri: str) -> dict[str, Any]:
         else:
             mv = client.get_model_version(name, uri.rsplit("/", 1)[1])
     except Exception as e:
-        raise ConfigError(f"model: {ref!r} was not found in the registry at {tracking_uri} ({e})") from None
+        raise ConfigError(f"model: {ref!r} was not found in the registry at {tracking_uri} ({e}); "
+                          f"it holds {_registry_contents(client, name)}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with _tracking_uri(tracking_uri):

@@ -80,3 +80,25 @@ def test_the_model_card_pulls_from_where_the_study_keeps_its_registry(tmp_path):
     shared = load_study(write_study(tmp_path, name="shared", tracking_uri="http://127.0.0.1:5999"))
     assert "`rank1 pull m-decomposed@champion --tracking-uri http://127.0.0.1:5999 --out model/`" in \
         card_markdown(_card({}), cfg=shared)
+
+
+def test_a_reference_not_in_the_registry_is_answered_with_what_is_there(tmp_path):
+    """`rank1 pull` of a version or alias that does not exist names the model's versions and
+    aliases; of a model that does not exist, the models there (a real SQLite registry)."""
+    from mlflow import MlflowClient
+
+    from study.registry import pull
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    for _ in range(2):
+        client.create_model_version("m", source=str(tmp_path))
+    client.set_registered_model_alias("m", "champion", "2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match=r"'m@best' was not found .*; it holds m versions 1, 2, aliases @champion \(version 2\)$"):
+        pull("m@best", tmp_path / "out", uri)
+    with pytest.raises(ConfigError, match=r"'m/3' was not found .*; it holds m versions 1, 2, aliases @champion"):
+        pull("m/3", tmp_path / "out", uri)
+    with pytest.raises(ConfigError, match=r"'n@champion' was not found .*; it holds the models m$"):
+        pull("n@champion", tmp_path / "out", uri)
+    assert not (tmp_path / "out").exists()  # nothing downloaded
