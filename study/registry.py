@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import tempfile
 import warnings
 from pathlib import Path
@@ -162,8 +163,8 @@ def _registry_contents(client, name: str) -> str:
 def pull_command(cfg, ref: str) -> str:
     """The ``rank1 pull`` that finds ``ref`` where the study keeps its registry: its tracking
     server, or (an embedded store) its home."""
-    where = f"--tracking-uri {cfg.tracking_uri}" if cfg.tracking_uri else f"--home {cfg.home_path}"
-    return f"rank1 pull {ref} {where} --out model/"
+    where = f"--tracking-uri {shlex.quote(cfg.tracking_uri)}" if cfg.tracking_uri else f"--home {shlex.quote(str(cfg.home_path))}"
+    return f"rank1 pull {shlex.quote(ref)} {where} --out model/"
 
 
 def card_markdown(card: dict[str, Any], version: str | None = None, cfg=None) -> str:

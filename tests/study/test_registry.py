@@ -102,3 +102,15 @@ def test_a_reference_not_in_the_registry_is_answered_with_what_is_there(tmp_path
     with pytest.raises(ConfigError, match=r"'n@champion' was not found .*; it holds the models m$"):
         pull("n@champion", tmp_path / "out", uri)
     assert not (tmp_path / "out").exists()  # nothing downloaded
+
+
+def test_the_pull_command_survives_a_home_with_a_space(tmp_path):
+    import shlex
+
+    from study.config import load_study
+    from study.registry import pull_command
+    from tests.study.conftest import write_study
+
+    cfg = load_study(write_study(tmp_path, home=str(tmp_path / "my studies" / "demo")))
+    argv = shlex.split(pull_command(cfg, "m@champion"))
+    assert argv == ["rank1", "pull", "m@champion", "--home", str(tmp_path / "my studies" / "demo"), "--out", "model/"]
