@@ -14,10 +14,13 @@ stages (stages are deprecated in MLflow).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import math
 import os
 import shlex
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -121,7 +124,7 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
         # `auto` (every candidate form timed on the whole network at two batch sizes: ~20 s for vgg
         # depth 8 width 128 on 32x32 images, 2 cores) for the driver's machine, a plan thrown away:
         # the check loads the `chain` form instead, which measures nothing.
-        with _serve_form("chain"), warnings.catch_warnings(record=True) as caught:
+        with _serve_form("chain"), _quiet_mlflow(), warnings.catch_warnings(record=True) as caught:
             info = mlflow.pyfunc.log_model(
                 name="model", model_id=logged.model_id, python_model=str(SERVING),
                 code_paths=[str(Path(rank1.__file__).parent)],
@@ -135,10 +138,11 @@ def register_champion(cfg, client, uri: str, state: dict[str, Any], best: dict[s
             if "type hints to the `predict` method" not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=int(state.get("epoch", 0)))])
-        version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
-            "dataset": train_cfg.dataset, "metric": metric, "value": f"{acc:.6f}", "study": cfg.name,
-            "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,
-        })
+        with _quiet_mlflow():
+            version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
+                "dataset": train_cfg.dataset, "metric": metric, "value": f"{acc:.6f}", "study": cfg.name,
+                "trial_id": best["trial_id"], "seed": str(train_cfg.seed), "arm": arm,
+            })
     alias = _set_alias(client, cfg.model_name, version, train_cfg.dataset, metric, acc)
     describe_version(client, cfg, card, version.version)
     return {"model_uri": f"models:/{cfg.model_name}@{alias}", "version": version.version, "alias": alias,
@@ -222,6 +226,27 @@ def _registered(client, name: str, study: str, trial_id: str, seed: int):
 
 
 SERVE_FORM_ENV = "RANK1_SERVE_FORM"  # study/serving.py's FORM_ENV (the model carries rank1 only, not study)
+
+
+@contextlib.contextmanager
+def _quiet_mlflow():
+    """Without MLflow's progress lines while the champion is logged and registered (it validates
+    the input example, "Successfully registered model", it waits for the version, "Created
+    version": four lines with timestamps amid the study's own output, which says the same in one
+    row of its summary). MLflow's warnings still show, and anything else it writes to stderr is
+    passed on."""
+    log = logging.getLogger("mlflow")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        log.setLevel(level)
+        for line in buf.getvalue().splitlines(keepends=True):
+            if not line.startswith(("Successfully registered model", "Created version")):
+                sys.stderr.write(line)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,9 @@ def test_summary_and_home(smoke):
     exp = json.loads((home / "state.json").read_text())["experiment_id"]
     assert experiment_url("http://127.0.0.1:5000", exp) in summary.splitlines()
     assert "Failed to fetch metrics" not in p.stdout + p.stderr  # Tune read back what it wrote (result.json)
+    # registering the champion: none of MLflow's progress lines (the summary's model row says it)
+    for chatter in ("Validating input example", "Successfully registered model", "Waiting up to", "Created version"):
+        assert chatter not in p.stdout + p.stderr, chatter
     # the champion's speedup says how it was timed: one thread, with the other trials counted
     outcome = json.loads((home / "outcome.json").read_text())
     others = counted(outcome["best"]["metrics"]["latency.other_trials_running"], "other trial")
