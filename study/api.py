@@ -75,6 +75,16 @@ def status(home: str | Path) -> dict[str, Any]:
     return study_status(home)
 
 
+def _given_server(home: str | Path | None, tracking_uri: str | None) -> str | None:
+    """``tracking_uri``, else the study's own server as it ran with it, else ``$MLFLOW_TRACKING_URI``;
+    None: the home's embedded store is read through a server started for it."""
+    uri = tracking_uri
+    if not uri and home is not None:
+        with contextlib.suppress(ConfigError):
+            uri = load(home).tracking_uri
+    return uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
 @contextlib.contextmanager
 def tracking(home: str | Path | None = None, tracking_uri: str | None = None) -> Iterator[str]:
     """A tracking URI to read a study from: ``tracking_uri``, ``$MLFLOW_TRACKING_URI``, the
@@ -82,11 +92,7 @@ def tracking(home: str | Path | None = None, tracking_uri: str | None = None) ->
     stopped after)."""
     from study.services import MlflowServer
 
-    uri = tracking_uri
-    if not uri and home is not None:  # the study's own server, as it ran with it
-        with contextlib.suppress(ConfigError):
-            uri = load(home).tracking_uri
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = _given_server(home, tracking_uri)
     if uri:
         yield uri
         return
@@ -231,8 +237,11 @@ def pull(ref: str, out: str | Path, home: str | Path | None = None, tracking_uri
     from study.registry import pull as _pull
 
     parse_model_ref(ref)  # a bad reference fails before any server starts
+    # what an error calls the registry: not the port of a server started for this call
+    given = _given_server(home, tracking_uri)
+    where = f"at {given}" if given else f"of study home {home}"
     with tracking(home, tracking_uri) as uri:
-        return _pull(ref, out, uri)
+        return _pull(ref, out, uri, where=where)
 
 
 @_quiet

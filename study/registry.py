@@ -309,8 +309,9 @@ def parse_model_ref(ref: str) -> str:
     raise ConfigError(f"model: {ref!r} is not allowed (allowed: NAME, NAME@ALIAS or NAME/VERSION)")
 
 
-def pull(ref: str, out: str | Path, tracking_uri: str) -> dict[str, Any]:
-    """Download a registered model and its card to ``out``; returns the card."""
+def pull(ref: str, out: str | Path, tracking_uri: str, where: str | None = None) -> dict[str, Any]:
+    """Download a registered model and its card to ``out``; returns the card. ``where``: how an
+    error names the registry (default: ``at TRACKING_URI``)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -323,7 +324,7 @@ def pull(ref: str, out: str | Path, tracking_uri: str) -> dict[str, Any]:
         else:
             mv = client.get_model_version(name, uri.rsplit("/", 1)[1])
     except Exception as e:
-        raise ConfigError(f"model: {ref!r} was not found in the registry at {tracking_uri} ({e}); "
+        raise ConfigError(f"model: {ref!r} was not found in the registry {where or 'at ' + tracking_uri} ({e}); "
                           f"it holds {_registry_contents(client, name)}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -99,8 +99,11 @@ def test_a_reference_not_in_the_registry_is_answered_with_what_is_there(tmp_path
         pull("m@best", tmp_path / "out", uri)
     with pytest.raises(ConfigError, match=r"'m/3' was not found .*; it holds m versions 1, 2, aliases @champion"):
         pull("m/3", tmp_path / "out", uri)
-    with pytest.raises(ConfigError, match=r"'n@champion' was not found .*; it holds the models m$"):
+    with pytest.raises(ConfigError, match=r"'n@champion' was not found in the registry at sqlite:.*; it holds the models m$"):
         pull("n@champion", tmp_path / "out", uri)
+    # read through a server started for the call, the registry is named by the study's home, not its port
+    with pytest.raises(ConfigError, match=r"'n@champion' was not found in the registry of study home runs/x \("):
+        pull("n@champion", tmp_path / "out", uri, where="of study home runs/x")
     assert not (tmp_path / "out").exists()  # nothing downloaded
 
 
