@@ -62,15 +62,18 @@ _ARCH_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 _build_error: str | None = None
-# Where the kernel computes the 1x1 itself, in registers, image by image (its output
-# never leaves the cache): weights up to C x O floats (in L1/L2) and one image's 1x1
-# output up to H x W x O floats (1 MB, L2), with at least as many images as threads.
-# Other layers take the library GEMM for the 1x1 and write its output to memory. Here,
-# at batch 32, the fused path was 1.1-1.4x faster up to 128 channels (64 channels at
-# 56x56: 6.4 vs 8.2 ms) and 0.9x at 256-512 channels, where the library's blocked GEMM
-# wins.
-FUSED_WEIGHTS = 128 * 128
-FUSED_PLANE = 256 * 1024
+# Where the kernel computes the 1x1 itself, in registers, image by image (its output goes
+# to a per-thread buffer that stays in L2/L3, never to memory for the whole batch): weights up
+# to C x O floats and one image's 1x1 output up to H x W x O floats, with at least as many
+# images as threads. Other layers take the library's 1x1 and write its output to memory.
+# Since its register tile was reworked (2026-12-06, AMD EPYC, batch 32 unless named, fused
+# path / library path, paired): 2 threads, 256 channels 16x16 NCHW 6.2 / 8.3 ms, 128 channels
+# 56x56 36 / 60 ms, 64 channels 112x112 batch 8 8.1 / 11.1 ms, 512 channels 8x8 NCHW 6.9 /
+# 8.1 ms, 512 channels 8x8 channels-last 6.9 / 6.9 ms, 4x4 2.35 / 2.11 ms; 1024 channels 4x4:
+# 9.0 / 7.9 ms (2 threads), 13.0 / 12.7 ms (1 thread). `cpp_lib` (always the library's 1x1)
+# is measured by `auto` beside it wherever the two differ.
+FUSED_WEIGHTS = 512 * 512
+FUSED_PLANE = 2048 * 1024
 # Other layers compute the 1x1 with one library call over the whole batch: for a
 # channels-last input of at least this many pixels in all, the library's 1x1 convolution
 # (oneDNN: 8-21% faster than its GEMM at batch 32 on the AMD EPYC, 256 channels 8x8 to 128

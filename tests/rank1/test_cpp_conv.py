@@ -69,9 +69,15 @@ def one_thread():
 
 
 def _reference(x, a, b, c, bias, stride, pads, dilation):
-    """F.conv2d with the composed weight on the explicitly zero-padded input."""
-    w = torch.einsum("oc,oh,ow->ochw", a, b, c)
-    return F.conv2d(F.pad(x, pads), w, bias, stride=stride, dilation=dilation)
+    """F.conv2d with the composed weight on the explicitly zero-padded input, in float64.
+
+    In float32 with one input channel, the composed weight's strides (einsum's) read as
+    channels-last too, and F.conv2d (torch 2.14.1, this CPU) then got outputs one column wide
+    at a horizontal stride > 1 wrong: e.g. a 5 x 4 kernel at stride (1, 3) on a 12 x 5 input,
+    off by up to 18 against float64 and against the same weight with standard strides."""
+    w = torch.einsum("oc,oh,ow->ochw", a, b, c).double()
+    bias = None if bias is None else bias.double()
+    return F.conv2d(F.pad(x.double(), pads), w, bias, stride=stride, dilation=dilation).float()
 
 
 # (fused_weights, fused_plane, library_conv_rows) sending a layer down each of the kernel's
@@ -91,7 +97,7 @@ def test_random_geometries_on_every_path_and_layout():
 
     with torch.no_grad(), one_thread():
         for _ in range(60):
-            o, ch = pick(1, 5, 15, 16, 17, 33, 48), pick(1, 3, 16, 20)
+            o, ch = pick(1, 5, 15, 16, 17, 33, 48, 64, 81, 130), pick(1, 3, 16, 20)
             kh, kw = pick(1, 2, 3, 5, 7, 64), pick(1, 3, 4, 5, 64)
             sh, sw, dh, dw = pick(1, 2, 3), pick(1, 2, 3), pick(1, 2), pick(1, 2)
             pt, pb, pl, pr = (pick(0, 1, 3, 70) for _ in range(4))
@@ -213,12 +219,14 @@ def test_cpp_is_an_auto_candidate_on_cpu_with_its_roofline():
     # The chain's multiply-adds; on the fused path one read and one write of the
     # activations, else triton's passes (a GEMM writes the 1x1 output, one pass reads it).
     assert cpp_conv.fused_path(32, 32, 8, 8, 4, threads=2) and not cpp_conv.fused_path(32, 32, 8, 8, 1, threads=2)
-    assert not cpp_conv.fused_path(256, 256, 8, 8, 32, threads=2) and not cpp_conv.fused_path(128, 128, 56, 56, 32, 2)
+    assert cpp_conv.fused_path(512, 512, 8, 8, 32, threads=2) and cpp_conv.fused_path(128, 128, 56, 56, 32, 2)
+    # Weights over 1 MB, or one image's 1x1 output over 8 MB: the library's 1x1.
+    assert not cpp_conv.fused_path(1024, 1024, 4, 4, 32, threads=2) and not cpp_conv.fused_path(64, 512, 128, 128, 32, 2)
     flops, nbytes = impl_cost("cpp", 32, 32, 3, 8, 8, 32)
     assert flops == impl_cost("chain", 32, 32, 3, 8, 8, 32)[0]
     if cpp_conv.fused_path(32, 32, 8, 8, 32):  # batch 32 >= threads on any machine up to 32 cores
         assert nbytes == 4 * (2 * 32 * 64 * 32 + 32 * (32 + 6))
-    assert impl_cost("cpp", 256, 256, 3, 8, 8, 32) == impl_cost("triton", 256, 256, 3, 8, 8, 32)
+    assert impl_cost("cpp", 1024, 1024, 3, 8, 8, 32) == impl_cost("triton", 1024, 1024, 3, 8, 8, 32)
 
 
 def test_cpp_lib_always_takes_the_library_1x1_and_auto_measures_it(monkeypatch):
@@ -270,16 +278,29 @@ def test_without_a_compiler_cpp_is_unavailable_and_says_why(tmp_path):
 
 @pytest.mark.slow(seconds=30)
 def test_the_build_is_cached_per_machine(tmp_path):
-    code = ("import torch\nfrom rank1 import Rank1Conv2d\nl = Rank1Conv2d(4, 4, 3, padding=1)\n"
-            "x = torch.randn(1, 4, 6, 6)\nwith torch.no_grad():\n"
-            "    print(float((l.decompose(impl='cpp')(x) - l.dense_conv()(x)).abs().max()))\n")
-    env = {"RANK1_CPP_CACHE": str(tmp_path / "cache")}
+    """Built for AVX2 (ATEN_CPU_CAPABILITY=avx2), which the other tests do not reach on an
+    AVX-512 machine: its vectors are 8 floats, its 1x1 tile 6 pixels x 2 vectors. Output
+    channels 40 and 43 take every kind of panel (16 columns, 8, the last 3), 13 pixels a row
+    every remainder of a pixel block, both layouts and both paths of the 1x1."""
+    code = ("import torch\nfrom rank1 import Rank1Conv2d\nerr = 0.0\n"
+            "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'\n"
+            "for o, n in ((40, 1), (43, 3)):\n"
+            "    l = Rank1Conv2d(12, o, 3, padding=1)\n"
+            "    x = torch.randn(n, 12, 11, 13)\n"
+            "    with torch.no_grad():\n"
+            "        f, ref = l.decompose(impl='cpp'), l.dense_conv()(x)\n"
+            "        for xi in (x, x.contiguous(memory_format=torch.channels_last)):\n"
+            "            for t in (1, 2):\n"
+            "                torch.set_num_threads(t)\n"
+            "                err = max(err, float(((f(xi) - ref).abs().max() / ref.abs().max())))\n"
+            "print(err)\n")
+    env = {"RANK1_CPP_CACHE": str(tmp_path / "cache"), "ATEN_CPU_CAPABILITY": "avx2"}
     first = _python(code, **env)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "compiling the C++ CPU kernel once" in first.stderr and float(first.stdout) < 1e-5
     second = _python(code, **env)
     assert second.returncode == 0 and "compiling" not in second.stderr and float(second.stdout) < 1e-5
-    (built,) = (tmp_path / "cache").glob("torch-*/rank1_cpu_*/rank1_cpu_*.so")
+    (built,) = (tmp_path / "cache").glob("torch-*/rank1_cpu_avx2-*/rank1_cpu_avx2.so")
     # The same rank1 from another folder (as `mlflow models serve` imports the copy packed into a
     # logged model) loads that build; the shared folder's command named the source's path, and the
     # two rebuilt it in turn (23 s each here).
