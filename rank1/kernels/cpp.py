@@ -12,12 +12,12 @@ image's 1x1 in vector registers into a buffer that stays in cache, then both
 depthwise 1-D passes and the bias; larger layers use one library call for the 1x1
 (:data:`LIBRARY_CONV_ROWS`) and the same fused passes, the threads splitting output
 rows. The factors sit in vector registers and every load of the depthwise passes is a
-contiguous 16-float vector of channels. It is registered twice: ``cpp`` chooses the 1x1's
-path by the layer's size, ``cpp_lib`` always takes the library's 1x1; which is faster
-depends on the input's layout, the threads and the shape (2026-12-05, AMD EPYC, batch 32,
-channels-last input, 2 threads: the library 5-14% faster at 64-128 channels 32x32; one
-thread, 128 channels 32x32: 3% slower; NCHW input: 5-32% slower everywhere measured), so
-``impl="auto"`` measures both on the network it is given.
+contiguous vector of channels (16 floats with AVX-512, 8 with AVX2). It is registered twice:
+``cpp`` chooses the 1x1's path by the layer's size, ``cpp_lib`` always takes the library's
+1x1; which is faster depends on the input's layout, the threads and the shape (2026-12-06,
+AMD EPYC, batch 32, channels-last input: the in-register path 7-36% faster at 64-256
+channels on 1 and 2 threads, level at 512 channels 8x8; at batch 1 on 2 threads both take
+the library), so ``impl="auto"`` measures both on the network it is given.
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ``ninja`` needed; 25 s to a minute once per machine, cached under ``$RANK1_CPP_CACHE``, else
