@@ -234,8 +234,10 @@ def assemble(model: nn.Module, table: list[_Layer], impls: dict[str, str]) -> nn
 def fuse_relus(net: nn.Module) -> nn.Module:
     """Fold each ``nn.ReLU`` that follows, in an ``nn.Sequential`` (past any ``nn.Identity``,
     e.g. an absent norm), a layer whose kernel can apply it in its output store (a module
-    with ``fuse_relu()``, alone or last in its own ``nn.Sequential``) into that layer; the
-    ReLU becomes ``nn.Identity``, so module names and state-dict keys stay. In place."""
+    with ``fuse_relu()``, alone or last in its own ``nn.Sequential``) into that layer, and
+    then the module after it (past ``nn.Identity``) where the layer's ``fuse_max_pool``
+    takes it (a 2x2, stride-2 max pool); each folded module becomes ``nn.Identity``, so
+    module names and state-dict keys stay. In place."""
     for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for i, name in enumerate(names):
@@ -244,9 +246,12 @@ def fuse_relus(net: nn.Module) -> nn.Module:
                 layer = layer[-1]
             if not callable(getattr(layer, "fuse_relu", None)):
                 continue
-            after = next((n for n in names[i + 1:] if not isinstance(seq._modules[n], nn.Identity)), None)
-            if after is not None and isinstance(seq._modules[after], nn.ReLU) and layer.fuse_relu():
-                seq._modules[after] = nn.Identity()
+            rest = [n for n in names[i + 1:] if not isinstance(seq._modules[n], nn.Identity)]
+            if rest and isinstance(seq._modules[rest[0]], nn.ReLU) and layer.fuse_relu():
+                seq._modules[rest.pop(0)] = nn.Identity()
+            fuse_pool = getattr(layer, "fuse_max_pool", None)
+            if rest and callable(fuse_pool) and fuse_pool(seq._modules[rest[0]]):
+                seq._modules[rest[0]] = nn.Identity()
     return net
 
 

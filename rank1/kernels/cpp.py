@@ -5,7 +5,8 @@ each call's fixed cost (~7 µs here), and the library's depthwise kernels run fa
 below the machine's speed on short channel rows: at 32 channels, 8x8, batch 32, the
 depthwise conv of ``dw2d`` alone took longer than the 1x1. This kernel
 (``rank1/kernels/csrc/rank1_cpu.cpp``) does the layer in one call, fp32, its output
-channels-last (with the ReLU that follows it, where ``fuse_relu`` folded one in); its
+channels-last (with the ReLU that follows it, where ``fuse_relu`` folded one in, and a 2x2
+max pool after that, where ``fuse_max_pool`` did); its
 input channels-last or NCHW, read as it is (a user's NCHW input is not converted first):
 for small layers (:func:`fused_path`) each thread takes whole images, computes an
 image's 1x1 in vector registers into a buffer that stays in cache, then both
@@ -223,6 +224,7 @@ class CppRank1Conv2d(nn.Module):
                           self.dilation[0], self.dilation[1])
         self._pre_pad = not zeros
         self.relu = False  # a following ReLU fused into the output store (see fuse_relu)
+        self.pool_ceil: bool | None = None  # a following 2x2 max pool fused in (see fuse_max_pool)
         # The 1x1 always by one library call (``cpp_lib``), never in registers: which is faster
         # depends on the input's layout, the threads and the shape, so `auto` measures both.
         self.library = library
@@ -231,6 +233,22 @@ class CppRank1Conv2d(nn.Module):
         """Apply the ReLU that follows this layer in its own output store (one pass over the
         activations fewer); the caller drops that ReLU. Returns True: this kernel can."""
         self.relu = True
+        return True
+
+    def fuse_max_pool(self, pool: nn.Module) -> bool:
+        """Apply ``pool``, the module that follows this layer (and its ReLU, if one was fused),
+        in this layer's store where the kernel can: an ``nn.MaxPool2d`` with a 2x2 window,
+        stride 2, no padding or dilation, no indices (either ceil mode). Returns whether it did;
+        the caller then drops the pool. The pool reads nothing back from memory and the layer
+        writes a quarter of its output."""
+        if not isinstance(pool, nn.MaxPool2d) or pool.return_indices or self.pool_ceil is not None:
+            return False
+        pair = nn.modules.utils._pair
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        if pair(pool.kernel_size) != (2, 2) or pair(stride) != (2, 2) or pair(pool.padding) != (0, 0) \
+                or pair(pool.dilation) != (1, 1):
+            return False
+        self.pool_ceil = bool(pool.ceil_mode)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,18 +262,21 @@ class CppRank1Conv2d(nn.Module):
                 x = F.pad(x, self._pads, mode=self.padding_mode)
             if not (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()):
                 x = x.contiguous(memory_format=torch.channels_last)
+            pool, ceil = (0, False) if self.pool_ceil is None else (2, self.pool_ceil)
             if self.library:
-                return build()(x, a, bt, ct, bias, *self._geometry, 0, 0, self.relu, LIBRARY_CONV_ROWS)
+                return build()(x, a, bt, ct, bias, *self._geometry, 0, 0, self.relu, LIBRARY_CONV_ROWS, pool, ceil)
             return build()(x, a, bt, ct, bias, *self._geometry, FUSED_WEIGHTS, FUSED_PLANE, self.relu,
-                           LIBRARY_CONV_ROWS)
+                           LIBRARY_CONV_ROWS, pool, ceil)
         # Autograd, another dtype or device: the same function with F.conv2d.
         y = R.conv2d_chain(x, a, bt.t(), ct.t(), bias, self.stride, self.padding, self.dilation, self.padding_mode)
-        return torch.relu(y) if self.relu else y
+        y = torch.relu(y) if self.relu else y
+        return y if self.pool_ceil is None else F.max_pool2d(y, 2, 2, ceil_mode=self.pool_ceil)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
         s += R.settings_repr(self.stride, self.padding, self.dilation, self.bias is not None, self.padding_mode)
-        return s + (", 1x1=library" if self.library else "") + (", relu=True" if self.relu else "")
+        s += (", 1x1=library" if self.library else "") + (", relu=True" if self.relu else "")
+        return s + ("" if self.pool_ceil is None else f", max_pool=2x2{' ceil' if self.pool_ceil else ''}")
 
 
 def _build(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None, g: Geometry,

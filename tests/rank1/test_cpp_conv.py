@@ -130,6 +130,59 @@ def test_every_path_of_the_1x1_equals_the_dense_conv(path, layout):
     assert y.is_contiguous(memory_format=CL)
 
 
+@pytest.mark.parametrize("ceil", [False, True])
+def test_the_fused_max_pool_equals_torchs_on_every_path_and_layout(ceil):
+    """A 2x2, stride-2 max pool in the kernel's store against F.max_pool2d after the dense
+    conv (and the ReLU): even and odd output sides (a ceil-mode pool's last window is one row
+    or column), output channels around the vector width, NaN propagated; every path of the
+    1x1, both layouts, 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(1)
+    op = cpp_conv.build()
+    threads = torch.get_num_threads()
+    try:
+        for o, (h, w), relu, n in itertools.product((5, 16, 37), ((6, 8), (7, 9), (3, 2)), (False, True), (1, 3)):
+            x = torch.randn(n, 6, h, w, generator=gen)
+            a, b, c = torch.randn(o, 6, generator=gen), torch.randn(o, 3, generator=gen), torch.randn(o, 3, generator=gen)
+            bias = torch.randn(o, generator=gen)
+            ref = _reference(x, a, b, c, bias, (1, 1), (1, 1, 1, 1), (1, 1))
+            ref = F.max_pool2d(ref.relu() if relu else ref, 2, 2, ceil_mode=ceil)
+            for (fw, fp, rows), xi, t in itertools.product(PATHS.values(), (x, x.contiguous(memory_format=CL)), (1, 2)):
+                torch.set_num_threads(t)
+                with torch.no_grad():
+                    y = op(xi, a, b.t().contiguous(), c.t().contiguous(), bias, 1, 1, 1, 1, 1, 1, 1, 1, fw, fp, relu,
+                           rows, 2, ceil)
+                assert y.shape == ref.shape and y.is_contiguous(memory_format=CL), (o, h, w, y.shape, ref.shape)
+                assert torch.equal(y, ref) or rel_err(y, ref) <= 1e-5, (o, h, w, relu, n, fw, rows, t)
+        x = torch.randn(2, 6, 6, 8, generator=gen)
+        x[1, :, 2, 3] = float("nan")  # reaches a 3x3 neighbourhood of outputs, hence some pool windows
+        with torch.no_grad():
+            y = op(x, a, b.t().contiguous(), c.t().contiguous(), None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS, False, 2048, 2,
+                   ceil)
+        ref = F.max_pool2d(_reference(x, a, b, c, None, (1, 1), (1, 1, 1, 1), (1, 1)), 2, 2, ceil_mode=ceil)
+        assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()
+        with pytest.raises(RuntimeError, match="pool must be 0"):
+            op(x, a, b.t().contiguous(), c.t().contiguous(), None, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS, False, 2048, 3, ceil)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_only_a_2x2_stride_2_max_pool_is_fused():
+    layer = Rank1Conv2d(4, 8, 3, padding=1)
+    with torch.no_grad():
+        layer.project_()
+    for pool, fused in ((torch.nn.MaxPool2d(2), True), (torch.nn.MaxPool2d(2, 2, ceil_mode=True), True),
+                        (torch.nn.MaxPool2d(3, 2), False), (torch.nn.MaxPool2d(2, 1), False),
+                        (torch.nn.MaxPool2d(2, padding=1), False), (torch.nn.MaxPool2d(2, dilation=2), False),
+                        (torch.nn.MaxPool2d(2, return_indices=True), False), (torch.nn.AvgPool2d(2), False)):
+        net = torch.nn.Sequential(layer, torch.nn.ReLU(), pool)
+        fast = decompose_model(net, "cpp")
+        assert isinstance(fast[2], torch.nn.Identity) is fused, pool
+        x = torch.randn(2, 4, 9, 10)
+        if not getattr(pool, "return_indices", False):
+            with torch.no_grad():
+                assert rel_err(fast(x), torch.nn.Sequential(layer.dense_conv(), torch.nn.ReLU(), pool)(x)) <= 1e-5
+
+
 def test_cpp_is_one_module_and_rejects_kernels_it_cannot_run():
     layer, _ = _layer("k3-p1-16x16-b3")
     fused = layer.decompose(impl="cpp").eval()
@@ -156,17 +209,24 @@ def test_flat1d_and_whole_networks_decompose_to_cpp():
 
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_the_relu_after_a_cpp_layer_is_fused_into_it(batchnorm):
-    """vgg's conv, norm (an Identity without batch norm), ReLU: the ReLU moves into the
-    kernel's store past the Identity, never past a real norm; the function is unchanged,
-    on the kernel and on its autograd fallback; other forms keep their ReLUs."""
+    """vgg's conv, norm (an Identity without batch norm), ReLU, and at a stage's end a 2x2
+    max pool (ceil mode): the ReLU and then the pool move into the kernel's store past the
+    Identity, never past a real norm; the function is unchanged, on the kernel and on its
+    autograd fallback; other forms keep their ReLUs and pools. 15x15 inputs: the ceil-mode
+    pools see odd sides (15, then 8)."""
     model = build_model("vgg", arm="flat1d", depth=4, width=20, in_channels=3, batchnorm=batchnorm).eval()
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, 3, 15, 15)
+    pools = sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    assert pools == 2
     fast = decompose_model(model, "cpp")
     convs = [m for m in fast.modules() if isinstance(m, cpp_conv.CppRank1Conv2d)]
     relus = [m for m in fast.modules() if isinstance(m, torch.nn.ReLU)]
     assert len(convs) == 4 and all(m.relu is not batchnorm for m in convs)
     assert len(relus) == (4 if batchnorm else 0) and ("relu=True" in repr(fast)) is not batchnorm
+    left = sum(isinstance(m, torch.nn.MaxPool2d) for m in fast.modules())
+    assert left == (pools if batchnorm else 0) and ("max_pool=2x2 ceil" in repr(fast)) is not batchnorm
     assert sum(isinstance(m, torch.nn.ReLU) for m in decompose_model(model, "chain").modules()) == 4
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in decompose_model(model, "chain").modules()) == pools
     ref = dense_model(model)(x)
     with torch.no_grad():
         assert rel_err(fast(x), ref) <= 1e-5

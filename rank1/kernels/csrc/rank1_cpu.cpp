@@ -270,17 +270,47 @@ void gemm_image(const float* __restrict x, const float* __restrict packed, float
   for (; p < pixels; ++p) gemm_pixels<1>(x + p * sp, packed, z + p * o, c, o, sp, sk);
 }
 
+// One row of a 2x2, stride-2 max pool over `nr` (1 or 2) consecutive output rows in `rows`
+// (each wo x o) into `out` (wp x o); the last window of a ceil-mode pool may be one column or
+// row. NaN propagates, as in torch's max pool.
+void pool_row(const float* __restrict rows, int64_t nr, float* __restrict out, int64_t wo, int64_t wp, int64_t o) {
+  const int64_t ov = o / VL * VL, len = wo * o;
+  for (int64_t px = 0; px < wp; ++px) {
+    const int64_t c0 = 2 * px, nc = std::min<int64_t>(2, wo - c0);
+    for (int64_t k = 0; k < ov; k += VL) {
+      vf m = ld(rows + c0 * o + k);
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t q = 0; q < nc; ++q) {
+          const vf v = ld(rows + r * len + (c0 + q) * o + k);
+          m = (v > m) | (v != v) ? v : m;
+        }
+      st(out + px * o + k, m);
+    }
+    for (int64_t k = ov; k < o; ++k) {
+      float m = rows[c0 * o + k];
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t q = 0; q < nc; ++q) {
+          const float v = rows[r * len + (c0 + q) * o + k];
+          m = (v > m || v != v) ? v : m;
+        }
+      out[px * o + k] = m;
+    }
+  }
+}
+
 // x: N x C x H x W, channels-last or NCHW (contiguous); a: O x C; b: kh x O and c: kw x O
 // (transposed, so channels are contiguous); bias: O or None. Zero padding top/bottom/left/right; `relu`:
-// the output is max(y, 0) (the ReLU that follows the layer, fused into its store). The
-// fused path (the 1x1 in registers) is taken up to `fused_weights` = C x O and
+// the output is max(y, 0) (the ReLU that follows the layer, fused into its store); `pool` = 2:
+// a 2x2, stride-2 max pool that follows it (`pool_ceil`: in ceil mode) applied to the rows
+// before they are stored, so the output is a quarter of the size and the pool reads nothing
+// back from memory (rank1.autotune.fuse_relus folds nn.MaxPool2d(2) in). The fused path (the 1x1 in registers) is taken up to `fused_weights` = C x O and
 // `fused_plane` = H x W x O floats (rank1.kernels.cpp.FUSED_*, which the roofline reads too);
 // otherwise the 1x1 is one library call: the library's 1x1 convolution (oneDNN) for a
 // channels-last input of at least `library_conv_rows` pixels in all, else a GEMM.
 at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                       const std::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                       int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t fused_weights, int64_t fused_plane,
-                      bool relu, int64_t library_conv_rows) {
+                      bool relu, int64_t library_conv_rows, int64_t pool, bool pool_ceil) {
   // Every message is one string literal: a message built from several values went
   // through std::string across the library boundary and crashed with torch 2.11 and
   // g++ 13 (on the GPU machine's image); the Python side names the values anyway.
@@ -313,7 +343,12 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
                 "rank1 cpp conv: bias must be a contiguous float32 CPU tensor of O elements");
     bias_p = bias->data_ptr<float>();
   }
-  auto y = at::empty({g.n, g.o, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  TORCH_CHECK(pool == 0 || pool == 2, "rank1 cpp conv: pool must be 0 (none) or 2 (a 2x2, stride-2 max pool)");
+  // Stored rows and columns: the conv's, or the pool's (each window starts inside the rows).
+  const int64_t hs = pool ? (pool_ceil ? (g.ho + 1) / 2 : g.ho / 2) : g.ho;
+  const int64_t ws = pool ? (pool_ceil ? (g.wo + 1) / 2 : g.wo / 2) : g.wo;
+  TORCH_CHECK(hs > 0 && ws > 0, "rank1 cpp conv: the 2x2 max pool's output would be empty (a 1-pixel side)");
+  auto y = at::empty({g.n, g.o, hs, ws}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   // Plain buffers, not tensors: each ATen call costs about a microsecond of dispatch,
   // and at 32 channels 8x8 the whole layer takes ~40 µs.
@@ -326,7 +361,19 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   const float* bp = b.data_ptr<float>();
   const float* cp = c.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t pixels = g.h * g.w, plane_z = pixels * g.o, row_y = g.wo * g.o, plane_y = g.ho * row_y;
+  const int64_t pixels = g.h * g.w, plane_z = pixels * g.o, row_y = g.wo * g.o;
+  const int64_t row_s = ws * g.o, plane_s = hs * row_s;  // a stored row and image
+  // Stored row `u` of image z (h x w x o) into ys: a conv output row, or a pooled row of up to
+  // two conv rows computed into `two` (2 x wo x o, in L1/L2) first.
+  auto store_row = [&](const float* z, float* row, float* two, float* ys, int64_t u) {
+    if (!pool) {
+      spatial_row(z, zerop, bp, cp, bias_p, row, ys, u, g, relu);
+      return;
+    }
+    const int64_t nr = std::min<int64_t>(2, g.ho - 2 * u);
+    for (int64_t r = 0; r < nr; ++r) spatial_row(z, zerop, bp, cp, bias_p, row, two + r * row_y, 2 * u + r, g, relu);
+    pool_row(two, nr, ys, g.wo, ws, g.o);
+  };
   const float* xp = x.data_ptr<float>();
   // Pixel p's channel k of an image at p * sp + k * sk: channels-last rows of C channels, or NCHW planes.
   const int64_t sp = cl ? g.c : 1, sk = cl ? 1 : pixels;
@@ -343,10 +390,10 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
       Buffer z(static_cast<size_t>(plane_z));
       Buffer row(static_cast<size_t>(row_len), 0.0f);
       Buffer xt(cl ? 0 : static_cast<size_t>(kGemmPx * g.c));
+      Buffer two(pool ? static_cast<size_t>(2 * row_y) : 0);
       for (int64_t n = n0; n < n1; ++n) {
         gemm_image(xp + n * pixels * g.c, wp, z.data(), xt.data(), pixels, g.c, g.o, sp, sk);
-        for (int64_t oy = 0; oy < g.ho; ++oy)
-          spatial_row(z.data(), zerop, bp, cp, bias_p, row.data(), yp + n * plane_y + oy * row_y, oy, g, relu);
+        for (int64_t u = 0; u < hs; ++u) store_row(z.data(), row.data(), two.data(), yp + n * plane_s + u * row_s, u);
       }
     });
     return y;
@@ -367,12 +414,13 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   }
   const float* zp = z.data_ptr<float>();
   // Rows per task: enough work (~16k multiply-adds) to outweigh the scheduling.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_y * (g.kh + g.kw)));
-  at::parallel_for(0, g.n * g.ho, grain, [&](int64_t r0, int64_t r1) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (pool ? 2 : 1) * row_y * (g.kh + g.kw)));
+  at::parallel_for(0, g.n * hs, grain, [&](int64_t r0, int64_t r1) {
     Buffer row(static_cast<size_t>(row_len), 0.0f);
+    Buffer two(pool ? static_cast<size_t>(2 * row_y) : 0);
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / g.ho, oy = r % g.ho;
-      spatial_row(zp + n * plane_z, zerop, bp, cp, bias_p, row.data(), yp + n * plane_y + oy * row_y, oy, g, relu);
+      const int64_t n = r / hs, u = r % hs;
+      store_row(zp + n * plane_z, row.data(), two.data(), yp + n * plane_s + u * row_s, u);
     }
   });
   return y;
@@ -384,9 +432,11 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
 // here, a sixth of a whole layer at 32 channels 8x8, and the module is opaque anyway.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv", &rank1_conv,
-        "rank-1 layer: 1x1 GEMM, then the kh x 1 and 1 x kw depthwise passes, the bias and (relu) a ReLU",
+        "rank-1 layer: 1x1 GEMM, then the kh x 1 and 1 x kw depthwise passes, the bias, (relu) a ReLU and "
+        "(pool = 2) a 2x2 max pool",
         pybind11::arg("x"), pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("c"), pybind11::arg("bias"),
         pybind11::arg("sh"), pybind11::arg("sw"), pybind11::arg("pt"), pybind11::arg("pb"), pybind11::arg("pl"),
         pybind11::arg("pr"), pybind11::arg("dh"), pybind11::arg("dw"), pybind11::arg("fused_weights"),
-        pybind11::arg("fused_plane"), pybind11::arg("relu") = false, pybind11::arg("library_conv_rows") = 2048);
+        pybind11::arg("fused_plane"), pybind11::arg("relu") = false, pybind11::arg("library_conv_rows") = 2048,
+        pybind11::arg("pool") = 0, pybind11::arg("pool_ceil") = false);
 }
