@@ -129,7 +129,7 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
         return f"the C++ kernel runs on cpu tensors, not {torch.device(device).type}"
     if _build_error is not None:
         return f"building it failed: {_build_error}"
-    if build.cache_info().currsize:  # built and loaded in this process
+    if _module.cache_info().currsize:  # built and loaded in this process
         return None
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
@@ -146,10 +146,20 @@ def available(device: torch.device | str | None = None) -> bool:
     return unavailable_reason(device) is None
 
 
-@functools.lru_cache(maxsize=1)
 def build() -> Any:
     """Compile (once per machine, then load from the cache) and return the kernel's
     function ``conv``; raises ``RuntimeError`` naming why it cannot."""
+    return _module().conv
+
+
+def pack() -> Any:
+    """The kernel's function ``pack``: a layer's 1x1 weights as its in-register path reads
+    them, computed once per module and passed to ``conv`` as ``packed``."""
+    return _module().pack
+
+
+@functools.lru_cache(maxsize=1)
+def _module() -> Any:
     global _build_error
     reason = unavailable_reason("cpu")
     if reason is not None:
@@ -176,7 +186,7 @@ def build() -> Any:
         lines = str(e).strip().splitlines()
         _build_error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
         raise RuntimeError(f"the rank1 C++ kernel could not be built: {_build_error}") from e
-    return module.conv
+    return module
 
 
 class CppRank1Conv2d(nn.Module):
@@ -225,6 +235,10 @@ class CppRank1Conv2d(nn.Module):
         self._pre_pad = not zeros
         self.relu = False  # a following ReLU fused into the output store (see fuse_relu)
         self.pool_ceil: bool | None = None  # a following 2x2 max pool fused in (see fuse_max_pool)
+        # The 1x1's weights packed for the kernel's in-register path, and the (data, version) of
+        # `a` they were packed from: packed once, not per call (a plain attribute: not state).
+        self._packed: torch.Tensor | None = None
+        self._packed_from: tuple[int, int] | None = None
         # The 1x1 always by one library call (``cpp_lib``), never in registers: which is faster
         # depends on the input's layout, the threads and the shape, so `auto` measures both.
         self.library = library
@@ -265,8 +279,12 @@ class CppRank1Conv2d(nn.Module):
             pool, ceil = (0, False) if self.pool_ceil is None else (2, self.pool_ceil)
             if self.library:
                 return build()(x, a, bt, ct, bias, *self._geometry, 0, 0, self.relu, LIBRARY_CONV_ROWS, pool, ceil)
+            # (an inference tensor has no version counter: its data pointer alone)
+            source = (a.data_ptr(), -1 if a.is_inference() else a._version)
+            if self._packed_from != source:
+                self._packed, self._packed_from = pack()(a), source
             return build()(x, a, bt, ct, bias, *self._geometry, FUSED_WEIGHTS, FUSED_PLANE, self.relu,
-                           LIBRARY_CONV_ROWS, pool, ceil)
+                           LIBRARY_CONV_ROWS, pool, ceil, self._packed)
         # Autograd, another dtype or device: the same function with F.conv2d.
         y = R.conv2d_chain(x, a, bt.t(), ct.t(), bias, self.stride, self.padding, self.dilation, self.padding_mode)
         y = torch.relu(y) if self.relu else y

@@ -183,6 +183,26 @@ def test_only_a_2x2_stride_2_max_pool_is_fused():
                 assert rel_err(fast(x), torch.nn.Sequential(layer.dense_conv(), torch.nn.ReLU(), pool)(x)) <= 1e-5
 
 
+def test_the_packed_weights_are_made_once_and_follow_the_weights():
+    """The in-register 1x1 reads its weights packed; a module packs them on its first call
+    and again only when they change (at 512 channels packing took longer than the layer at
+    batch 1): a load_state_dict into the module gives the new layer's function."""
+    layer, x = _layer("k3-p1-16x16-b3")
+    other, _ = _layer("k3-p1-16x16-b3")
+    fused = layer.decompose(impl="cpp").eval()
+    with torch.no_grad(), one_thread():
+        assert rel_err(fused(x), layer.dense_conv()(x)) <= 1e-5
+        packed = fused.fused._packed
+        assert packed is not None and packed.numel() == layer.out_channels * layer.in_channels
+        fused(x)
+        assert fused.fused._packed is packed
+        fused.load_state_dict(other.decompose(impl="cpp").state_dict())
+        assert rel_err(fused(x), other.dense_conv()(x)) <= 1e-5 and fused.fused._packed is not packed
+        op, f = cpp_conv.build(), fused.fused
+        with pytest.raises(RuntimeError, match="packed must be pack"):
+            op(x, f.a, f.bt, f.ct, f.bias, 1, 1, 1, 1, 1, 1, 1, 1, *LIMITS, False, 2048, 0, False, torch.zeros(3))
+
+
 def test_cpp_is_one_module_and_rejects_kernels_it_cannot_run():
     layer, _ = _layer("k3-p1-16x16-b3")
     fused = layer.decompose(impl="cpp").eval()

@@ -310,7 +310,8 @@ void pool_row(const float* __restrict rows, int64_t nr, float* __restrict out, i
 at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
                       const std::optional<at::Tensor>& bias, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
                       int64_t pl, int64_t pr, int64_t dh, int64_t dw, int64_t fused_weights, int64_t fused_plane,
-                      bool relu, int64_t library_conv_rows, int64_t pool, bool pool_ceil) {
+                      bool relu, int64_t library_conv_rows, int64_t pool, bool pool_ceil,
+                      const std::optional<at::Tensor>& packed) {
   // Every message is one string literal: a message built from several values went
   // through std::string across the library boundary and crashed with torch 2.11 and
   // g++ 13 (on the GPU machine's image); the Python side names the values anyway.
@@ -383,9 +384,20 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
     // and no 1x1 output in memory for the whole batch: at 32 channels 8x8 the fork/joins and
     // the round trip of a separate GEMM cost as much as the depthwise work, and at 128
     // channels 56x56 the round trip took 40% of the layer.
-    Buffer packed(static_cast<size_t>(g.c * g.o));  // a transposed, in panels
-    pack_weights(a.data_ptr<float>(), packed.data(), g.c, g.o);
-    const float* wp = packed.data();
+    // a transposed, in panels: from the caller, packed once (`pack`: at 512 channels packing
+    // took 0.5 ms, more than the whole layer at batch 1 on 4x4), else here.
+    Buffer own;
+    const float* wp;
+    if (packed.has_value() && packed->defined()) {
+      TORCH_CHECK(packed->device().is_cpu() && packed->scalar_type() == at::kFloat && packed->is_contiguous() &&
+                      packed->numel() == g.c * g.o,
+                  "rank1 cpp conv: packed must be pack(a), a contiguous float32 CPU tensor of C x O elements");
+      wp = packed->data_ptr<float>();
+    } else {
+      own.resize(static_cast<size_t>(g.c * g.o));
+      pack_weights(a.data_ptr<float>(), own.data(), g.c, g.o);
+      wp = own.data();
+    }
     at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
       Buffer z(static_cast<size_t>(plane_z));
       Buffer row(static_cast<size_t>(row_len), 0.0f);
@@ -426,6 +438,15 @@ at::Tensor rank1_conv(const at::Tensor& x, const at::Tensor& a, const at::Tensor
   return y;
 }
 
+// a (O x C) packed as the in-register 1x1 reads it (pack_weights), for `conv`'s `packed`.
+at::Tensor rank1_pack(const at::Tensor& a) {
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.dim() == 2 && a.is_contiguous(),
+              "rank1 cpp pack: a must be a contiguous 2-D float32 CPU tensor");
+  auto out = at::empty({a.numel()}, a.options());
+  pack_weights(a.data_ptr<float>(), out.data_ptr<float>(), a.size(1), a.size(0));
+  return out;
+}
+
 }  // namespace
 
 // A plain Python binding, not a dispatcher op: a boxed torch.ops call costs ~7 µs
@@ -438,5 +459,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("sh"), pybind11::arg("sw"), pybind11::arg("pt"), pybind11::arg("pb"), pybind11::arg("pl"),
         pybind11::arg("pr"), pybind11::arg("dh"), pybind11::arg("dw"), pybind11::arg("fused_weights"),
         pybind11::arg("fused_plane"), pybind11::arg("relu") = false, pybind11::arg("library_conv_rows") = 2048,
-        pybind11::arg("pool") = 0, pybind11::arg("pool_ceil") = false);
+        pybind11::arg("pool") = 0, pybind11::arg("pool_ceil") = false, pybind11::arg("packed") = pybind11::none());
+  m.def("pack", &rank1_pack, "the 1x1's weights packed for conv's in-register path", pybind11::arg("a"));
 }
