@@ -144,6 +144,12 @@ class DeployedModel(nn.Module):
         self.plan = plan
         self._graph: _Graphed | None = None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "net":  # a plain reference beside the registered one: nn.Module's lookup of a
+            # submodule (by __getattr__, after the class and the instance) cost ~1 us a call
+            self.__dict__["_net"] = value
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -156,7 +162,7 @@ class DeployedModel(nn.Module):
         g = self._graph
         if g is not None and g.fits(x) and not (x.requires_grad and torch.is_grad_enabled()):
             return g(x)
-        return self.net(x)
+        return self._net(x)
 
     def capture(self, example: torch.Tensor) -> DeployedModel:
         """Capture the network in a CUDA graph for ``example``'s shape (CUDA only)."""

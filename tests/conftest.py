@@ -78,10 +78,14 @@ def smoke_tracking(smoke_study):
 
 # Under pytest-xdist (`make test` runs two workers), the tests that share an expensive fixture
 # run on one worker, so that it is built once: the session's smoke study, the jobs tests' Ray
-# head, the multi-node cluster. Other tests go wherever a worker is free. Each group's fixture
-# costs the seconds given here once (2-core Intel Xeon, 2026-12-04), on top of its tests.
+# head, the multi-node cluster, the Triton interpreter's run. Other tests go wherever a worker
+# is free. Each group's fixture costs the seconds given here once (2-core Intel Xeon,
+# 2026-12-04), on top of its tests.
 SHARED_FIXTURES = {"smoke_study": ("smoke-study", 55), "smoke_tracking": ("smoke-study", 0),
-                   "head": ("ray-head", 10), "cluster": ("ray-cluster", 20)}
+                   "head": ("ray-head", 10), "cluster": ("ray-cluster", 20),
+                   # one subprocess under Triton's interpreter for every kernel case (~13 s; each
+                   # worker that ran a kernel case started its own before, AMD EPYC 2026-12-06)
+                   "interpreted": ("triton-interpreter", 13)}
 SLOW_S, FAST_S = 10.0, 0.5  # what a test costs without a `slow(seconds=...)` estimate
 
 

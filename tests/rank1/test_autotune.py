@@ -63,6 +63,16 @@ def test_auto_measures_every_candidate_on_the_whole_network_and_keeps_the_fastes
         assert rel_err(fast(x.contiguous(memory_format=torch.channels_last)), dense_model(model)(x)) <= 1e-5
     assert fast.features is fast.net.features  # the wrapped network's attributes
     assert plan.summary() in repr(fast)
+    # forward calls the network it wraps now: a copy's own, or a replacement
+    import copy
+
+    twin = copy.deepcopy(fast)
+    assert twin.net is not fast.net
+    with torch.no_grad():
+        twin.net.head.bias.add_(1.0)  # changes the copy's output, not the original's
+        assert torch.allclose(twin(x), fast(x) + 1.0, atol=1e-5) and rel_err(fast(x), dense_model(model)(x)) <= 1e-5
+        twin.net = dense_model(model).eval()
+        assert torch.equal(twin(x), twin.net(x))
     # Cached: keyed by device (threads, torch), candidates, the model's structure and the input.
     data = json.loads(cache.read_text())
     (key,) = data
