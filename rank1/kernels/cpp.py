@@ -8,8 +8,9 @@ depthwise conv of ``dw2d`` alone took longer than the 1x1. This kernel
 channels-last (with the ReLU that follows it, where ``fuse_relu`` folded one in, and a 2x2
 max pool after that, where ``fuse_max_pool`` did); its
 input channels-last or NCHW, read as it is (a user's NCHW input is not converted first):
-for small layers (:func:`fused_path`) each thread takes whole images, computes an
-image's 1x1 in vector registers into a buffer that stays in cache, then both
+for layers up to 512 x 512 weights and 8 MB of 1x1 output per image (:func:`fused_path`)
+each thread takes whole images, computes an image's 1x1 in vector registers (its weights
+packed once per module, :func:`pack`) into a buffer that stays in cache, then both
 depthwise 1-D passes and the bias; larger layers use one library call for the 1x1
 (:data:`LIBRARY_CONV_ROWS`) and the same fused passes, the threads splitting output
 rows. The factors sit in vector registers and every load of the depthwise passes is a
