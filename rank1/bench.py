@@ -331,7 +331,8 @@ def networks_markdown(rows: list[dict[str, Any]]) -> str:
                       f"(worst {max(r.get('best_single_copy_ratio', 1.0) for r in rows):.3f}): the noise floor.",
                   "", f"auto within {100 * (worst['auto_vs_best_single'] - 1):.1f}% of the best single form at worst "
                       f"({worst['model']} depth {worst['depth']} width {worst['width']} batch {worst['batch']} "
-                      f"{worst['size']}x{worst['size']}, {worst['threads']} thread{'s' if worst['threads'] != 1 else ''}); the decomposed network is "
+                      f"{worst['size']}x{worst['size']}, {worst['threads']} "
+                      f"thread{'s' if worst['threads'] != 1 else ''}); the decomposed network is "
                   + ("faster than dense at every shape" if not slow else
                      f"slower than dense at {len(slow)} of {len(rows)}: " + "; ".join(
                          f"{r['model']} d{r['depth']} w{r['width']} b{r['batch']} {r['size']}px {r['threads']}t "
