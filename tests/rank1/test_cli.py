@@ -166,6 +166,8 @@ def test_bench_networks_on_a_chosen_grid(tmp_path, capsys):
     md = (tmp_path / "networks.md").read_text()
     assert "--networks --depths 2 3 --widths 8 --batches 2 --sizes 16 --thread-counts 1" in md
     assert "on 2 of 2 networks" in md or "on 1 of 2 networks" in md or "on 0 of 2 networks" in md
+    lo, hi = rows[0]["speedup_paired_range"]
+    assert f"{rows[0]['speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]" in md and "speedup vs dense, paired" in md
     assert not (tmp_path / "networks.partial.json").exists()
 
 
@@ -183,4 +185,8 @@ def test_bench_a_network(tmp_path, capsys):
     assert lo <= row["auto_vs_best_single"] <= hi and row["best_single"] in singles
     lo, hi = row["best_single_copy_range"]
     assert lo <= row["best_single_copy_ratio"] <= hi
+    # and its speedup over the faster dense form paired too (dense / auto within each round)
+    lo, hi = row["speedup_paired_range"]
+    assert 0 < lo <= row["speedup_paired"] <= hi
+    assert row["fraction_of_flop_ratio_paired"] == pytest.approx(row["speedup_paired"] / row["flop_ratio"])
     assert data["machine"]["threads"] >= 1 and {k["name"] for k in data["kernels"]} >= {"chain", "dw2d", "dense"}
