@@ -316,12 +316,15 @@ def _device(name: str) -> str:
 
 
 def _network_row(r: dict[str, Any]) -> list[str]:
+    from rank1.bench import speedup_paired_text
+
     return [str(r["batch"]), f"{r['dense_ms']:.2f}", f"{r['auto_ms']:.2f}", r["auto_plan"],
-            f"{r['times_ms']['chain']:.2f}", f"{r['speedup']:.2f}x", f"{r['flop_ratio']:.2f}x",
-            f"{r['fraction_of_flop_ratio']:.0%}"]
+            f"{r['times_ms']['chain']:.2f}", speedup_paired_text(r), f"{r['flop_ratio']:.2f}x",
+            f"{r['fraction_of_flop_ratio_paired']:.0%}"]
 
 
-_NETWORK_COLUMNS = ("batch", "dense ms", "auto ms", "auto plan", "chain ms", "speedup", "FLOP ratio", "of FLOP ratio")
+_NETWORK_COLUMNS = ("batch", "dense ms", "auto ms", "auto plan", "chain ms", "speedup, paired [range]", "FLOP ratio",
+                    "of FLOP ratio")
 
 
 def _bench_model(args: argparse.Namespace, device: str, console) -> dict[str, Any]:
@@ -335,7 +338,8 @@ def _bench_model(args: argparse.Namespace, device: str, console) -> dict[str, An
     for col in _NETWORK_COLUMNS:
         table.add_column(col, justify="right")
     table.caption = ("dense: the best of NCHW and channels-last; auto: decompose_model(model, 'auto', example=x), "
-                     "what a user deploys; chain: the exportable form")
+                     "what a user deploys; chain: the exportable form; speedup: dense / auto within each round of "
+                     "rounds timed back to back, the median \\[min, max]")
     rows = []
     for batch in ([args.batch] if args.batch else [1, 32]):
         r = bench_network(args.depth, args.width, batch, args.size, device, model_name=args.model,
@@ -410,6 +414,7 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
         grid_markdown,
         networks_markdown,
         projection_cost,
+        speedup_paired_text,
     )
     from rank1.measure import machine_info
     from rank1.roofline import measure_peaks
@@ -438,7 +443,7 @@ def _bench_grid(args: argparse.Namespace, device: str, console) -> dict[str, Any
                           min_time_s=0.01 if args.smoke else 0.2)
         networks.append(n)
         console.print(f"{name} depth {depth} width {width}, batch 32, 32x32: dense {n['dense_ms']:.1f} ms, "
-                      f"auto ({n['auto_plan']}) {n['auto_ms']:.1f} ms: {n['speedup']:.2f}x")
+                      f"auto ({n['auto_plan']}) {n['auto_ms']:.1f} ms: {speedup_paired_text(n)} paired")
     proj = projection_cost(depth=4 if args.smoke else 16, width=16 if args.smoke else 128)
     console.print(f"projecting all {proj['layers']} layers of vgg depth {proj['depth']} width {proj['width']}: "
                   f"{proj['projection_s'] * 1e3:.1f} ms = {proj['fraction_of_epoch']:.2%} of one digits epoch "
@@ -460,7 +465,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
     from rich.table import Table
 
-    from rank1.bench import bench_layer
+    from rank1.bench import bench_layer, speedup_paired_text
     from rank1.kernels import describe
     from rank1.measure import keep_freed_memory, machine_info
 
@@ -482,11 +487,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batches = [args.batch] if args.batch else ([8] if args.smoke else [1, 32])
         table = Table(title=f"rank-1 layer: dense vs decomposed ({info.get('cpu', info['device'])}, "
                             f"{info['threads']} threads, torch {info['torch']})")
-        for col in ("C->O", "k", "HxW", "batch", "dense ms", "auto ms", "auto plan", "chain ms", "speedup",
-                    "FLOPs/", "of FLOPs/"):
+        for col in ("C->O", "k", "HxW", "batch", "dense ms", "auto ms", "auto plan", "chain ms",
+                    "speedup, paired [range]", "FLOPs/", "of FLOPs/"):
             table.add_column(col, justify="right", no_wrap=True)
         table.caption = ("NCHW input; dense: best of NCHW and channels-last; auto: what decompose_model(..., 'auto', "
-                         "example=x) deploys; speedup = dense / auto (median); FLOPs/ = dense / decomposed MACs")
+                         "example=x) deploys; speedup = dense / auto within each round of rounds timed back to back, "
+                         "the median \\[min, max]; FLOPs/ = dense / decomposed MACs")
         rows = []
         with console.status("measuring...") as status:
             for batch in batches:
@@ -496,8 +502,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     rows.append(r)
                     table.add_row(
                         f"{c_in}->{c_out}", str(k), f"{size}x{size}", str(batch), f"{r['dense_ms']:.3f}",
-                        f"{r['auto_ms']:.3f}", r["auto_plan"], f"{r['chain_ms']:.3f}", f"{r['speedup']:.2f}x",
-                        f"{r['flop_ratio']:.2f}x", f"{r['fraction_of_flop_ratio']:.0%}",
+                        f"{r['auto_ms']:.3f}", r["auto_plan"], f"{r['chain_ms']:.3f}", speedup_paired_text(r),
+                        f"{r['flop_ratio']:.2f}x", f"{r['fraction_of_flop_ratio_paired']:.0%}",
                     )
         console.print(table)
         result["layers"] = rows

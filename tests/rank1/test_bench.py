@@ -52,15 +52,21 @@ def test_paired_timing_cancels_drift_between_rounds(monkeypatch):
     assert r["a"] == (1.0, 1.0, 1.0) and r["b"] == pytest.approx((2.0, 2.0, 2.0))
 
 
-def test_bench_smoke_prints_a_table_and_writes_json(tmp_path, capsys):
+def test_bench_smoke_prints_a_table_and_writes_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: rich cuts cells at pytest's default of 80
     assert main(["bench", "--smoke", "--batch", "2", "--repeats", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "dense" in out and "speedup" in out
+    assert "dense" in out and "speedup, paired" in out
     data = json.loads((tmp_path / "layers.json").read_text())
     assert data["machine"]["threads"] >= 1 and len(data["layers"]) == 3
     for row in data["layers"]:
         assert row["flop_ratio"] > 1 and row["speedup"] > 0
         assert abs(row["fraction_of_flop_ratio"] - row["speedup"] / row["flop_ratio"]) < 1e-12
+        # what the table prints: dense / auto paired round by round, the median within its range
+        lo, hi = row["speedup_paired_range"]
+        assert 0 < lo <= row["speedup_paired"] <= hi
+        assert row["fraction_of_flop_ratio_paired"] == pytest.approx(row["speedup_paired"] / row["flop_ratio"])
+        assert f"{row['speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]" in out
 
 
 def test_bench_bad_options_exit_2(capsys):

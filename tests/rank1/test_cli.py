@@ -171,7 +171,8 @@ def test_bench_networks_on_a_chosen_grid(tmp_path, capsys):
     assert not (tmp_path / "networks.partial.json").exists()
 
 
-def test_bench_a_network(tmp_path, capsys):
+def test_bench_a_network(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: rich wraps cells at pytest's default of 80
     assert main(["bench", "--model", "vgg", "--depth", "2", "--width", "8", "--size", "16", "--batch", "2",
                  "--repeats", "2", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "network.json").read_text())
@@ -189,4 +190,5 @@ def test_bench_a_network(tmp_path, capsys):
     lo, hi = row["speedup_paired_range"]
     assert 0 < lo <= row["speedup_paired"] <= hi
     assert row["fraction_of_flop_ratio_paired"] == pytest.approx(row["speedup_paired"] / row["flop_ratio"])
+    assert f"{row['speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]" in capsys.readouterr().out  # the table prints it
     assert data["machine"]["threads"] >= 1 and {k["name"] for k in data["kernels"]} >= {"chain", "dw2d", "dense"}
