@@ -12,8 +12,12 @@ the exactly-once study that is interrupted every way in turn
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import uuid
 
+import psutil
 import pytest
 
 from tests.study.conftest import MARK, cli, settle, write_study
@@ -48,3 +52,34 @@ def test_a_failed_start_leaves_nothing_running(tmp_path):
     p = cli("study", "run", str(path), env={MARK: mark}, timeout=300)
     assert p.returncode != 0  # Tune cannot write its experiment: the study fails after Ray and MLflow started
     assert settle(mark, 15) == []
+
+
+def _child(argv0: str, ignore_sigterm: bool) -> subprocess.Popen:
+    """A Python child named ``argv0`` (as Ray titles its processes) that, if told to, ignores SIGTERM."""
+    code = ("import signal, sys, time\n"
+            + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "")
+            + "print('ready', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([argv0, "-c", code], executable=sys.executable, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # its SIGTERM handler is set
+    return proc
+
+
+def test_ray_agents_deaf_to_sigterm_are_killed_without_the_grace_period_others_get():
+    """What a killed driver leaves: Ray's agents ignore SIGTERM, and are killed once the rest have
+    stopped (not after the grace period: every resume waited it out); any other process that
+    ignores SIGTERM still gets the whole grace period before it is killed."""
+    from study.services import DEAF_TO_SIGTERM, _terminate
+
+    agent = _child(DEAF_TO_SIGTERM[0], ignore_sigterm=True)
+    worker = _child("ray::ImplicitFunc.train", ignore_sigterm=False)
+    procs = {p.pid: psutil.Process(p.pid).create_time() for p in (agent, worker)}
+    t0 = time.monotonic()
+    assert _terminate(procs, grace_s=30) == 2
+    assert time.monotonic() - t0 < 10  # not the 30 s of grace
+    # gone (the agent, which ignores SIGTERM, by SIGKILL); _terminate reaped them, so no exit status here
+    assert not any(psutil.pid_exists(p.pid) for p in (agent, worker))
+
+    stubborn = _child("python", ignore_sigterm=True)
+    t0 = time.monotonic()
+    assert _terminate({stubborn.pid: psutil.Process(stubborn.pid).create_time()}, grace_s=2) == 1
+    assert time.monotonic() - t0 >= 2 and not psutil.pid_exists(stubborn.pid)  # waited for, then killed
