@@ -54,8 +54,8 @@ from rank1.measure import keep_freed_memory, machine_info, time_forward, time_pa
 
 __all__ = [
     "DEFAULTS", "DEFAULT_MARGIN", "DENSE", "FORMATS", "DeployedModel", "Plan", "assemble", "cache_path", "candidate_impls",
-    "default_form", "default_plan", "deploy", "device_key", "formatted", "fuse_relus", "greedy_pick", "in_format", "layer_times", "plan_model", "rank1_layer_table",
-    "record_shapes",
+    "default_form", "default_plan", "deploy", "device_key", "formatted", "fuse_relus", "greedy_pick", "in_format",
+    "layer_times", "plan_model", "rank1_layer_table", "record_shapes",
 ]
 
 DENSE = "dense"

@@ -563,7 +563,7 @@ def _terminate(procs: dict[int, float], grace_s: float, deaf_s: float = 0.5) -> 
     deaf = set()
     for p in live:
         with contextlib.suppress(psutil.Error):
-            if p.name() in DEAF_TO_SIGTERM or p.cmdline()[:1] in ([n] for n in DEAF_TO_SIGTERM):
+            if p.name() in DEAF_TO_SIGTERM or (p.cmdline() or [""])[0] in DEAF_TO_SIGTERM:
                 deaf.add(p.pid)
             p.terminate()
     _, alive = psutil.wait_procs([p for p in live if p.pid not in deaf], timeout=grace_s)
