@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,19 @@ from rank1.train import ArmTrainer, TrainConfig
 
 __all__ = [
     "GRID_BATCHES", "GRID_CHANNELS", "GRID_KERNELS", "GRID_SIZES", "NET_GRID", "bench_grid_point", "bench_layer",
-    "bench_network", "grid_markdown", "networks_markdown", "projection_cost", "speedup_paired_text",
+    "bench_network", "grid_markdown", "networks_markdown", "paired_speedup", "projection_cost",
+    "speedup_paired_text",
 ]
+
+
+def paired_speedup(dense: Callable[[torch.Tensor], Any], auto: nn.Module, x: torch.Tensor, flop_ratio: float,
+                   rounds: int, min_time_s: float) -> dict[str, Any]:
+    """``auto``'s speedup over ``dense`` as a user gets it, timed paired: both back to back in
+    every round and dense / auto taken within the round (a first pass times them seconds apart,
+    and this machine drifts by 10-20% in that time: one network measured 6.37x and 5.76x in two
+    runs). The median, the rounds' [min, max] and the fraction of the FLOP ratio."""
+    s, lo, hi = time_paired({"dense": dense, "auto": auto}, x, "auto", rounds=rounds, min_time_s=min_time_s)["dense"]
+    return {"speedup_paired": s, "speedup_paired_range": [lo, hi], "fraction_of_flop_ratio_paired": s / flop_ratio}
 
 
 def bench_layer(
@@ -70,18 +82,14 @@ def bench_layer(
     f_dense, f_fast = layer_flops(in_channels, out_channels, kernel, size, size, batch)
     dense_ms = min(t["dense"], t["dense-cl"])
     speedup = dense_ms / t["auto"]
-    # The speedup a user gets, paired round by round with the faster dense layout (as the grid
-    # and the network benchmark do): the first pass's medians are timed seconds apart.
     dense_key = min(("dense", "dense-cl"), key=t.get)
-    vs_dense = time_paired({"dense": lambda _: nets[dense_key](xs[dense_key]), "auto": auto}, x, "auto",
-                           rounds=7 if repeats > 5 else 3, min_time_s=min_time_s / 2)["dense"]
     return {
         "in_channels": in_channels, "out_channels": out_channels, "kernel": kernel, "size": size, "batch": batch,
         "dense_ms": dense_ms, "auto_ms": t["auto"], "chain_ms": t["chain"], "auto_plan": auto.plan.summary(),
         "times_ms": t, "speedup": speedup, "chain_speedup": dense_ms / t["chain"], "flop_ratio": f_dense / f_fast,
         "fraction_of_flop_ratio": speedup / (f_dense / f_fast),
-        "speedup_paired": vs_dense[0], "speedup_paired_range": list(vs_dense[1:]),
-        "fraction_of_flop_ratio_paired": vs_dense[0] / (f_dense / f_fast),
+        **paired_speedup(lambda _: nets[dense_key](xs[dense_key]), auto, x, f_dense / f_fast,
+                         rounds=7 if repeats > 5 else 3, min_time_s=min_time_s / 2),
     }
 
 
@@ -166,26 +174,14 @@ def bench_grid_point(c: int, k: int, size: int, batch: int, peaks, device: torch
     times["auto"] = time_forward(auto, x, warmup=3, repeats=repeats, min_time_s=0.3).median_ms
     row.update(auto_ms=times["auto"], auto_plan=auto.plan.summary(), auto_speedup=dense_best / times["auto"],
                auto_fraction_of_flop_ratio=dense_best / times["auto"] / flop_ratio)
-    # The same ratio side by side: auto and the faster dense form (given its own layout free)
-    # timed back to back, round by round, the ratio taken within each round (the first pass
-    # timed them seconds apart, and this machine drifts by 10-20% in that time).
+    # The same ratio paired, against the faster dense form given its own layout free.
     dense_name = "dense" if times["dense"] <= times["dense-cl"] else "dense-cl"
     dense_m, dense_x = built[dense_name]
-    paired = time_paired({"dense": lambda _: dense_m(dense_x), "auto": auto}, x, "dense", rounds=7,
-                         min_time_s=0.1)
-    row.update(auto_speedup_paired=1.0 / paired["auto"][0], auto_speedup_paired_range=[
-        1.0 / paired["auto"][2], 1.0 / paired["auto"][1]])
-    row["auto_fraction_of_flop_ratio_paired"] = row["auto_speedup_paired"] / flop_ratio
+    paired = paired_speedup(lambda _: dense_m(dense_x), auto, x, flop_ratio, rounds=7, min_time_s=0.1)
+    row.update({f"auto_{k}": v for k, v in paired.items()})
     if "tltorch-cp" in times:
         row["auto_vs_tltorch"] = times["tltorch-cp"] / times["auto"]
     return row
-
-
-def _paired(row: dict[str, Any]) -> str:
-    if "auto_speedup_paired" not in row:  # a row from before the paired measurement
-        return "—"
-    lo, hi = row["auto_speedup_paired_range"]
-    return f"{row['auto_speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]"
 
 
 def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> str:
@@ -201,7 +197,7 @@ def grid_markdown(rows: list[dict[str, Any]], info: dict[str, Any], peaks) -> st
             f"| {r['fraction_of_flop_ratio']:.0%} | {r['bound_ms'][r['best'].split('-')[0]]:.3f} "
             f"| {r['fraction_of_bound']:.0%} | {r.get('fraction_of_bound_with_calls', float('nan')):.0%} "
             f"| {r['auto_ms']:.3f} | {r['auto_speedup']:.2f}x | {r['auto_fraction_of_flop_ratio']:.0%} "
-            f"| {_paired(r)} | {r.get('auto_fraction_of_flop_ratio_paired', float('nan')):.0%} "
+            f"| {speedup_paired_text(r, 'auto_')} | {r.get('auto_fraction_of_flop_ratio_paired', float('nan')):.0%} "
             f"| {'—' if cp is None else f'{cp:.3f}'} |")
     lines.append("")
     lines.append(f"{info.get('cpu', info.get('gpu', info['device']))}, {info['threads']} threads, torch {info['torch']}; "
@@ -290,12 +286,8 @@ def bench_network(depth: int, width: int, batch: int, size: int, device: torch.d
     paired = time_paired({"best": nets[best_single], "auto": auto,
                           "copy": DeployedModel(copy_, Plan({}, "channels_last")) if cl else copy_},
                          x, "best", rounds=4 * rounds - 1, min_time_s=min_time_s / 2)
-    # The speedup over dense paired the same way (the first pass times them seconds apart, and this
-    # machine drifts by 10-20% in that time: one setting measured 6.37x and 5.76x in two runs).
-    dense_key = min(("dense", "dense-cl"), key=times.get)
-    vs_dense = time_paired({"dense": nets[dense_key], "auto": auto}, x, "auto", rounds=2 * rounds + 1,
-                           min_time_s=min_time_s / 2)["dense"]
     flop_ratio = count_flops(dense, x) / count_flops(nets["chain"], x)
+    dense_key = min(("dense", "dense-cl"), key=times.get)
     return {
         "model": model_name, "depth": depth, "width": width, "batch": batch, "size": size, "device": str(device),
         "threads": torch.get_num_threads(), "times_ms": times, "dense_ms": dense_best, "best_single": best_single,
@@ -305,8 +297,7 @@ def bench_network(depth: int, width: int, batch: int, size: int, device: torch.d
         "auto_vs_best_single_first_pass": times["auto"] / singles[best_single],
         "auto_candidate": auto.plan.candidate, "speedup": dense_best / times["auto"],
         "flop_ratio": flop_ratio, "fraction_of_flop_ratio": dense_best / times["auto"] / flop_ratio,
-        "speedup_paired": vs_dense[0], "speedup_paired_range": list(vs_dense[1:]),
-        "fraction_of_flop_ratio_paired": vs_dense[0] / flop_ratio,
+        **paired_speedup(nets[dense_key], auto, x, flop_ratio, rounds=2 * rounds + 1, min_time_s=min_time_s / 2),
         "plan_s": plan_s,
     }
 
@@ -319,12 +310,13 @@ def _ratio(row: dict[str, Any], value: str, spread: str) -> str:
     return f"{row[value]:.3f}" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else "")
 
 
-def speedup_paired_text(row: dict[str, Any]) -> str:
-    """``6.37x [6.10, 6.52]``; rows of a run before the paired speedup: ``-``."""
-    if "speedup_paired" not in row:
+def speedup_paired_text(row: dict[str, Any], prefix: str = "") -> str:
+    """``6.37x [6.10, 6.52]`` from a row's :func:`paired_speedup` keys (``prefix``: as the grid's
+    rows name them, ``auto_``); rows of a run before the paired speedup: ``-``."""
+    if f"{prefix}speedup_paired" not in row:
         return "-"
-    lo, hi = row["speedup_paired_range"]
-    return f"{row['speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]"
+    lo, hi = row[f"{prefix}speedup_paired_range"]
+    return f"{row[f'{prefix}speedup_paired']:.2f}x [{lo:.2f}, {hi:.2f}]"
 
 
 def networks_markdown(rows: list[dict[str, Any]]) -> str:
