@@ -28,6 +28,7 @@ from study.runs import parent_run, tracking
 from study.services import MlflowServer, driver_env, start_ray
 from study.trial import end_report, load_checkpoint
 from study.tuning import (
+    Prefetch,
     confirm_phase,
     count_states,
     make_tuner,
@@ -88,12 +89,13 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
     # On one machine the embedded MLflow server starts while Ray does (each takes seconds). On a
     # cluster Ray comes first: what its nodes can reach is checked before the home is written.
     early = MlflowServer(home).launch() if not (address or cfg.tracking_uri) else None
+    prefetch = Prefetch(cfg)  # the dataset and later imports, while Ray starts
     try:
         with driver_env(), start_ray(home, address):
             if address:
                 check_cluster_resources(cfg, node_wait_s)
             write_home(cfg, study_text)
-            outcome = _run(cfg, home, study_text, address, keep_ui, resume, early, t0, started)
+            outcome = _run(cfg, home, study_text, address, keep_ui, resume, early, t0, started, prefetch)
     finally:
         if early is not None:
             early.stop()  # signalled at the study's end, it exited while Ray shut down: waited for here
@@ -101,7 +103,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
 
 
 def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, keep_ui: bool, resume: bool,
-         early: MlflowServer | None, t0: float, started: str) -> StudyOutcome:
+         early: MlflowServer | None, t0: float, started: str, prefetch: Prefetch | None = None) -> StudyOutcome:
     """The study inside its services: the search, the confirmation, the champion, the report."""
     from mlflow import MlflowClient
 
@@ -109,7 +111,7 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
         client = MlflowClient(uri)
         exp_id, parent_id = parent_run(client, cfg, study_text)
         ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,
-               "study_config": cfg.to_dict(), "data": share_data(cfg),
+               "study_config": cfg.to_dict(), "data": share_data(cfg, prefetch),
                "fresh": not resume}  # no trial of a study started from nothing can have a run yet
         if resume:
             search_path = str(Path(str(cfg.tune_path)) / "tune")

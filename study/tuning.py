@@ -12,6 +12,7 @@ import json
 import math
 import pickle
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from study.runs import trial_runs
 
 __all__ = [
     "best_per_arm", "confirm_phase", "count_states", "make_tuner", "pick_best", "reconcile", "release_orphans",
-    "repair_experiment_state", "share_data",
+    "repair_experiment_state", "share_data", "Prefetch",
 ]
 
 _STATE_PREFIX = "experiment_state-"  # Tune's saved experiment state: experiment_state-<session>.json
@@ -170,7 +171,55 @@ def repair_experiment_state(experiment_path: str) -> bool:
     return True
 
 
-def share_data(cfg: StudyConfig) -> dict[str, Any]:
+# What the driver imports after its search, for the champion's export and the report (seconds of
+# imports): done while ray.init waits for Ray's processes instead. Nothing that ray.init or the
+# search imports meanwhile on the driver's own thread (ray, optuna): two threads importing
+# modules that import each other can each hold the lock the other needs (Python then fails one
+# import with "deadlock detected").
+_LATER = ("torch.export", "torch._dynamo", "sympy", "mlflow.pyfunc", "dashboards.report")
+
+
+class Prefetch:
+    """The study's dataset decoded, and the modules the driver needs later imported, on a
+    thread while ``ray.init`` waits for Ray's processes to come up (seconds in which the
+    driver's own thread only polls). :func:`share_data` takes the dataset from here; an error
+    loading it is raised there, as if loaded then."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        self._cfg = cfg
+        self._loaded = threading.Event()
+        self._data: Any = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        threading.Thread(target=self._work, name="rank1-prefetch", daemon=True).start()
+
+    def _work(self) -> None:
+        import importlib
+
+        from rank1.data import load_dataset
+
+        b = self._cfg.base
+        t0 = time.perf_counter()
+        try:
+            self._data = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed)
+        except BaseException as e:  # raised by data(), on the driver's thread
+            self._error = e
+        self.seconds = time.perf_counter() - t0
+        self._loaded.set()
+        for name in _LATER:
+            try:
+                importlib.import_module(name)
+            except Exception:  # an optional part missing here fails where it is used, as before
+                pass
+
+    def data(self):
+        self._loaded.wait()
+        if self._error is not None:
+            raise self._error
+        return self._data
+
+
+def share_data(cfg: StudyConfig, prefetch: Prefetch | None = None) -> dict[str, Any]:
     """Decode the study's dataset once (or read its cache), put it in Ray's object store, and
     hand the trials its reference: one copy per node, mapped by every trial, never decoded there."""
     import ray
@@ -179,10 +228,13 @@ def share_data(cfg: StudyConfig) -> dict[str, Any]:
 
     b = cfg.base
     t0 = time.perf_counter()
-    data = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed)
+    if prefetch is not None:
+        data, took = prefetch.data(), prefetch.seconds
+    else:
+        data, took = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed), 0.0
     ref = ray.put(to_shared(data))
     print(f"data: {b.dataset} ({len(data.train)} train, {len(data.val)} val, {len(data.test)} test images) loaded in "
-          f"{time.perf_counter() - t0:.1f} s and shared with the trials through Ray's object store", flush=True)
+          f"{took + time.perf_counter() - t0:.1f} s and shared with the trials through Ray's object store", flush=True)
     return {"key": list(b.source_key), "ref": ref}
 
 
