@@ -121,6 +121,8 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
         t_fit = time.perf_counter()
         results = tuner.fit()
         t_end = time.perf_counter()
+        if prefetch is not None:
+            prefetch.join()
         outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
         if cfg.confirm_seeds:
             outcome.confirm = confirm_phase(cfg, client, exp_id, parent_id, ctx)

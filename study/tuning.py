@@ -172,10 +172,11 @@ def repair_experiment_state(experiment_path: str) -> bool:
 
 
 # What the driver imports after its search, for the champion's export and the report (seconds of
-# imports): done while ray.init waits for Ray's processes instead. Nothing that ray.init or the
-# search imports meanwhile on the driver's own thread (ray, optuna): two threads importing
-# modules that import each other can each hold the lock the other needs (Python then fails one
-# import with "deadlock detected").
+# imports): done while ray.init waits for Ray's processes instead. None of the modules these import
+# is imported by ray.init or the search's setup on the driver's own thread meanwhile (ray, optuna;
+# checked: no module in common), and the driver joins the thread before its wrap-up imports more:
+# two threads importing modules that import each other can each hold the lock the other needs
+# (Python then fails one of the imports with "deadlock detected").
 _LATER = ("torch.export", "torch._dynamo", "sympy", "mlflow.pyfunc", "dashboards.report")
 
 
@@ -191,7 +192,8 @@ class Prefetch:
         self._data: Any = None
         self._error: BaseException | None = None
         self.seconds = 0.0
-        threading.Thread(target=self._work, name="rank1-prefetch", daemon=True).start()
+        self._thread = threading.Thread(target=self._work, name="rank1-prefetch", daemon=True)
+        self._thread.start()
 
     def _work(self) -> None:
         import importlib
@@ -217,6 +219,12 @@ class Prefetch:
         if self._error is not None:
             raise self._error
         return self._data
+
+    def join(self) -> None:
+        """Until its imports are done: called before the driver imports what they import (the
+        champion's registration imports ``mlflow.pyfunc`` too), so that no module is imported on
+        both threads at once."""
+        self._thread.join()
 
 
 def share_data(cfg: StudyConfig, prefetch: Prefetch | None = None) -> dict[str, Any]:
