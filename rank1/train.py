@@ -266,11 +266,16 @@ class TrainConfig:
         return (*self.source_key, self.train_subset, self.val_subset)
 
 
+def source_data(config: TrainConfig) -> DataBundle:
+    """The dataset a config's :attr:`~TrainConfig.source_key` names, decoded (or read from the
+    cache) and split, before the subsets the config asks for."""
+    return load_dataset(config.dataset, config.root, config.image_size, config.download, config.val_fraction,
+                        config.split_seed)
+
+
 def data_for(config: TrainConfig) -> DataBundle:
     """The splits a config trains on: the (cached) dataset, then the stratified subsets it asks for."""
-    data = load_dataset(config.dataset, config.root, config.image_size, config.download, config.val_fraction,
-                        config.split_seed)
-    return with_subsets(data, config.train_subset, config.val_subset, config.split_seed)
+    return with_subsets(source_data(config), config.train_subset, config.val_subset, config.split_seed)
 
 
 _DEFAULTS: list[TrainConfig] = []

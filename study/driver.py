@@ -89,7 +89,7 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
     # On one machine the embedded MLflow server starts while Ray does (each takes seconds). On a
     # cluster Ray comes first: what its nodes can reach is checked before the home is written.
     early = MlflowServer(home).launch() if not (address or cfg.tracking_uri) else None
-    prefetch = Prefetch(cfg)  # the dataset and later imports, while Ray starts
+    prefetch = Prefetch(cfg)  # the dataset and torch.export's imports, while Ray starts
     try:
         with driver_env(), start_ray(home, address):
             if address:
@@ -118,11 +118,11 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
             repair_experiment_state(search_path)  # before anything reads it
             release_orphans(cfg, tune_path=search_path)
         tuner = make_tuner(cfg, ctx, restore=resume)
+        if prefetch is not None:
+            prefetch.join()
         t_fit = time.perf_counter()
         results = tuner.fit()
         t_end = time.perf_counter()
-        if prefetch is not None:
-            prefetch.join()
         outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
         if cfg.confirm_seeds:
             outcome.confirm = confirm_phase(cfg, client, exp_id, parent_id, ctx)

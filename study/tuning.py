@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rank1.data import DataBundle
 from study.config import StudyConfig
 from study.console import progress_callback
 from study.names import FINAL, TAG_ARM, TAG_REASON, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_TRIAL
@@ -171,13 +172,13 @@ def repair_experiment_state(experiment_path: str) -> bool:
     return True
 
 
-# What the driver imports after its search, for the champion's export and the report (seconds of
-# imports): done while ray.init waits for Ray's processes instead. None of the modules these import
-# is imported by ray.init or the search's setup on the driver's own thread meanwhile (ray, optuna;
-# checked: no module in common), and the driver joins the thread before its wrap-up imports more:
-# two threads importing modules that import each other can each hold the lock the other needs
-# (Python then fails one of the imports with "deadlock detected").
-_LATER = ("torch.export", "torch._dynamo", "sympy", "mlflow.pyfunc", "dashboards.report")
+# What the driver imports after its search, for the champion's export (seconds of imports): done
+# while ray.init waits for Ray's processes instead. Torch's own modules only, which nothing the
+# driver's thread runs meanwhile imports (Ray's start, the MLflow calls, the search's setup: a test
+# checks Ray's and the search's have no module in common with these), and the driver joins the
+# thread before its search starts: two threads importing modules that import each other can each
+# hold the lock the other needs, and Python then fails one of the imports ("deadlock detected").
+_LATER = ("torch.export", "torch._dynamo", "sympy")
 
 
 class Prefetch:
@@ -198,12 +199,11 @@ class Prefetch:
     def _work(self) -> None:
         import importlib
 
-        from rank1.data import load_dataset
+        from rank1.train import source_data
 
-        b = self._cfg.base
         t0 = time.perf_counter()
         try:
-            self._data = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed)
+            self._data = source_data(self._cfg.base)
         except BaseException as e:  # raised by data(), on the driver's thread
             self._error = e
         self.seconds = time.perf_counter() - t0
@@ -214,16 +214,15 @@ class Prefetch:
             except Exception:  # an optional part missing here fails where it is used, as before
                 pass
 
-    def data(self):
+    def data(self) -> DataBundle:
         self._loaded.wait()
         if self._error is not None:
             raise self._error
         return self._data
 
     def join(self) -> None:
-        """Until its imports are done: called before the driver imports what they import (the
-        champion's registration imports ``mlflow.pyfunc`` too), so that no module is imported on
-        both threads at once."""
+        """Until its imports are done: called before the search starts (Tune and the trials' results
+        import more as they go), so that nothing is imported on two threads at once after that."""
         self._thread.join()
 
 
@@ -232,14 +231,12 @@ def share_data(cfg: StudyConfig, prefetch: Prefetch | None = None) -> dict[str, 
     hand the trials its reference: one copy per node, mapped by every trial, never decoded there."""
     import ray
 
-    from rank1.data import load_dataset, to_shared
+    from rank1.data import to_shared
+    from rank1.train import source_data
 
     b = cfg.base
     t0 = time.perf_counter()
-    if prefetch is not None:
-        data, took = prefetch.data(), prefetch.seconds
-    else:
-        data, took = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed), 0.0
+    data, took = (prefetch.data(), prefetch.seconds) if prefetch is not None else (source_data(b), 0.0)
     ref = ray.put(to_shared(data))
     print(f"data: {b.dataset} ({len(data.train)} train, {len(data.val)} val, {len(data.test)} test images) loaded in "
           f"{took + time.perf_counter() - t0:.1f} s and shared with the trials through Ray's object store", flush=True)

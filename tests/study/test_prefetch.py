@@ -17,6 +17,7 @@ def test_the_prefetched_dataset_is_the_one_the_study_names(tmp_path):
     cfg = load_study(write_study(tmp_path, train={"val_fraction": 0.25, "split_seed": 3}))
     got = Prefetch(cfg).data()
     b = cfg.base
+    assert (b.val_fraction, b.split_seed) == (0.25, 3)
     want = load_dataset(b.dataset, b.root, b.image_size, b.download, b.val_fraction, b.split_seed)
     assert (got.name, got.num_classes, got.mean, got.std) == (want.name, want.num_classes, want.mean, want.std)
     for split in ("train", "val", "test"):
@@ -25,14 +26,14 @@ def test_the_prefetched_dataset_is_the_one_the_study_names(tmp_path):
 
 
 def test_an_error_loading_the_dataset_is_raised_to_the_driver(tmp_path, monkeypatch):
-    import rank1.data
+    import rank1.train
 
     failure = ConfigError("dataset: nothing at the root")
 
     def fail(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(rank1.data, "load_dataset", fail)
+    monkeypatch.setattr(rank1.train, "source_data", fail)
     prefetch = Prefetch(load_study(write_study(tmp_path)))
     with pytest.raises(ConfigError) as raised:
         prefetch.data()
