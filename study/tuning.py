@@ -236,7 +236,12 @@ def share_data(cfg: StudyConfig, prefetch: Prefetch | None = None) -> dict[str, 
 
     b = cfg.base
     t0 = time.perf_counter()
-    data, took = (prefetch.data(), prefetch.seconds) if prefetch is not None else (source_data(b), 0.0)
+    if prefetch is not None:
+        data, took = prefetch.data(), prefetch.seconds  # the load's own time on its thread, not the wait for it
+    else:
+        data = source_data(b)
+        took = time.perf_counter() - t0
+    t0 = time.perf_counter()
     ref = ray.put(to_shared(data))
     print(f"data: {b.dataset} ({len(data.train)} train, {len(data.val)} val, {len(data.test)} test images) loaded in "
           f"{took + time.perf_counter() - t0:.1f} s and shared with the trials through Ray's object store", flush=True)
