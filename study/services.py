@@ -241,7 +241,12 @@ class MlflowServer:
     ``backend_store_uri`` / ``artifacts_destination`` point it elsewhere (PostgreSQL, a
     shared or cloud store). ``auth=True`` runs MLflow's basic-auth app: the admin user is
     ``$MLFLOW_TRACKING_USERNAME`` with ``$MLFLOW_TRACKING_PASSWORD``, handed to the server
-    through its environment only, never through a file, a flag or a log line.
+    through its environment only, never through a file, a flag or a log line. A verified
+    credential is trusted for ``auth_cache_s`` seconds (MLflow's ``auth_cache_ttl_seconds``):
+    MLflow checks a password against its hash, ~0.23 s of CPU, on every request otherwise
+    (a trial makes dozens). The server runs one worker, so a password changed, an admin flag
+    or a user deleted through MLflow's API takes effect at once; a change made in the user
+    store's database directly, within ``auth_cache_s``. 0: check every request.
     """
 
     home: Path
@@ -251,6 +256,7 @@ class MlflowServer:
     artifacts_destination: str | None = None
     auth: bool = False
     auth_db_uri: str | None = None
+    auth_cache_s: int = 60
     proc: subprocess.Popen | None = None
     _signalled: bool = field(default=False, init=False, repr=False)  # stop(wait=False) sent SIGTERM
     _make_template: bool = field(default=False, init=False, repr=False)  # keep its new store as the template
@@ -286,6 +292,7 @@ class MlflowServer:
 
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                 "grant_default_workspace_access = false\n"
+                f"auth_cache_ttl_seconds = {int(self.auth_cache_s)}\n"
             )
             env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_USERNAME=user,
                        MLFLOW_AUTH_ADMIN_PASSWORD=password)

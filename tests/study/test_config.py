@@ -118,6 +118,9 @@ def test_a_bad_study_file_exits_2_from_a_real_process(tmp_path):
     (["study", "resume", "/nonexistent/home", "--node-wait", "nan"], "--node-wait: nan is not allowed"),
     (["ui", "--home", ".", "--port", "70000"], "--port: 70000 is not allowed (allowed: 1-65535)"),
     (["server", "--home", "/tmp/x", "--port", "0"], "--port: 0 is not allowed (allowed: 1-65535)"),
+    (["server", "--home", "/tmp/x", "--auth", "--auth-cache", "-1"], "--auth-cache: -1 is not allowed (allowed: whole "
+                                                                     "seconds 0-86400"),
+    (["server", "--home", "/tmp/x", "--auth-cache", "60"], "--auth-cache: only with --auth"),
     (["pull", "a@", "--out", "/tmp/x", "--home", "."], "model: 'a@' is not allowed (allowed: NAME, NAME@ALIAS"),
     (["study", "status", "/nonexistent/home"], "is not a study home"),
 ])

@@ -115,15 +115,25 @@ def test_an_authenticated_server_on_postgresql_keeps_exactly_once_through_a_driv
                 assert _files_containing(root, secret) == [], root
 
 
-def test_rank1_server_refuses_bad_stores_before_starting(tmp_path):
+def test_rank1_server_refuses_bad_stores_before_starting(tmp_path, monkeypatch, capsys):
+    """One case in a real process, the rest in-process as `rank1` parses and checks them."""
+    from study.cli import main
+
     p = cli("server", "--home", str(tmp_path / "s"), "--backend-store-uri", "postgresql://rank1@127.0.0.1:1/mlflow",
             timeout=60)
     assert p.returncode == 2 and "--backend-store-uri: cannot connect to postgresql://rank1@127.0.0.1:1/mlflow" in p.stderr
-    p = cli("server", "--home", str(tmp_path / "s"), "--backend-store-uri", "postgresql://rank1:pw@db/mlflow",
-            timeout=60)
-    assert p.returncode == 2 and "--backend-store-uri: the URL carries a password" in p.stderr
-    p = cli("server", "--home", str(tmp_path / "s"), "--auth", env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=60)
-    assert p.returncode == 2 and "--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in p.stderr
+
+    def refused(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "--backend-store-uri: the URL carries a password" in refused(
+        "server", "--home", str(tmp_path / "s"), "--backend-store-uri", "postgresql://rank1:pw@db/mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "")
+    assert "--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in refused(
+        "server", "--home", str(tmp_path / "s"), "--auth")
     assert not (tmp_path / "s").exists()  # refused before anything was written
     import socket
 
@@ -131,8 +141,46 @@ def test_rank1_server_refuses_bad_stores_before_starting(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
-        p = cli("server", "--home", str(tmp_path / "s"), "--port", port, timeout=60)
-        assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
+        assert f"cannot listen on 127.0.0.1:{port}" in refused("server", "--home", str(tmp_path / "s"), "--port", port)
     for bad in ("inf", "nan", "-1"):
-        p = cli("study", "run", str(write_study(tmp_path, name="w")), "--node-wait", bad, timeout=60)
-        assert p.returncode == 2 and f"--node-wait: {bad} is not allowed" in p.stderr, p.stderr
+        assert f"--node-wait: {bad} is not allowed" in refused(
+            "study", "run", str(write_study(tmp_path, name="w")), "--node-wait", bad)
+
+
+def test_an_authenticated_server_trusts_a_checked_password_until_the_user_api_changes_it(tmp_path, monkeypatch):
+    """`rank1 server --auth` keeps a verified credential for --auth-cache seconds (MLflow checks a
+    password against its hash on every request otherwise): a password changed or a user deleted
+    through MLflow's API is refused at once all the same, and a wrong password is never trusted."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    admin, admin_pw = "rank1-admin", "pw-" + secrets.token_hex(16)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_pw)
+
+    def call(url: str, user: str, password: str, path: str = "experiments/search?max_results=1",
+             method: str = "GET", body: dict | None = None) -> int:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    home = tmp_path / "server"
+    with tracking_server(home, "--auth") as url:
+        assert "auth_cache_ttl_seconds = 60\n" in (home / "basic_auth.ini").read_text()
+        assert call(url, admin, admin_pw) == 200 and call(url, admin, admin_pw) == 200  # the second from the cache
+        assert call(url, admin, "wrong-" + admin_pw) == 401 and call(url, admin, "wrong-" + admin_pw) == 401
+        old, new = "old-" + secrets.token_hex(8), "new-" + secrets.token_hex(8)
+        assert call(url, admin, admin_pw, "users/create", "POST", {"username": "alice", "password": old}) == 200
+        assert call(url, "alice", old) == 200  # checked once, now trusted
+        assert call(url, admin, admin_pw, "users/update-password", "PATCH", {"username": "alice", "password": new}) == 200
+        assert call(url, "alice", old) == 401 and call(url, "alice", new) == 200  # at once, not after 60 s
+        assert call(url, admin, admin_pw, "users/delete", "DELETE", {"username": "alice"}) == 200
+        assert call(url, "alice", new) == 401
