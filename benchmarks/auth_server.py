@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import statistics
 import subprocess
@@ -118,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repeat {r + 1}/{args.repeats} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()),
                       flush=True)
     medians = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in rows.items()}
-    result = {"command": "python benchmarks/auth_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    from rank1.measure import machine_info
+
+    cpu = machine_info("cpu")
+    result = {"command": " ".join(["python benchmarks/auth_server.py", *(argv if argv is not None else sys.argv[1:])]),
+              "machine": f"{cpu.get('cpu', cpu['processor'])}, {os.cpu_count()} cores",
               "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)), "minutes": (time.time() - started) / 60,
               "medians": medians, "repeats": rows}
     out = Path(args.out)
