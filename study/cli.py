@@ -243,16 +243,16 @@ def cmd_server(args: argparse.Namespace) -> int:
     from study.services import MlflowServer, check_storage
 
     _check_port(args)
-    check_no_secret("--backend-store-uri", args.backend_store_uri, "PGPASSWORD (or ~/.pgpass)")
-    check_no_secret("--auth-db-uri", args.auth_db_uri, "PGPASSWORD (or ~/.pgpass)")
-    for field, uri in (("--backend-store-uri", args.backend_store_uri), ("--auth-db-uri", args.auth_db_uri)):
-        if uri:
-            check_storage(uri, field)
     if args.auth_cache is not None and not args.auth:
         raise CliError("--auth-cache: only with --auth (it is how long the basic-auth app trusts a checked password)")
     if args.auth_cache is not None and not 0 <= args.auth_cache <= 86400:
         raise CliError(f"--auth-cache: {args.auth_cache} is not allowed (allowed: whole seconds 0-86400; "
                        "0 checks the password on every request)")
+    check_no_secret("--backend-store-uri", args.backend_store_uri, "PGPASSWORD (or ~/.pgpass)")
+    check_no_secret("--auth-db-uri", args.auth_db_uri, "PGPASSWORD (or ~/.pgpass)")
+    for field, uri in (("--backend-store-uri", args.backend_store_uri), ("--auth-db-uri", args.auth_db_uri)):
+        if uri:
+            check_storage(uri, field)
     if args.auth and not (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
         raise CliError("--auth: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment "
                        "(the server's admin user; clients use the same variables)")
