@@ -12,7 +12,7 @@ password trusted for 60 s, the default). Against each:
            the champion registered through the server): its search (``fit_s``) and its whole
            driver clock (``total_s``) from its ``outcome.json``.
 
-The three settings alternate within each repeat, so a drifting machine moves them alike.
+The three settings take turns within each repeat, so a drifting machine moves them alike.
 """
 
 from __future__ import annotations
@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict[str, float]]] = {k: [] for k in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="rank1-auth-") as tmp:
         for r in range(args.repeats):
-            for name, flags in SETTINGS.items():
+            for i, (name, flags) in enumerate(SETTINGS.items()):
                 # The no-auth server is reached without credentials, as a site without auth is.
                 env_backup = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")} \
                     if not flags else {}
-                tag = f"{r}-{len(rows[name])}-{name.split(',')[-1].strip().replace(' ', '')}"
+                tag = f"{r}-{i}"
                 proc, url = _server(Path(tmp) / f"server-{tag}", flags)
                 try:
                     row = _requests(url, args.calls)
