@@ -240,7 +240,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     """A tracking server that a cluster can share: any backend store (PostgreSQL), a shared
     artifact store, optional basic auth with the admin from the environment."""
     from study.config import check_no_secret
-    from study.services import MlflowServer, check_storage
+    from study.services import AUTH_CACHE_S, MlflowServer, check_storage
 
     _check_port(args)
     if args.auth_cache is not None and not args.auth:
@@ -261,7 +261,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         server = MlflowServer(home, host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
                               artifacts_destination=args.artifacts_destination, auth=args.auth,
                               auth_db_uri=args.auth_db_uri,
-                              auth_cache_s=60 if args.auth_cache is None else args.auth_cache).start()
+                              auth_cache_s=AUTH_CACHE_S if args.auth_cache is None else args.auth_cache).start()
     except RuntimeError as e:
         raise CliError(str(e)) from None
     auth = " with basic auth (admin: $MLFLOW_TRACKING_USERNAME)" if args.auth else ""
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
 
+    from study.services import AUTH_CACHE_S
+
     sv = sub.add_parser("server", help=cmd_server.__doc__, description=cmd_server.__doc__)
     sv.add_argument("--home", required=True, help="folder for the server's log and its default stores")
     sv.add_argument("--backend-store-uri", help="runs and registry, e.g. postgresql://rank1@DBHOST/mlflow "
@@ -352,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
     sv.add_argument("--auth-db-uri", help="user store of --auth (default: SQLite in --home)")
     sv.add_argument("--auth-cache", type=int, metavar="SECONDS",
-                    help="with --auth: trust a checked password this long (default 60; 0: check every request, "
+                    help=f"with --auth: trust a checked password this long (default {AUTH_CACHE_S}; 0: check every request, "
                          "~0.23 s of the server's CPU each). A change through MLflow's user API applies at once, "
                          "one made in the user store directly after at most this long")
     sv.set_defaults(func=cmd_server)

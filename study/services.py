@@ -34,6 +34,7 @@ from pathlib import Path
 from rank1.config import ConfigError
 
 __all__ = [
+    "AUTH_CACHE_S",
     "DRIVER_ENV",
     "QUIET_ENV",
     "MlflowServer",
@@ -234,6 +235,9 @@ def _usable_store(path: Path) -> bool:
         return False
 
 
+AUTH_CACHE_S = 60  # how long `rank1 server --auth` trusts a checked password unless told (MlflowServer)
+
+
 @dataclass
 class MlflowServer:
     """An MLflow tracking server: by default over SQLite and an artifact folder in ``home``.
@@ -256,7 +260,7 @@ class MlflowServer:
     artifacts_destination: str | None = None
     auth: bool = False
     auth_db_uri: str | None = None
-    auth_cache_s: int = 60
+    auth_cache_s: int = AUTH_CACHE_S
     proc: subprocess.Popen | None = None
     _signalled: bool = field(default=False, init=False, repr=False)  # stop(wait=False) sent SIGTERM
     _make_template: bool = field(default=False, init=False, repr=False)  # keep its new store as the template
