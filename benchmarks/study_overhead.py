@@ -16,6 +16,11 @@ loop's time per trial. The trials' own clocks (``final/overhead.*_s`` in MLflow)
 a trial's time goes inside it; what is left of the slope is outside it (Tune's bookkeeping,
 handing the worker to the next trial, the trial's last MLflow calls and report).
 
+The same clocks also give what the service adds to a trial without comparing two runs: for two
+trials in a row on one worker, start to start, less the first one's training and finish and the
+second one's build (:func:`_own_clock`). The plain loop's phases are timed the same way, so the
+trial's own work in the service and in the plain loop stand side by side.
+
 One repeat's slope moves between runs by more than the effects it measures (0.22-2.56 s per
 trial over 13 runs on the same machine), so the four studies are measured ``--repeats`` times,
 each repeat between two plain loops, and the headline numbers are the medians, every repeat's
@@ -43,27 +48,40 @@ PHASES = ("setup", "data", "mlflow", "checkpoint", "report", "build", "train", "
 SERVICE = ("setup", "data", "mlflow", "checkpoint", "report")  # what the service adds inside a trial
 
 
-def plain(n: int) -> tuple[float, float]:
-    """``n`` trials in a loop in this process, data loaded once: (wall, CPU) seconds."""
+def plain(n: int) -> tuple[float, float, dict[str, float]]:
+    """``n`` trials in a loop in this process, data loaded once: (wall, CPU) seconds, and the
+    median seconds of a trial's phases as the service's trials clock them (build, train, finish).
+    Each trial is ``train_pair``'s own steps (``PairTrainer``, its epochs, ``finish``), as the
+    service's trial takes them."""
     import torch
 
     from rank1.data import load_dataset
-    from rank1.train import TrainConfig, train_pair
+    from rank1.train import PairTrainer, TrainConfig, train_pair
 
     torch.set_num_threads(1)  # as a trial gets with resources.cpu = 1
     cfg = TrainConfig(**TRAIN)
     data = load_dataset("digits")
     train_pair(cfg, data=data)  # warm: the service's workers are warm after their first trial too
+    spent: dict[str, list[float]] = {"build": [], "train": [], "finish": []}
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
-        train_pair(cfg, data=data)
-    return time.perf_counter() - t0, time.process_time() - c0
+        t = time.perf_counter()
+        pair = PairTrainer(cfg, data=data)
+        spent["build"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        while not pair.done():
+            pair.train_epoch([])
+        spent["train"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pair.finish([])
+        spent["finish"].append(time.perf_counter() - t)
+    return time.perf_counter() - t0, time.process_time() - c0, {k: statistics.median(v) for k, v in spent.items()}
 
 
 def plain_parallel(n: int) -> float:
     """``n`` trials split over two processes running at once; wall seconds of the slower."""
     with ProcessPoolExecutor(2) as ex:
-        return max(wall for wall, _ in ex.map(plain, [n // 2, n - n // 2]))
+        return max(wall for wall, _, _ in ex.map(plain, [n // 2, n - n // 2]))
 
 
 def service(n: int, concurrent: int, tmp: Path) -> dict[str, object]:
@@ -85,7 +103,7 @@ def service(n: int, concurrent: int, tmp: Path) -> dict[str, object]:
     timings = json.loads((home / "outcome.json").read_text())["timings"]
     runs = _trial_runs(home)
     return {"n": n, "concurrent": concurrent, "wall_s": wall, **timings, "phases": _phases(runs),
-            "cadence_s": _cadence(runs, concurrent), "cpu_s": cpu}
+            "cadence_s": _cadence(runs, concurrent), "own_clock": _own_clock(runs), "cpu_s": cpu}
 
 
 KINDS = ("trials", "mlflow_server", "driver", "ray")  # where the study's CPU time goes
@@ -163,6 +181,42 @@ def _cadence(runs: list, concurrent: int) -> float:
     return (starts[-1] - starts[concurrent]) / (len(starts) - 1 - concurrent)
 
 
+def _own_clock(runs: list) -> dict[str, float]:
+    """What the service adds to each trial, read off the trials' own clocks: for two trials one
+    after the other on the same worker (process), the time from the first's start to the second's
+    (each trial's MLflow run is created as it starts and ended as its last numbers are in) less
+    the trial work a plain loop does too: the first's training and finish, the second's build.
+    Split at the first run's end: ``in_run_s`` (the epochs' MLflow calls, checkpoints and Tune
+    reports, the final numbers and files) and ``between_s`` (the last report and checkpoint,
+    Tune's hand-over of the worker, the next trial's set-up and data). Medians over the pairs.
+    Unlike the slope and the steady state it compares no two clocks of separate runs (a plain
+    loop's, another study's), so the machine's drift between them does not enter it; what it
+    leaves out is whether the trial work itself runs slower beside the service's processes (the
+    trial's phases against the plain loop's say that)."""
+    from study.names import FINAL, TAG_PID
+
+    def spent(run, phase: str) -> float:
+        return run.data.metrics.get(f"{FINAL}overhead.{phase}_s", 0.0)
+
+    workers: dict[str, list] = {}
+    for r in runs:
+        workers.setdefault(r.data.tags.get(TAG_PID, ""), []).append(r)
+    total, in_run, between = [], [], []
+    for rs in workers.values():
+        rs.sort(key=lambda r: r.info.start_time)
+        for a, b in zip(rs, rs[1:]):
+            if a.info.end_time is None:
+                continue
+            start_a, end_a, start_b = (t / 1000 for t in (a.info.start_time, a.info.end_time, b.info.start_time))
+            in_run.append(end_a - start_a - spent(a, "train") - spent(a, "finish"))
+            between.append(start_b - end_a - spent(b, "build"))
+            total.append(in_run[-1] + between[-1])
+    if not total:
+        return {"per_trial_s": float("nan"), "in_run_s": float("nan"), "between_s": float("nan"), "pairs": 0}
+    return {"per_trial_s": statistics.median(total), "in_run_s": statistics.median(in_run),
+            "between_s": statistics.median(between), "pairs": len(total)}
+
+
 def _one(runs: dict, small: int, large: int, t_before: float, t_after: float) -> dict[str, object]:
     """One repeat's numbers: the four studies and the plain loops that bracket them."""
     per_plain = (t_before + t_after) / 2 / large
@@ -207,9 +261,10 @@ def main() -> None:
             print(f"repeat {r + 1}/{args.repeats} done ({(time.perf_counter() - t_start) / 60:.1f} min)", flush=True)
     reps = [_one(runs, small, large, plains[r][0], plains[r + 1][0]) for r, runs in enumerate(all_runs)]
     med = lambda k: statistics.median(x[k] for x in reps)  # noqa: E731
-    t_before, cpu_before = plains[0]
-    t_after, cpu_after = plains[-1]
-    t_plain = statistics.mean(t for t, _ in plains)
+    t_before = plains[0][0]
+    t_after = plains[-1][0]
+    t_plain = statistics.mean(t for t, _, _ in plains)
+    plain_ph = _median_dict([p for _, _, p in plains])
     per_plain = med("per_trial_plain_s")
     slope = {c: statistics.median(x["per_trial_service_s"][c] for x in reps) for c in (1, 2)}
     ph = _median_dict([runs[1, large]["phases"] for runs in all_runs])
@@ -219,7 +274,10 @@ def main() -> None:
     # processes take from the trials when they share the cores.
     cpu = {c: _median_dict([{k: (runs[c, large]["cpu_s"][k] - runs[c, small]["cpu_s"][k]) / (large - small)
                              for k in KINDS} for runs in all_runs]) for c in (1, 2)}
-    cpu_plain = statistics.mean(c for _, c in plains) / large
+    cpu_plain = statistics.mean(c for _, c, _ in plains) / large
+    # What the service adds to each trial by the trials' own clocks (the large studies'), 1 and 2 at a time
+    own = {c: _median_dict([{k: v for k, v in runs[c, large]["own_clock"].items() if k != "pairs"}
+                            for runs in all_runs]) for c in (1, 2)}
     res = {
         "trials": [small, large], "repeats": args.repeats, "train": TRAIN, "plain_s": t_plain,
         "plain_before_s": t_before, "plain_after_s": t_after, "plain_2proc_s": t_plain2,
@@ -231,6 +289,8 @@ def main() -> None:
         "overhead_inside_trial_s": {p: ph[p] for p in SERVICE},
         "overhead_outside_trial_s": outside,
         "trial_work_s": {"build": ph["build"], "train": ph["train"], "finish": ph["finish"]},
+        "plain_work_s": plain_ph,
+        "overhead_own_clock_s": {f"c{c}": v for c, v in own.items()},
         "parallel_speedup": med("parallel_speedup"),
         "per_trial_steady_s": {c: statistics.median(x["cadence_s"][c] for x in reps) for c in (1, 2)},
         "overhead_steady_s": med("overhead_steady_s"), "parallel_speedup_steady": med("parallel_speedup_steady"),
@@ -255,9 +315,11 @@ def main() -> None:
     each_steady = ", ".join(f"{x['overhead_steady_s']:.2f}" for x in reps)
     each_steady_speedup = ", ".join(f"{x['parallel_speedup_steady']:.2f}x" for x in reps)
     steady = res["per_trial_steady_s"]
+    each_own = ", ".join(f"{runs[1, large]['own_clock']['per_trial_s']:.2f}" for runs in all_runs)
     repeats_md = "" if len(reps) == 1 else (
         f"Medians of {len(reps)} repeats (each: the four studies, bracketed by the plain loop). Every repeat's "
-        f"overhead per trial: {each_overhead} s by the slope, {each_steady} s in the steady state; its 2-at-a-time "
+        f"overhead per trial: {each_overhead} s by the slope, {each_steady} s in the steady state, "
+        f"{each_own} s by the trials' own clocks; its 2-at-a-time "
         f"speedup: {each_speedup} by the slope, {each_steady_speedup} in the steady state.\n\n")
     md = (
         f"Identical trials (digits, vgg depth 4 width 16, 3 epochs, rank1 + flat1d); {res['machine'].get('cpu', '')}, "
@@ -265,15 +327,24 @@ def main() -> None:
         + repeats_md
         + f"| per trial | seconds |\n|---|---|\n"
         f"| plain loop over `train_pair`, one process (the loops around the service's studies: "
-        f"{', '.join(f'{t / large:.2f}' for t, _ in plains)}; a repeat's baseline is the mean of the two "
+        f"{', '.join(f'{t / large:.2f}' for t, _, _ in plains)}; a repeat's baseline is the mean of the two "
         f"around it) | {per_plain:.2f} |\n"
         f"| service, 1 trial at a time (slope {small} → {large} trials) | {slope[1]:.2f} |\n"
         f"| **overhead per trial** (service − plain) | **{res['overhead_per_trial_s']:.2f}** |\n"
         f"| … inside the trial: setup {f['setup']:.3f}, data {f['data']:.3f}, MLflow {f['mlflow']:.3f}, "
         f"checkpoints {f['checkpoint']:.3f}, Tune reports {f['report']:.3f} | {inside:.2f} |\n"
         f"| … outside it (Tune's bookkeeping, next trial's hand-over, last MLflow calls) | {outside:.2f} |\n"
-        f"| … the trial's own work here (medians) vs plain: build {ph['build']:.2f} + train {ph['train']:.2f} + finish "
-        f"{ph['finish']:.2f} | {ph['build'] + ph['train'] + ph['finish']:.2f} vs {per_plain:.2f} |\n"
+        f"| … the trial's own work here (medians): build {ph['build']:.2f} + train {ph['train']:.2f} + finish "
+        f"{ph['finish']:.2f}; in the plain loop: {plain_ph['build']:.2f} + {plain_ph['train']:.2f} + "
+        f"{plain_ph['finish']:.2f} | {ph['build'] + ph['train'] + ph['finish']:.2f} vs "
+        f"{sum(plain_ph.values()):.2f} |\n"
+        f"| **overhead per trial, by the trials' own clocks** (two trials in a row on one worker: start to "
+        f"start, less the first's train and finish and the second's build), 1 / 2 trials at a time | "
+        f"**{own[1]['per_trial_s']:.2f} / {own[2]['per_trial_s']:.2f}** |\n"
+        f"| … in the first's MLflow run: the epochs' MLflow calls, checkpoints and Tune reports, the final "
+        f"numbers and files | {own[1]['in_run_s']:.2f} / {own[2]['in_run_s']:.2f} |\n"
+        f"| … between the two runs: the last report, Tune's hand-over of the worker, the next trial's set-up "
+        f"and data | {own[1]['between_s']:.2f} / {own[2]['between_s']:.2f} |\n"
         f"| service, 2 trials at a time (slope) | {slope[2]:.2f} |\n"
         f"| **parallel speedup**, 2 vs 1 trial at a time | **{res['parallel_speedup']:.2f}x** |\n"
         f"| plain loop in 2 processes vs 1 (what this machine gives) | {res['plain_2proc_speedup']:.2f}x |\n"
