@@ -184,7 +184,8 @@ def _cadence(runs: list, concurrent: int) -> float:
 def _own_clock(runs: list) -> dict[str, float]:
     """What the service adds to each trial, read off the trials' own clocks: for two trials one
     after the other on the same worker (process), the time from the first's start to the second's
-    (each trial's MLflow run is created as it starts and ended as its last numbers are in) less
+    (each trial's MLflow run is created once its set-up, data and models are ready, and ended as its
+    last numbers are in) less
     the trial work a plain loop does too: the first's training and finish, the second's build.
     Split at the first run's end: ``in_run_s`` (the epochs' MLflow calls, checkpoints and Tune
     reports, the final numbers and files) and ``between_s`` (the last report and checkpoint,
