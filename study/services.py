@@ -43,6 +43,7 @@ __all__ = [
     "check_tracking_uri",
     "driver_env",
     "free_port",
+    "local_ray_env",
     "ray_temp_dir",
     "scoped_env",
     "start_ray",
@@ -429,9 +430,33 @@ def ray_temp_dir(home: Path) -> Path:
     return Path("/tmp") / f"rank1-ray-{hashlib.sha1(str(home).encode()).hexdigest()[:10]}"
 
 
+# Ray (2.60) turns its token authentication on for every new local instance and says so, with how
+# to opt out, on the first line a study prints ("Token authentication is enabled for this Ray
+# cluster. Set RAY_AUTH_MODE=disabled to opt out ..."). Asked for by name, the instance is the same
+# (token authentication; a token in ~/.ray/auth_token, made where there is none) and nothing is
+# printed. Ray reads the mode once, when it is imported (set after that, the local instance's GCS
+# never came up): so only where Ray is not imported yet; a user's RAY_AUTH_MODE wins, and a
+# connection to a cluster (an address, RAY_ADDRESS) is left as the cluster wants it.
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "token"}
+
+
+def local_ray_env(address: str | None, environ=os.environ, modules=sys.modules) -> dict[str, str]:
+    """What :func:`start_ray` adds to the environment for a local instance (:data:`LOCAL_RAY_ENV`),
+    or nothing: a cluster, or Ray already imported in this process."""
+    if address or environ.get("RAY_ADDRESS") or "ray" in modules:
+        return {}
+    return dict(LOCAL_RAY_ENV)
+
+
 @contextlib.contextmanager
 def start_ray(home: Path, address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
     """A local Ray instance (temp dir under the study home) or a connection to ``address``."""
+    with scoped_env(local_ray_env(address)), _start_ray(home, address, num_cpus):
+        yield
+
+
+@contextlib.contextmanager
+def _start_ray(home: Path, address: str | None, num_cpus: int | None) -> Iterator[None]:
     import ray
 
     runtime_env = {"env_vars": {k: v for k, v in QUIET_ENV.items()}}

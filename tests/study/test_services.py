@@ -1,18 +1,29 @@
 """The embedded MLflow server's start and stop: its port is chosen where other processes do not
 take ports unasked, a server launched early that loses its port anyway is replaced, and the
 launched server's exit is left to overlap Ray's shutdown; a new home's store starts as a copy of
-an empty, migrated one."""
+an empty, migrated one. And the local Ray instance: Ray's token authentication, asked for by name."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import types
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from study.runs import tracking
-from study.services import MlflowServer, _ephemeral_range, _usable_store, empty_store_template, free_port
+from study.services import (
+    MlflowServer,
+    _ephemeral_range,
+    _usable_store,
+    empty_store_template,
+    free_port,
+    local_ray_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -89,3 +100,30 @@ def test_a_new_home_starts_from_a_copy_of_the_first_new_store(tmp_path, monkeypa
     assert not (tmp_path / "d" / "mlflow.db").exists()
     before = (tmp_path / "b" / "mlflow.db").read_bytes()
     assert MlflowServer(tmp_path / "b")._prepare_store() is False and (tmp_path / "b" / "mlflow.db").read_bytes() == before
+
+
+def test_a_local_ray_instance_keeps_rays_token_auth_without_saying_how_to_opt_out(tmp_path):
+    """Ray turns token authentication on for a new local instance and prints how to opt out on the
+    first line of every study; the study asks for it by name instead: a fresh process, a fresh HOME
+    (as a new user's), the instance authenticates by token (its workers inherit the mode; the token
+    is made in ~/.ray), nothing is printed about it, and the environment is as it was after."""
+    assert local_ray_env(None, {}, {}) == {"RAY_AUTH_MODE": "token"}
+    # A cluster, or Ray imported already in this process (it read the mode then): nothing added.
+    assert local_ray_env("10.0.0.1:6379", {}, {}) == {} == local_ray_env(None, {"RAY_ADDRESS": "auto"}, {})
+    assert local_ray_env(None, {}, {"ray": sys}) == {}
+    code = (
+        "import os, sys\nfrom pathlib import Path\nfrom study.services import start_ray\n"
+        "with start_ray(Path(sys.argv[1]), num_cpus=1):\n"
+        "    import ray\n    from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+        "    print(get_authentication_mode() == AuthenticationMode.TOKEN)\n"
+        "    print(ray.get(ray.remote(lambda: os.environ.get('RAY_AUTH_MODE')).remote()))\n"
+        "print(os.environ.get('RAY_AUTH_MODE'))\n")
+    user = tmp_path / "user"
+    user.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "h")], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[2], env={**env, "HOME": str(user)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["True", "token", "None"], p.stdout + p.stderr[-3000:]
+    assert "Token authentication" not in p.stdout + p.stderr
+    assert (user / ".ray" / "auth_token").is_file()
