@@ -14,7 +14,8 @@ worker; wrap-up) are paid once per study, so the cost *per trial* is the slope b
 small and the large study: (fit(large) - fit(small)) / (large - small), less the plain
 loop's time per trial. The trials' own clocks (``final/overhead.*_s`` in MLflow) say where
 a trial's time goes inside it; what is left of the slope is outside it (Tune's bookkeeping,
-handing the worker to the next trial, the trial's last MLflow calls and report).
+handing the worker to the next trial, the trial's last report; its end in MLflow, which the
+driver writes beside the next trial).
 
 The same clocks also give what the service adds to a trial without comparing two runs: for two
 trials in a row on one worker, start to start, less the first one's training and finish and the
@@ -184,12 +185,12 @@ def _cadence(runs: list, concurrent: int) -> float:
 def _own_clock(runs: list) -> dict[str, float]:
     """What the service adds to each trial, read off the trials' own clocks: for two trials one
     after the other on the same worker (process), the time from the first's start to the second's
-    (each trial's MLflow run is created once its set-up, data and models are ready, and ended as its
-    last numbers are in) less
-    the trial work a plain loop does too: the first's training and finish, the second's build.
-    Split at the first run's end: ``in_run_s`` (the epochs' MLflow calls, checkpoints and Tune
-    reports, the final numbers and files) and ``between_s`` (the last report and checkpoint,
-    Tune's hand-over of the worker, the next trial's set-up and data). Medians over the pairs.
+    (each trial's MLflow run starts once its set-up, data and models are ready, and ends when the
+    trial has measured its end: the run's end time is the trial's, the driver writes the end after
+    it) less the trial work a plain loop does too: the first's training and finish, the second's
+    build. Split at the first run's end: ``in_run_s`` (the epochs' MLflow calls, checkpoints and
+    Tune reports) and ``between_s`` (the final checkpoint and report, Tune's hand-over of the worker,
+    the next trial's set-up and data). Medians over the pairs.
     Unlike the slope and the steady state it compares no two clocks of separate runs (a plain
     loop's, another study's), so the machine's drift between them does not enter it; what it
     leaves out is whether the trial work itself runs slower beside the service's processes (the
@@ -334,7 +335,8 @@ def main() -> None:
         f"| **overhead per trial** (service − plain) | **{res['overhead_per_trial_s']:.2f}** |\n"
         f"| … inside the trial: setup {f['setup']:.3f}, data {f['data']:.3f}, MLflow {f['mlflow']:.3f}, "
         f"checkpoints {f['checkpoint']:.3f}, Tune reports {f['report']:.3f} | {inside:.2f} |\n"
-        f"| … outside it (Tune's bookkeeping, next trial's hand-over, last MLflow calls) | {outside:.2f} |\n"
+        f"| … outside it (Tune's bookkeeping, next trial's hand-over, the driver writing the end to MLflow) "
+        f"| {outside:.2f} |\n"
         f"| … the trial's own work here (medians): build {ph['build']:.2f} + train {ph['train']:.2f} + finish "
         f"{ph['finish']:.2f}; in the plain loop: {plain_ph['build']:.2f} + {plain_ph['train']:.2f} + "
         f"{plain_ph['finish']:.2f} | {ph['build'] + ph['train'] + ph['finish']:.2f} vs "
@@ -342,10 +344,11 @@ def main() -> None:
         f"| **overhead per trial, by the trials' own clocks** (two trials in a row on one worker: start to "
         f"start, less the first's train and finish and the second's build), 1 / 2 trials at a time | "
         f"**{own[1]['per_trial_s']:.2f} / {own[2]['per_trial_s']:.2f}** |\n"
-        f"| … in the first's MLflow run: the epochs' MLflow calls, checkpoints and Tune reports, the final "
-        f"numbers and files | {own[1]['in_run_s']:.2f} / {own[2]['in_run_s']:.2f} |\n"
-        f"| … between the two runs: the last report, Tune's hand-over of the worker, the next trial's set-up "
-        f"and data | {own[1]['between_s']:.2f} / {own[2]['between_s']:.2f} |\n"
+        f"| … in the first's MLflow run: the epochs' MLflow calls, checkpoints and Tune reports "
+        f"| {own[1]['in_run_s']:.2f} / {own[2]['in_run_s']:.2f} |\n"
+        f"| … between the two runs: the final checkpoint and report (the driver writes the end to MLflow after "
+        f"it), Tune's hand-over of the worker, the next trial's set-up and data "
+        f"| {own[1]['between_s']:.2f} / {own[2]['between_s']:.2f} |\n"
         f"| service, 2 trials at a time (slope) | {slope[2]:.2f} |\n"
         f"| **parallel speedup**, 2 vs 1 trial at a time | **{res['parallel_speedup']:.2f}x** |\n"
         f"| plain loop in 2 processes vs 1 (what this machine gives) | {res['plain_2proc_speedup']:.2f}x |\n"

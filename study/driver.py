@@ -22,6 +22,7 @@ from rank1.measure import machine_info
 from study.checks import check_cluster_resources, preflight
 from study.config import StudyConfig, load_study
 from study.console import print_summary
+from study.ends import writing_ends
 from study.home import OUTCOME_FILE, STATE_FILE, STUDY_FILE, home_locations, load_home, write_home
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
@@ -107,7 +108,7 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
     """The study inside its services: the search, the confirmation, the champion, the report."""
     from mlflow import MlflowClient
 
-    with tracking(cfg, keep_ui, early) as uri:
+    with tracking(cfg, keep_ui, early) as uri, writing_ends(uri):
         client = MlflowClient(uri)
         exp_id, parent_id = parent_run(client, cfg, study_text)
         ctx = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_id, "study": cfg.name,

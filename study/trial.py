@@ -7,7 +7,9 @@ a checkpoint holding both arms of every seed, their optimiser states, the MLflow
 and the epochs not yet known to be logged. A restarted trial — a killed worker, a
 resumed driver — continues from that checkpoint and finds its MLflow run again (by the
 note it left in Tune's trial storage, else by the ``rank1.trial_id`` tag), so every
-trial has exactly one run and no epoch is logged twice or lost.
+trial has exactly one run and no epoch is logged twice or lost. The trial's end (final
+numbers, files, status) goes to Tune in its final checkpoint; the driver writes it to the run
+(:mod:`study.ends`) while this worker starts its next trial.
 
 Kept apart from the Tuner setup (study/driver.py): this file is the objective.
 """
@@ -30,24 +32,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 
 from rank1.data import from_shared, with_subsets
 from rank1.train import PairTrainer, TrainConfig, data_for
+from study.ends import END_FILE, log_metrics
 from study.names import (
-    DEPLOY_PLAN,
     TAG_ARM,
     TAG_CONFIRM_OF,
     TAG_NODE,
     TAG_PID,
-    TAG_REASON,
     TAG_RESUMED,
     TAG_ROLE,
     TAG_SEED,
     TAG_STATUS,
     TAG_STUDY,
     TAG_TRIAL,
-    TRIAL_RESULT,
     epoch_metric,
     final_metric,
     run_name,
@@ -58,7 +58,6 @@ __all__ = ["CHECKPOINT_FILE", "KEEP_CHECKPOINTS", "SUPERSEDED_FILE", "aggregate_
 
 CHECKPOINT_FILE = "state.pt"
 SUPERSEDED_FILE = "superseded.json"  # left in a checkpoint folder whose state a newer one replaced
-_MAX_BATCH = 900  # MLflow takes at most 1000 metrics per log_batch
 _MAX_PARAMS = 100  # and at most 100 params
 _FINAL_RENAME = {"val_acc": "shipped_val_acc", "val_loss": "shipped_val_loss"}
 
@@ -128,9 +127,9 @@ def trial_value(results: list[dict[str, Any]], arms: tuple[str, ...] = ("rank1",
 class _RunLogger:
     """The trial's one MLflow run, found by tag or created under the study's parent run.
 
-    Creating (or finding) the run and ending it wait for the server; the params and each epoch
-    go through one background thread in order, so that the server's replies overlap the
-    training instead of holding it up. At most one call is in flight, and each waits for the
+    Finding the run of a restarted trial waits for the server; creating a new one, its params and
+    each epoch go through one background thread in order, so that the server's replies overlap
+    the training instead of holding it up (the run's end is the driver's: :mod:`study.ends`). At most one call is in flight, and each waits for the
     one before (whose error, if any, surfaces there). An epoch's metrics stay in the trial's
     checkpoint until they are known to be in MLflow (``unlogged``), so a trial restarted from
     that checkpoint sends what its predecessor may not have (``resend``)."""
@@ -164,24 +163,35 @@ class _RunLogger:
             run_id = found[0].info.run_id if found else None
             self.artifact_uri = found[0].info.artifact_uri if found else None
         if run_id is None:
-            memo.creating()
-            run = self.client.create_run(
-                ctx["experiment_id"], run_name=name or trial_id,
-                tags={"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, TAG_ROLE: role,
-                      TAG_STUDY: ctx["study"], **live, **(tags or {})},
-            )
-            self.run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
-            memo.created(self.run_id)
-            self._send(self._log_params, batch, [])
+            # Created on the logging thread while the first epoch trains (the server may still be
+            # writing the end of the trial this worker ran before); ``run_id`` waits for it.
+            self._run_id: str | None = None
             self.last_logged = 0
+            tags = {"mlflow.parentRunId": ctx["parent_run_id"], TAG_TRIAL: trial_id, TAG_ROLE: role,
+                    TAG_STUDY: ctx["study"], **live, **(tags or {})}
+            self._send(self._create, memo, name or trial_id, tags, batch)
             return
-        self.run_id = run_id
+        self._run_id = run_id
         if memo.run_id() != run_id:  # found by its checkpoint or its tag: write it down
             memo.created(run_id)
         self.client.set_terminated(run_id, "RUNNING")
         self._send(self._log_params, batch, [RunTag(k, v) for k, v in live.items()])
         history = self.client.get_metric_history(run_id, "objective")
         self.last_logged = max((m.step for m in history), default=0)
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, once it is created (on the main thread only: the logging thread reads ``_run_id``)."""
+        if self._run_id is None:
+            self.wait()
+        return self._run_id
+
+    def _create(self, memo: _RunMemo, name: str, tags: dict[str, str], params: list[Param]) -> None:
+        memo.creating()
+        run = self.client.create_run(self.ctx["experiment_id"], run_name=name, tags=tags)
+        self._run_id, self.artifact_uri = run.info.run_id, run.info.artifact_uri
+        memo.created(self._run_id)
+        self._log_params(params, [])
 
     def _send(self, fn, *args) -> None:
         """``fn(*args)`` on the logging thread, after the call before it has finished."""
@@ -197,7 +207,7 @@ class _RunLogger:
 
     def _log_params(self, params: list[Param], tags: list[RunTag]) -> None:
         for i in range(0, max(len(params), 1), _MAX_PARAMS):  # MLflow takes 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + _MAX_PARAMS], tags=tags if i == 0 else [])
+            self.client.log_batch(self._run_id, params=params[i:i + _MAX_PARAMS], tags=tags if i == 0 else [])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch <= self.last_logged:  # already there from before a restart
@@ -211,47 +221,13 @@ class _RunLogger:
         for epoch in sorted(unlogged):
             self.log_epoch(epoch, unlogged[epoch])
 
-    def log(self, metrics: dict[str, float], step: int = 0, tags: list[RunTag] | None = None,
-            time_ms: int | None = None) -> None:
-        now = int(time.time() * 1000) if time_ms is None else time_ms
-        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
-        for i in range(0, max(len(items), 1), _MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _MAX_BATCH], tags=(tags or []) if i == 0 else [])
+    def log(self, metrics: dict[str, float], step: int = 0) -> None:
+        log_metrics(self.client, self._run_id, metrics, step)
 
-    def _log_files(self, folder: str) -> None:
-        """The folder's files into the run's artifacts: straight to its artifact location when
-        known (the client would look the run up first: one request more per trial)."""
-        if self.artifact_uri is None:
-            self.client.log_artifacts(self.run_id, folder)
-            return
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        get_artifact_repository(self.artifact_uri, tracking_uri=self.ctx["tracking_uri"]).log_artifacts(folder)
-
-    def finish(self, status: str, reason: str | None, results: list[dict[str, Any]], metrics: dict[str, float],
-               step: int, time_ms: int | None = None) -> None:
-        """The end of the run: its final numbers and tags, and its files, side by side (the
-        server's database write and its file write overlap), then its status. Idempotent given
-        ``time_ms``: MLflow keeps one row per (key, value, step, time) of a metric, so an end sent
-        again by a restarted attempt adds nothing to the history."""
+    def close(self) -> None:
+        """Until every epoch sent is in MLflow; the logging thread goes. The run's end is the
+        driver's to write (:mod:`study.ends`), from the trial's final checkpoint."""
         self.wait()
-        tags = {TAG_STATUS: status}
-        if reason:
-            tags[TAG_REASON] = reason[:5000]
-        # Which kernel each layer got in the deployed form, per arm and batch size (first seed).
-        plans = {arm: {k: v for k, v in r.get("inference", {}).items() if k.startswith("deploy_")}
-                 for arm, r in results[0]["arms"].items()} if results else {}
-        tags.update({f"rank1.{arm}.{k}": v for arm, plan in plans.items() for k, v in plan.items() if isinstance(v, str)})
-        # The pool is left (waiting for the upload) before the folder is removed.
-        with tempfile.TemporaryDirectory() as d, ThreadPoolExecutor(1, thread_name_prefix="rank1-files") as pool:
-            (Path(d) / TRIAL_RESULT).write_text(json.dumps(results, indent=1, default=str))
-            if any(plans.values()):
-                (Path(d) / DEPLOY_PLAN).write_text(json.dumps(plans, indent=1))
-            files = pool.submit(self._log_files, d)
-            self.log(metrics, step=step, tags=[RunTag(k, v) for k, v in sorted(tags.items())], time_ms=time_ms)
-            files.result()
-        self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
         self._pool.shutdown()
 
 
@@ -384,6 +360,8 @@ def _staged_checkpoint(state: dict[str, Any]) -> Iterator[Any]:
 
     with tempfile.TemporaryDirectory(prefix="rank1-ckpt-") as d:
         torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+        if "end" in state:  # a final checkpoint: its end also on its own, for the driver (study.ends)
+            Path(d, END_FILE).write_text(state["end"])
         yield tune.Checkpoint.from_directory(d)
 
 
@@ -559,9 +537,11 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     shipped = study.shipped_arm_of(configs[0]) if confirm is None else None
     models = {shipped: [p.trainers[shipped].model.state_dict() for p in pairs]} if status == "finished" and shipped else {}
     final.update(clock.metrics())  # what follows is not in it: the benchmark counts it as outside the trial
+    logger.close()  # every epoch in MLflow: the final checkpoint holds none as unlogged
     extra = {f"objective.{a}": v for a, v in values.items() if a != arms[0] and math.isfinite(v)}
     ended = {
         "status": status, "reason": reason, "results": results, "step": epoch, "time_ms": int(time.time() * 1000),
+        "artifact_uri": logger.artifact_uri,
         "metrics": {final_metric(k): v for k, v in {**final, "epochs_trained_here": float(epoch - started_at)}.items()},
         "report": {**{k: v for k, v in final.items() if math.isfinite(v)}, **extra,
                    "objective": value if math.isfinite(value) else 0.0,
@@ -614,10 +594,10 @@ def end_report(state: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _report_end(logger: _RunLogger, ended: dict[str, Any], checkpoint) -> None:
-    """The trial's end to MLflow (final numbers, files, status) and to Tune (its last report)."""
+    """The trial's end to Tune: its last report, the end in its checkpoint. The driver writes it to
+    the trial's MLflow run (:mod:`study.ends`) while this worker goes on to its next trial."""
     from ray import tune
 
-    logger.finish(ended["status"], ended["reason"], ended["results"], ended["metrics"], step=ended["step"],
-                  time_ms=ended["time_ms"])
+    logger.close()
     tune.report(tune_view(ended["report"]), checkpoint=checkpoint)
     _empty_old_checkpoints()

@@ -20,6 +20,7 @@ from typing import Any
 from rank1.data import DataBundle
 from study.config import StudyConfig
 from study.console import progress_callback
+from study.ends import complete_ends, drain, end_callback
 from study.names import FINAL, TAG_ARM, TAG_REASON, TAG_ROLE, TAG_SEED, TAG_STATUS, TAG_TRIAL
 from study.runs import trial_runs
 
@@ -74,12 +75,12 @@ def _run_config(cfg: StudyConfig, name: str):
 
 
 def _callbacks(experiment_path: str) -> list:
-    """The live progress table, the keeper of the last complete experiment state, and of Tune's
-    own loggers only the JSON one (``result.json``): what Tune reads back for its results at the end
-    of a fit. The CSV and TensorBoard copies of every result stay off (:data:`study.services.DRIVER_ENV`)."""
+    """The live progress table, the keeper of the last complete experiment state, of Tune's own
+    loggers only the JSON one (``result.json``: what Tune reads back for its results at the end of a
+    fit), and the hand-over of each ended trial to the driver's writer of MLflow ends (study.ends). The CSV and TensorBoard copies of every result stay off (:data:`study.services.DRIVER_ENV`)."""
     from ray.tune.logger import JsonLoggerCallback
 
-    return [progress_callback(), _state_keeper(experiment_path), JsonLoggerCallback()]
+    return [progress_callback(), _state_keeper(experiment_path), JsonLoggerCallback(), end_callback()]
 
 
 def _session_files(experiment_path: Path) -> list[Path]:
@@ -310,8 +311,10 @@ def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: di
     print(f"confirmation: the best configuration of {', '.join(best)} retrained with seeds "
           f"{cfg.confirm_seed_list}, scored on test ({len(cells)} runs)", flush=True)
     results = tuner.fit()
-    runs = {r.data.tags.get(TAG_TRIAL): r for r in client.search_runs(
-        [exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'confirm'", max_results=5000)}
+    drain()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'confirm'", max_results=5000)
+    complete_ends(client, results, {r.data.tags.get(TAG_TRIAL): [r] for r in found})
+    runs = {r.data.tags.get(TAG_TRIAL): r for r in found}
     for res in results:
         tid = (res.metrics or {}).get("trial_id")
         run = runs.get(tid)
@@ -332,13 +335,16 @@ def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: di
 
 
 def reconcile(cfg: StudyConfig, client, exp_id: str, results) -> tuple[dict[str, Any], int]:
-    """After the search's ``fit``: each trial run's status as Tune saw it (an errored trial is
-    ``failed``; one stopped before its final report, by ASHA, is ``pruned``), and Optuna
+    """After the search's ``fit``: each trial run's end and status as Tune saw it (the end of one
+    that ended, where MLflow lacks it; an errored trial is ``failed``; one stopped before its final
+    report, by ASHA, is ``pruned``), and Optuna
     trials asked for Ray trials that never ran marked FAIL. Returns ``({trial id: Tune result},
     orphans)``."""
     import optuna
 
+    drain()
     runs = trial_runs(client, exp_id)
+    complete_ends(client, results, runs)  # ends Tune has and MLflow lacks (a driver killed before writing them)
     by_trial: dict[str, Any] = {}
     for res in results:
         last = res.metrics or {}

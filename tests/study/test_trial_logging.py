@@ -6,6 +6,8 @@ epoch and MLflow having it."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from mlflow import MlflowClient
 from pyarrow import fs as pafs
 
 from rank1.train import TrainConfig
+from study.ends import read_end, write_end
 from study.names import TAG_TRIAL
 from study.trial import _RunLogger, _RunMemo
 
@@ -41,15 +44,27 @@ def _logger(ctx, trial="trial-1", run_id=None) -> _RunLogger:
     return _RunLogger(ctx, trial, run_id, {"depth": 2}, TrainConfig(epochs=3), name="d2")
 
 
-def test_epochs_are_sent_in_order_in_the_background_and_all_there_after_finish(ctx):
+def _ended(log: _RunLogger, metrics: dict, step: int, status: str = "finished", results: list | None = None,
+           time_ms: int | None = None) -> dict:
+    """A trial's end record as run_trial builds it (the part study.ends reads)."""
+    return {"status": status, "reason": None, "results": results or [], "step": step, "metrics": metrics,
+            "time_ms": time_ms or int(time.time() * 1000), "artifact_uri": log.artifact_uri,
+            "report": {"run_id": log.run_id, "final": True, "epoch": step}}
+
+
+def test_epochs_are_sent_in_order_in_the_background_and_all_there_after_close(ctx):
     log = _logger(ctx)
     for epoch in (1, 2, 3):
         log.log_epoch(epoch, {"objective": 0.1 * epoch, "rank1.val_acc": 0.1 * epoch})
         assert list(log.unlogged) == [epoch]  # the checkpoint of this epoch carries it until it is in
-    log.finish("finished", None, [], {"final/x": 1.0}, step=3)
+    log.close()
     client = MlflowClient(ctx["tracking_uri"])
+    assert _steps(client, log.run_id) == [1, 2, 3] and client.get_run(log.run_id).info.status == "RUNNING"
+    ended = _ended(log, {"final/x": 1.0}, step=3, time_ms=1_700_000_000_000)
+    write_end(client, ended)  # the driver's part (study.ends)
     run = client.get_run(log.run_id)
-    assert _steps(client, log.run_id) == [1, 2, 3] and run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.end_time == ended["time_ms"]
+    assert run.data.tags["rank1.status"] == "finished" and run.data.metrics["final/x"] == 1.0
     assert [m.value for m in sorted(client.get_metric_history(log.run_id, "objective"), key=lambda m: m.step)] \
         == pytest.approx([0.1, 0.2, 0.3])
     assert run.data.params["search.depth"] == "2" and run.data.params["epochs"] == "3"
@@ -91,11 +106,21 @@ def test_without_a_run_id_a_restarted_trial_finds_its_run_by_its_tag(ctx):
 def test_an_error_of_a_background_call_surfaces_in_the_trial(ctx):
     log = _logger(ctx)
     log.wait()
-    log.run_id = "0" * 32  # a run MLflow does not have
+    log._run_id = "0" * 32  # a run MLflow does not have
     log.log_epoch(1, {"objective": 0.1})
     with pytest.raises(Exception, match="0000"):
         log.wait()
     assert list(log.unlogged) == [1]  # not known to be logged: a checkpoint keeps it
+
+
+def test_a_new_run_is_created_in_the_background_and_its_failure_surfaces_at_the_first_epoch(ctx):
+    """The first epoch trains while the run is created; its id, asked for, waits for it."""
+    log = _logger(ctx, trial="made-behind")
+    run = MlflowClient(ctx["tracking_uri"]).get_run(log.run_id)
+    assert run.data.tags[TAG_TRIAL] == "made-behind" and run.data.params["search.depth"] == "2"
+    bad = _logger({**ctx, "experiment_id": "987654"}, trial="no-experiment")  # returns: nothing asked yet
+    with pytest.raises(Exception, match="987654"):
+        bad.log_epoch(1, {"objective": 0.1})
 
 
 def _memo(ctx, tmp_path, fresh: bool, trial: str = "trial-1") -> _RunMemo:
@@ -214,11 +239,12 @@ def test_old_checkpoints_are_emptied_not_deleted_and_a_restore_takes_the_newest_
     assert restore_state(None) == (None, None)  # a trial's first attempt: no folder yet
 
 
-def test_an_end_kept_by_the_final_checkpoint_and_sent_again_is_in_mlflow_once(ctx):
-    """A trial restored from its final checkpoint (its driver was killed before it recorded the
-    end) reports the end that checkpoint keeps instead of evaluating and timing it again: the
-    run's final numbers are the first attempt's, each once in its history, and the run ends as
-    it had."""
+def test_an_end_kept_by_the_final_checkpoint_and_written_again_is_in_mlflow_once(ctx):
+    """The final checkpoint keeps the trial's end (in its state, and on its own for the driver);
+    the driver writes it to MLflow, and writes it again where it cannot know it did (a driver
+    killed after writing, a trial restored from that checkpoint that marked its run running
+    again): the run's final numbers are the first attempt's, each once in its history, and the run
+    ends as it had, at the time the trial ended."""
     import json
 
     import numpy as np
@@ -228,29 +254,66 @@ def test_an_end_kept_by_the_final_checkpoint_and_sent_again_is_in_mlflow_once(ct
     client = MlflowClient(ctx["tracking_uri"])
     first = _logger(ctx)
     first.log_epoch(1, {"objective": 0.5})
+    first.close()
     results = [{"arms": {"rank1": {"inference": {"deploy_b1": "cpp x4", "threads": 2}}}}]
-    ended = {"status": "finished", "reason": None, "results": results, "step": 1, "time_ms": 1_700_000_000_000,
-             "metrics": {"final/latency_ms": np.float64(1.5), "final/objective": 0.5, "final/nan": float("nan")},
-             "report": {"objective": 0.5, "final": True, "epoch": 1}}
+    ended = {**_ended(first, {"final/latency_ms": np.float64(1.5), "final/objective": 0.5, "final/nan": float("nan")},
+                      step=1, results=results, time_ms=1_700_000_000_000),
+             "report": {"objective": 0.5, "final": True, "epoch": 1, "run_id": first.run_id}}
     record = _end_record(ended)
     with _staged_checkpoint({"epoch": 1, "end": record}) as checkpoint:
         state = load_checkpoint(checkpoint.path)  # as a restore loads it
+        kept = read_end(checkpoint)  # as the driver reads it: the end alone
     assert not Path(checkpoint.path).exists()  # staged for Tune's copy only
-    kept = json.loads(state["end"])
+    assert kept == json.loads(state["end"])
     assert kept["metrics"]["final/latency_ms"] == 1.5 and kept["report"] == ended["report"]
     assert kept["results"] == results and kept["time_ms"] == ended["time_ms"]
-    first.finish(kept["status"], kept["reason"], kept["results"], kept["metrics"], step=1, time_ms=kept["time_ms"])
-    again = _logger(ctx, run_id=first.run_id)  # the restarted attempt marks the run running again
-    again.wait()
+    with _staged_checkpoint({"epoch": 1}) as checkpoint:
+        assert read_end(checkpoint) is None  # an epoch's checkpoint holds no end
+    write_end(client, kept)
+    again = _logger(ctx, run_id=first.run_id)  # a restarted attempt marks the run running again
+    again.close()
     assert client.get_run(first.run_id).data.tags["rank1.status"] == "running"
-    with _staged_checkpoint(state) as checkpoint:  # and saves the state again
-        kept = json.loads(load_checkpoint(checkpoint.path)["end"])
-    again.finish(kept["status"], kept["reason"], kept["results"], kept["metrics"], step=1, time_ms=kept["time_ms"])
+    write_end(client, kept)
     for key, value in (("final/latency_ms", 1.5), ("final/objective", 0.5)):
         assert [(m.value, m.step) for m in client.get_metric_history(first.run_id, key)] == [(value, 1)]
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["rank1.status"] == "finished"
+    assert run.info.end_time == kept["time_ms"]
     assert run.data.tags["rank1.rank1.deploy_b1"] == "cpp x4" and "final/nan" not in run.data.metrics
-    # Without the kept time, a second send is a second entry: what the record prevents.
-    again.finish("finished", None, results, {"final/objective": 0.5}, step=1)
+    assert json.loads(Path(client.download_artifacts(first.run_id, "trial_result.json")).read_text()) == results
+    # Without the kept time, a second write is a second entry: what the record prevents.
+    write_end(client, {**kept, "time_ms": kept["time_ms"] + 1})
     assert len(client.get_metric_history(first.run_id, "final/objective")) == 2
+
+
+def test_after_a_fit_the_ends_mlflow_lacks_are_written_from_the_final_checkpoints(ctx, tmp_path):
+    """What a driver killed between a trial's completion and its end's write leaves: the run still
+    running, the end in Tune's result's checkpoint. Written for that trial only: not for one whose
+    end is in, one that errored, or one stopped before its final report (reconcile's to mark)."""
+    from ray.tune import Checkpoint, Result
+
+    from study.ends import END_FILE, complete_ends
+    from study.runs import trial_runs
+
+    client = MlflowClient(ctx["tracking_uri"])
+    results = []
+    for trial, final, error, ended_in in (("t-lost", True, None, False), ("t-written", True, None, True),
+                                          ("t-errored", True, RuntimeError("boom"), False),
+                                          ("t-pruned", False, None, False)):
+        log = _logger(ctx, trial=trial)
+        log.close()
+        end = _ended(log, {"final/objective": 0.7}, step=2, time_ms=1_700_000_000_000)
+        folder = tmp_path / trial
+        folder.mkdir()
+        if final:
+            (folder / END_FILE).write_text(json.dumps(end))
+        if ended_in:
+            write_end(client, end)
+        results.append(Result(metrics={"trial_id": trial, "final": final, "epoch": 2},
+                              checkpoint=Checkpoint.from_directory(str(folder)), error=error, path=str(folder)))
+    assert complete_ends(client, results, trial_runs(client, ctx["experiment_id"])) == 1
+    runs = {t: rs[0] for t, rs in trial_runs(client, ctx["experiment_id"]).items()}
+    assert runs["t-lost"].info.status == "FINISHED" and runs["t-lost"].data.metrics["final/objective"] == 0.7
+    assert len(client.get_metric_history(runs["t-written"].info.run_id, "final/objective")) == 1
+    assert {t: runs[t].info.status for t in ("t-errored", "t-pruned")} == {"t-errored": "RUNNING", "t-pruned": "RUNNING"}
+    assert complete_ends(client, results, trial_runs(client, ctx["experiment_id"])) == 0  # nothing left
