@@ -194,4 +194,7 @@ def complete_ends(client, results, runs: dict[str, list]) -> int:
                 if ended is not None:
                     write_end(client, ended)
                     written += 1
+    if written:
+        print(f"MLflow lacked the end of {written} trial(s) (their driver stopped before writing it): "
+              "written from their final checkpoints", flush=True)
     return written

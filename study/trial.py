@@ -129,8 +129,9 @@ class _RunLogger:
 
     Finding the run of a restarted trial waits for the server; creating a new one, its params and
     each epoch go through one background thread in order, so that the server's replies overlap
-    the training instead of holding it up (the run's end is the driver's: :mod:`study.ends`). At most one call is in flight, and each waits for the
-    one before (whose error, if any, surfaces there). An epoch's metrics stay in the trial's
+    the training instead of holding it up (the run's end is the driver's: :mod:`study.ends`). At
+    most one call is in flight, and each waits for the one before (whose error, if any, surfaces
+    there). An epoch's metrics stay in the trial's
     checkpoint until they are known to be in MLflow (``unlogged``), so a trial restarted from
     that checkpoint sends what its predecessor may not have (``resend``)."""
 
