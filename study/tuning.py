@@ -77,7 +77,8 @@ def _run_config(cfg: StudyConfig, name: str):
 def _callbacks(experiment_path: str) -> list:
     """The live progress table, the keeper of the last complete experiment state, of Tune's own
     loggers only the JSON one (``result.json``: what Tune reads back for its results at the end of a
-    fit), and the hand-over of each ended trial to the driver's writer of MLflow ends (study.ends). The CSV and TensorBoard copies of every result stay off (:data:`study.services.DRIVER_ENV`)."""
+    fit), and the hand-over of each ended trial to the driver's writer of MLflow ends (study.ends).
+    The CSV and TensorBoard copies of every result stay off (:data:`study.services.DRIVER_ENV`)."""
     from ray.tune.logger import JsonLoggerCallback
 
     return [progress_callback(), _state_keeper(experiment_path), JsonLoggerCallback(), end_callback()]
@@ -337,9 +338,8 @@ def confirm_phase(cfg: StudyConfig, client, exp_id: str, parent_id: str, ctx: di
 def reconcile(cfg: StudyConfig, client, exp_id: str, results) -> tuple[dict[str, Any], int]:
     """After the search's ``fit``: each trial run's end and status as Tune saw it (the end of one
     that ended, where MLflow lacks it; an errored trial is ``failed``; one stopped before its final
-    report, by ASHA, is ``pruned``), and Optuna
-    trials asked for Ray trials that never ran marked FAIL. Returns ``({trial id: Tune result},
-    orphans)``."""
+    report, by ASHA, is ``pruned``), and Optuna trials asked for Ray trials that never ran marked
+    FAIL. Returns ``({trial id: Tune result}, orphans)``."""
     import optuna
 
     drain()
