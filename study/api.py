@@ -44,21 +44,25 @@ def _quiet(fn):
 
 @_quiet
 def run(study: str | Path, home: str | Path | None = None, address: str | None = None,
-        overrides: dict[str, Any] | None = None, keep_ui: bool = False, node_wait_s: float = 600.0):
+        overrides: dict[str, Any] | None = None, keep_ui: bool = False, node_wait_s: float = 600.0,
+        report: bool = True):
     """Run the study file ``study`` (``home``, ``overrides`` of its locations); returns its
-    :class:`study.driver.StudyOutcome` (trials, best, champion, timings)."""
+    :class:`study.driver.StudyOutcome` (trials, best, champion, timings). ``report=False``: no
+    study report at the end (:func:`report` builds it later)."""
     from study.driver import run_study
 
     over = {**(overrides or {}), **({"home": str(home)} if home else {})} or None
-    return run_study(study, address=address, keep_ui=keep_ui, overrides=over, node_wait_s=node_wait_s)
+    return run_study(study, address=address, keep_ui=keep_ui, overrides=over, node_wait_s=node_wait_s,
+                     report=report)
 
 
 @_quiet
-def resume(home: str | Path, address: str | None = None, keep_ui: bool = False, node_wait_s: float = 600.0):
+def resume(home: str | Path, address: str | None = None, keep_ui: bool = False, node_wait_s: float = 600.0,
+           report: bool = True):
     """Continue a stopped or killed study from its home (its stores as it started with them)."""
     from study.driver import resume_study
 
-    return resume_study(home, address=address, keep_ui=keep_ui, node_wait_s=node_wait_s)
+    return resume_study(home, address=address, keep_ui=keep_ui, node_wait_s=node_wait_s, report=report)
 
 
 def load(home: str | Path):

@@ -57,7 +57,8 @@ def cmd_study_run(args: argparse.Namespace) -> int:
     _check_node_wait(args)
     overrides = {k: getattr(args, k) for k in ("home", "tracking_uri", "storage", "storage_path")
                  if getattr(args, k)} or None
-    api.run(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides, node_wait_s=args.node_wait)
+    api.run(args.study, address=args.address, keep_ui=args.keep_ui, overrides=overrides, node_wait_s=args.node_wait,
+            report=not args.no_report)
     return 0
 
 
@@ -66,7 +67,8 @@ def cmd_study_resume(args: argparse.Namespace) -> int:
     from study import api
 
     _check_node_wait(args)
-    api.resume(args.home, address=args.address, keep_ui=args.keep_ui, node_wait_s=args.node_wait)
+    api.resume(args.home, address=args.address, keep_ui=args.keep_ui, node_wait_s=args.node_wait,
+               report=not args.no_report)
     return 0
 
 
@@ -108,7 +110,7 @@ def cmd_study_submit(args: argparse.Namespace) -> int:
     if not Path(args.study).is_file():
         raise CliError(f"STUDY: {args.study!r} does not exist")
     _check_node_wait(args)
-    job_id = jobs.submit(args.study, args.address, args.node_wait)
+    job_id = jobs.submit(args.study, args.address, args.node_wait, report=not args.no_report)
     print(f"submitted job {job_id}", flush=True)
     if not args.wait:
         print(f"follow it with: rank1 study logs {job_id} --address {args.address}")
@@ -287,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="override the file's tracking_uri (the same study on another site)")
     run.add_argument("--storage", help="override the file's storage (Optuna RDB URL; password from PGPASSWORD)")
     run.add_argument("--storage-path", help="override the file's storage_path (Tune trial storage)")
+    run.add_argument("--no-report", action="store_true",
+                     help="skip the study report at the end (`rank1 study report HOME` builds it later)")
     run.set_defaults(func=cmd_study_run)
     resume = ssub.add_parser("resume", help=cmd_study_resume.__doc__, description=cmd_study_resume.__doc__)
     resume.add_argument("home", metavar="STUDY_HOME")
@@ -294,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--node-wait", type=float, default=600.0, metavar="SECONDS",
                     help="with --address: how long to wait for a node that fits a trial (default 600)")
     resume.add_argument("--keep-ui", action="store_true")
+    resume.add_argument("--no-report", action="store_true",
+                        help="skip the study report at the end (`rank1 study report HOME` builds it later)")
     resume.set_defaults(func=cmd_study_resume)
     status = ssub.add_parser("status", help=cmd_study_status.__doc__, description=cmd_study_status.__doc__)
     status.add_argument("home", metavar="STUDY_HOME")
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="stream the logs; exit with the job's status")
     submit.add_argument("--node-wait", type=float, default=600.0, metavar="SECONDS",
                         help="how long the study waits for a node that fits a trial (default 600)")
+    submit.add_argument("--no-report", action="store_true",
+                        help="skip the study report at the end (`rank1 study report HOME` builds it later)")
     submit.set_defaults(func=cmd_study_submit)
     for name, fn in (("jobs", cmd_study_jobs), ("logs", cmd_study_logs), ("stop", cmd_study_stop)):
         sp = ssub.add_parser(name, help=fn.__doc__, description=fn.__doc__)

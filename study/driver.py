@@ -64,8 +64,9 @@ class StudyOutcome:
 
 def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool = False,
               overrides: dict[str, Any] | None = None, resume: bool = False,
-              node_wait_s: float = 600.0, env_fallback: bool = True) -> StudyOutcome:
-    """Run (or with ``resume``, continue) the study described by ``study_file``."""
+              node_wait_s: float = 600.0, env_fallback: bool = True, report: bool = True) -> StudyOutcome:
+    """Run (or with ``resume``, continue) the study described by ``study_file``; ``report``:
+    build the study report at the end (seconds of figures; `rank1 study report` builds it later)."""
     study_text = Path(study_file).read_text()
     cfg = load_study(study_file, overrides, env_fallback)
     preflight(cfg, address)
@@ -96,7 +97,8 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
             if address:
                 check_cluster_resources(cfg, node_wait_s)
             write_home(cfg, study_text)
-            outcome = _run(cfg, home, study_text, address, keep_ui, resume, early, t0, started, prefetch)
+            outcome = _run(cfg, home, study_text, address, keep_ui, resume, early, t0, started, prefetch,
+                           report)
     finally:
         if early is not None:
             early.stop()  # signalled at the study's end, it exited while Ray shut down: waited for here
@@ -104,7 +106,8 @@ def run_study(study_file: str | Path, address: str | None = None, keep_ui: bool 
 
 
 def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, keep_ui: bool, resume: bool,
-         early: MlflowServer | None, t0: float, started: str, prefetch: Prefetch | None = None) -> StudyOutcome:
+         early: MlflowServer | None, t0: float, started: str, prefetch: Prefetch | None = None,
+         report: bool = True) -> StudyOutcome:
     """The study inside its services: the search, the confirmation, the champion, the report."""
     from mlflow import MlflowClient
 
@@ -127,7 +130,10 @@ def _run(cfg: StudyConfig, home: Path, study_text: str, address: str | None, kee
         outcome = finish_study(cfg, client, uri, exp_id, parent_id, results)
         if cfg.confirm_seeds:
             outcome.confirm = confirm_phase(cfg, client, exp_id, parent_id, ctx)
-        _report(cfg, uri)
+        if report:
+            _report(cfg, uri)
+        else:
+            print(f"report: not built (asked not to); build it with `rank1 study report {home}`")
         outcome.timings = {"startup_s": t_fit - t0, "fit_s": t_end - t_fit,
                            "finish_s": time.perf_counter() - t_end, "total_s": time.perf_counter() - t0}
         outcome.machine = {**machine_info("cpu"), "cluster": bool(address)}
@@ -152,11 +158,11 @@ def _report(cfg: StudyConfig, uri: str) -> None:
 
 
 def resume_study(home: str | Path, address: str | None = None, keep_ui: bool = False,
-                 node_wait_s: float = 600.0) -> StudyOutcome:
+                 node_wait_s: float = 600.0, report: bool = True) -> StudyOutcome:
     """Continue a stopped or killed study from its home."""
     home, overrides, env_fallback = home_locations(home)
     return run_study(home / STUDY_FILE, address, keep_ui, overrides=overrides, resume=True,
-                     node_wait_s=node_wait_s, env_fallback=env_fallback)
+                     node_wait_s=node_wait_s, env_fallback=env_fallback, report=report)
 
 
 def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str, results) -> StudyOutcome:

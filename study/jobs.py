@@ -46,8 +46,9 @@ def client(address: str):
                           f"{str(e).splitlines()[0][:300]})") from None
 
 
-def submit(study_file: str | Path, address: str, node_wait_s: float = 600.0) -> str:
-    """Validate the study here, then submit it; returns the job id."""
+def submit(study_file: str | Path, address: str, node_wait_s: float = 600.0, report: bool = True) -> str:
+    """Validate the study here, then submit it; returns the job id. ``report=False``: the job
+    builds no study report at the end (`rank1 study report` builds it later)."""
     from study.config import load_study
 
     path = Path(study_file).resolve()
@@ -59,7 +60,8 @@ def submit(study_file: str | Path, address: str, node_wait_s: float = 600.0) -> 
     while True:
         try:
             return c.submit_job(
-                entrypoint=f"rank1 study run {path.name} --address auto --node-wait {node_wait_s:g}",
+                entrypoint=f"rank1 study run {path.name} --address auto --node-wait {node_wait_s:g}"
+                           + ("" if report else " --no-report"),
                 runtime_env={"working_dir": str(path.parent), "excludes": ["runs/", ".venv/", "*.db"]},
                 metadata={"rank1.study": cfg.name},
                 entrypoint_num_cpus=0,

@@ -53,7 +53,7 @@ def smoke_study(tmp_path_factory):
     scratch.mkdir()
     # and its kernel-plan cache, so that who planned what can be read back
     p = cli("study", "run", str(path), env={MARK: mark, "TMPDIR": str(scratch),
-                                            "RANK1_IMPL_CACHE": str(tmp / "impl_cache.json")})
+                                            "RANK1_IMPL_CACHE": str(tmp / "impl_cache.json")}, report=True)
     (tmp / "process-mark").write_text(mark)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return tmp, path, p

@@ -27,11 +27,20 @@ def write_study(tmp_path: Path, name: str = "smoke", base: str = "smoke.yaml", *
     return path
 
 
-def cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``rank1 ARGS`` in a fresh process, as a user runs it."""
+def no_report(args) -> list[str]:
+    """``study run``/``resume``/``submit`` ARGS with ``--no-report``: the study report's figures are
+    seconds of CPU at every study's end, read only by the tests of the report (on the session's
+    smoke study, ``tests/conftest.py``), so the other studies skip it."""
+    args = list(args)
+    return [*args, "--no-report"] if args[:2] in (["study", "run"], ["study", "resume"], ["study", "submit"]) else args
+
+
+def cli(*args: str, timeout: float = 600, env: dict | None = None, report: bool = False) -> subprocess.CompletedProcess:
+    """``rank1 ARGS`` in a fresh process, as a user runs it; a study run, resumed or submitted
+    builds its report only with ``report`` (:func:`no_report`)."""
     return subprocess.run(
-        [sys.executable, "-m", "study.cli", *args], capture_output=True, text=True, timeout=timeout,
-        cwd=REPO, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "study.cli", *(args if report else no_report(args))], capture_output=True, text=True,
+        timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
     )
 
 

@@ -21,7 +21,7 @@ def test_run_then_results_equal_mlflow_and_optuna(tmp_path, capfd):
                        search={"depth": {"low": 1, "high": 2}, "init": ["kaiming", "dirac"]})
     before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
                                              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
-    outcome = study.run(path)  # in this process, as a notebook would
+    outcome = study.run(path, report=False)  # in this process, as a notebook would
     # not left at the study's stopped server, nor with the study's Tune settings
     assert {k: os.environ.get(k) for k in before} == before
     home = tmp_path / "home"
@@ -29,6 +29,9 @@ def test_run_then_results_equal_mlflow_and_optuna(tmp_path, capfd):
     assert not [*home.rglob("progress.csv"), *home.rglob("events.out.tfevents.*")] and [*home.rglob("result.json")]
     assert outcome.trials.get("finished") == 3 and outcome.model_uri == "models:/api-decomposed@champion"
     assert study.load(home).name == "api" and study.status(home)["states"] == {"finished": 3}
+    # no report asked for: none built, and the study says how to build it later
+    assert not (home / "report").exists()
+    assert f"report: not built (asked not to); build it with `rank1 study report {home}`" in capfd.readouterr().out
 
     capfd.readouterr()
     df = study.results(home)

@@ -21,6 +21,7 @@ from tests.study.conftest import (
     cli,
     marked,
     mlflow_client,
+    no_report,
     optuna_trials,
     settle,
     trial_runs,
@@ -42,7 +43,8 @@ def _start(path: Path, log: Path, *flags: str, env: dict[str, str] | None = None
            new_session: bool = False) -> subprocess.Popen:
     """``rank1 study COMMAND PATH FLAGS`` in the background; ``new_session``: as the foreground
     process group of a terminal of its own (for a Ctrl-C to the whole group)."""
-    return subprocess.Popen([sys.executable, "-m", "study.cli", "study", command, str(path), *flags], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "study.cli", *no_report(["study", command, str(path), *flags])],
+                            cwd=REPO,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                             start_new_session=new_session)
 
@@ -260,7 +262,7 @@ def test_a_killed_worker_then_ctrl_c_then_a_killed_driver_lose_nothing_and_leave
     # 2. Ctrl-C.
     assert marked(mark)  # the study's processes, running
     os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=300)  # it wraps up what it has (champion, report) first
+    proc.wait(timeout=300)  # it wraps up what it has (the champion) first
     assert settle(mark) == [], log.read_text()[-3000:]
     assert json.loads((home / "outcome.json").read_text())["trials"].get("finished", 0) < 4  # stopped short
 

@@ -53,8 +53,11 @@ def test_submit_wait_jobs_logs(tmp_path, head):
     job_id = p.stdout.split("submitted job ", 1)[1].split()[0]
     assert f"job {job_id}: SUCCEEDED" in p.stdout and "study jobsmoke: 4 finished" in p.stdout
     assert (tmp_path / "home" / "outcome.json").exists()
+    # the job ran the study as submitted: no report asked for, none built
+    assert "report: not built (asked not to)" in p.stdout and not (tmp_path / "home" / "report").exists()
     jobs = cli("study", "jobs", "--address", url, env=env)
     assert jobs.returncode == 0 and job_id in jobs.stdout and "SUCCEEDED" in jobs.stdout
+    assert "--no-report" in jobs.stdout
     logs = cli("study", "logs", job_id, "--address", url, env=env)
     assert logs.returncode == 0 and "models:/jobsmoke-decomposed@champion" in logs.stdout
 
