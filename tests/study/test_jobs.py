@@ -81,20 +81,25 @@ def test_stop_a_running_job(tmp_path, head):
     assert str(client(url).get_job_status(job_id).value) == "STOPPED"
 
 
-def test_a_wrong_address_fails_fast(tmp_path):
+def test_a_wrong_address_fails_fast(tmp_path, capsys):
+    """In a real process; the other bad inputs of the jobs commands in-process (below)."""
+    from study.cli import main
+
     path = write_study(tmp_path, name="nowhere")
     t0 = time.monotonic()
     p = cli("study", "submit", str(path), "--address", f"http://127.0.0.1:{_port()}", timeout=120)
     assert p.returncode == 2 and "cannot reach the Ray Jobs API" in p.stderr
     assert time.monotonic() - t0 < 60
-    bad = cli("study", "jobs", "--address", "127.0.0.1:8265", timeout=60)
-    assert bad.returncode == 2 and "the head's dashboard URL" in bad.stderr
+    assert main(["study", "jobs", "--address", "127.0.0.1:8265"]) == 2
+    assert "the head's dashboard URL" in capsys.readouterr().err
 
 
-def test_a_bad_study_is_refused_before_submission(tmp_path):
+def test_a_bad_study_is_refused_before_submission(tmp_path, capsys):
+    from study.cli import main
+
     path = write_study(tmp_path, name="badjob")
     data = yaml.safe_load(path.read_text())
     data["n_trials"] = 0
     path.write_text(yaml.safe_dump(data))
-    p = cli("study", "submit", str(path), "--address", "http://127.0.0.1:9", timeout=60)
-    assert p.returncode == 2 and "n_trials: 0 must be >= 1" in p.stderr
+    assert main(["study", "submit", str(path), "--address", "http://127.0.0.1:9"]) == 2
+    assert "n_trials: 0 must be >= 1" in capsys.readouterr().err

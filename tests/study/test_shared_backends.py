@@ -31,13 +31,21 @@ def test_unreachable_or_refusing_storage_fails_before_any_work(tmp_path, postgre
     assert time.monotonic() - t0 < 60 and not (tmp_path / "home").exists()
 
 
-def test_a_password_in_a_url_is_refused(tmp_path):
-    for field, url in (("storage", "postgresql://rank1:hunter2@db/optuna"),
-                       ("storage", "postgresql+psycopg://rank1@db/optuna?sslmode=require&password=hunter2"),
-                       ("tracking_uri", "http://admin:hunter2@mlflow:5000")):
-        p = cli("study", "run", str(write_study(tmp_path, name="leaky", **{field: url})), timeout=120)
-        assert p.returncode == 2 and f"{field}: the URL carries a password" in p.stderr, p.stderr
-        assert "hunter2" not in p.stderr
+def test_a_password_in_a_url_is_refused(tmp_path, capsys):
+    """The first case in a real process, the others in-process, as `rank1 study run` checks a file."""
+    from study.cli import main
+
+    for i, (field, url) in enumerate((("storage", "postgresql://rank1:hunter2@db/optuna"),
+                                      ("storage", "postgresql+psycopg://rank1@db/optuna?sslmode=require&password=hunter2"),
+                                      ("tracking_uri", "http://admin:hunter2@mlflow:5000"))):
+        path = str(write_study(tmp_path, name="leaky", **{field: url}))
+        if i == 0:
+            p = cli("study", "run", path, timeout=120)
+            code, err = p.returncode, p.stderr
+        else:
+            code, err = main(["study", "run", path]), capsys.readouterr().err
+        assert code == 2 and f"{field}: the URL carries a password" in err, err
+        assert "hunter2" not in err
 
 
 def _files_containing(root: Path, secret: bytes) -> list[str]:
@@ -54,7 +62,7 @@ def _files_containing(root: Path, secret: bytes) -> list[str]:
 
 @pytest.mark.slow(seconds=140)
 def test_an_authenticated_server_on_postgresql_keeps_exactly_once_through_a_driver_kill_and_no_secret(
-        tmp_path, postgres, monkeypatch):
+        tmp_path, postgres, monkeypatch, capsys):
     """One study against what a cluster shares: an MLflow server with basic auth whose backend
     store is PostgreSQL, and Optuna's storage in PostgreSQL. Wrong or missing credentials are
     refused before anything starts; with the right ones the study's driver is SIGKILLed
@@ -75,9 +83,16 @@ def test_an_authenticated_server_on_postgresql_keeps_exactly_once_through_a_driv
         assert "refused the credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (HTTP 401)" in p.stderr
         assert password not in p.stdout + p.stderr  # not even the wrong one's tail
         assert not (tmp_path / "wrong").exists()
-        # No credentials at all: the same, with a hint.
-        p = cli("study", "run", str(path), env={"MLFLOW_TRACKING_PASSWORD": ""}, timeout=120)
-        assert p.returncode == 2 and "asks for credentials" in p.stderr, p.stderr
+        # No credentials at all: the same, with a hint (in-process, as `rank1 study run` checks).
+        from study.cli import main
+
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "")
+        capsys.readouterr()
+        assert main(["study", "run", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "asks for credentials" in err, err
+        assert not (tmp_path / "wrong").exists()
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
 
         # The right ones: the server named by MLflow's own variable (as on a cluster node whose
         # environment sets it) for the first driver only, the Optuna storage by a flag.
