@@ -30,7 +30,8 @@ Ray Tune, every trial training the arms side by side and landing in MLflow, the 
 model registered. A study is a YAML file (studies/*.yaml); its home folder keeps everything.
 
   rank1 study run STUDY.yaml       on a local Ray instance with an embedded MLflow server
-                                   (--address: a Ray cluster; --home: another folder)
+                                   (--address: a Ray cluster; --home: another folder;
+                                   --no-report: no report at the end)
   rank1 study resume HOME          continue a stopped or killed study
   rank1 study status HOME          trials done / running / failed, the best so far
   rank1 study report HOME          the study report again (HTML + figures)
