@@ -41,11 +41,10 @@ SAVE_OFTEN = {"TUNE_GLOBAL_CHECKPOINT_S": "0"}
 
 def _start(path: Path, log: Path, *flags: str, env: dict[str, str] | None = None, command: str = "run",
            new_session: bool = False) -> subprocess.Popen:
-    """``rank1 study COMMAND PATH FLAGS`` in the background; ``new_session``: as the foreground
-    process group of a terminal of its own (for a Ctrl-C to the whole group)."""
+    """``rank1 study COMMAND PATH FLAGS --no-report`` in the background; ``new_session``: as the
+    foreground process group of a terminal of its own (for a Ctrl-C to the whole group)."""
     return subprocess.Popen([sys.executable, "-m", "study.cli", *no_report(["study", command, str(path), *flags])],
-                            cwd=REPO,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                             start_new_session=new_session)
 
 
