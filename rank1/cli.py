@@ -42,21 +42,44 @@ def _console(stderr: bool = False):
 # ---------------------------------------------------------------------------------- config
 
 
+class _Choices:
+    """The names in a TrainConfig field's registry (datasets, models, init schemes) for argparse,
+    read only when an option's value is checked or its help printed: the registry's module
+    imports torch, and building the parser does not (``rank1 --help`` answers in a moment).
+    argparse lists choices in a usage line when it adds the option, so these options name a
+    metavar and list the choices in their help (``%(choices)s``, filled in when shown).
+    ``check=False``: argparse lets every value through, for the field's own rule to refuse it in
+    its words."""
+
+    def __init__(self, name: str, check: bool = True) -> None:
+        self.name, self.check = name, check
+
+    def __iter__(self):
+        from rank1.config import field_choices
+        from rank1.train_config import TrainConfig
+
+        return iter(field_choices(TrainConfig, self.name))
+
+    def __contains__(self, value: Any) -> bool:
+        return not self.check or value in tuple(self)
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, typed, with the field's help text."""
     from rank1.config import field_choices, type_hints
-    from rank1.train import TrainConfig
+    from rank1.train_config import TrainConfig, _defaults
 
     hints = type_hints(TrainConfig)
-    defaults = TrainConfig()
+    defaults = _defaults()
     group = parser.add_argument_group("training options (override --config)")
     for f in dataclasses.fields(TrainConfig):
         tp = hints[f.name]
-        choices = field_choices(TrainConfig, f.name)
+        registry = "choices" in f.metadata
+        choices = _Choices(f.name) if registry else field_choices(TrainConfig, f.name)
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         base = str if choices is not None else (args[0] if args else tp)
         flag = "--" + f.name.replace("_", "-")
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "") + (": one of %(choices)s" if registry else "")
         if "default" not in helptext:
             helptext += f" (default: {getattr(defaults, f.name)})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
@@ -64,8 +87,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
         if choices is not None:
-            kw["choices"] = list(choices)
-        group.add_argument(flag, type=base, metavar=f.name.upper() if "choices" not in kw else None, **kw)
+            kw["choices"] = choices
+        group.add_argument(flag, type=base, metavar=None if choices is not None and not registry else f.name.upper(),
+                           **kw)
     parser.add_argument("--config", help="YAML file of training options (read with safe_load)")
     parser.add_argument("--smoke", action="store_true", help="a tiny run (seconds) to try things out")
 
@@ -522,14 +546,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- parser
 
 
-def _train_choices(name: str) -> list[str]:
-    from rank1.config import field_choices
-    from rank1.train import TrainConfig
-
-    return list(field_choices(TrainConfig, name))
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from rank1.config import field_choices
+    from rank1.train_config import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="rank1",
         description="Rank-1 convolution filters: train as 3-D rank-1, run as 1-D convolutions.",
@@ -558,14 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
     bench.add_argument("--smoke", action="store_true", help="a few small shapes, seconds")
-    bench.add_argument("--model", default=None, metavar="{" + ",".join(_train_choices("model")) + "}",
-                       help="bench a whole network of this family instead of layers")
+    bench.add_argument("--model", default=None, choices=_Choices("model", check=False), metavar="MODEL",
+                       help="bench a whole network of this family (one of %(choices)s) instead of layers")
     bench.add_argument("--depth", type=int, default=8, help="with --model: depth")
     bench.add_argument("--width", type=int, default=64, help="with --model: width of the first stage")
     bench.add_argument("--size", type=int, default=32, help="with --model: input image side")
     bench.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=False,
                        help="with --model: batch norm after every conv")
-    bench.add_argument("--device", default="auto", choices=_train_choices("device"))
+    bench.add_argument("--device", default="auto", choices=field_choices(TrainConfig, "device"))
     bench.add_argument("--batch", type=int, default=None, help="one batch size (default: 1 and 32)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats after warm-up (>= 2)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -633,8 +653,7 @@ def _check_bench(args: argparse.Namespace) -> None:
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, run, and turn a bad option or config into one clear line and exit status 2."""
-    from rank1.config import ConfigError
-    from rank1.data import DatasetError
+    from rank1.config import ConfigError, DatasetError
 
     args = parser.parse_args(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "study_command", None)]))

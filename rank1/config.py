@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 __all__ = [
-    "ConfigError", "check_choice", "check_choices", "check_finite", "check_range", "doc_field", "field_choices",
-    "field_docs", "from_dict", "load_yaml", "to_dict", "type_hints",
+    "ConfigError", "DatasetError", "check_choice", "check_choices", "check_finite", "check_range", "doc_field",
+    "field_choices", "field_docs", "from_dict", "load_yaml", "to_dict", "type_hints",
 ]
 
 T = TypeVar("T")
@@ -26,6 +26,10 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is wrong: the message names the field and what is allowed."""
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be found or read: the message says where we looked and what to do."""
 
 
 def doc_field(default: Any, help: str, choices: typing.Callable[[], typing.Iterable[Any]] | None = None) -> Any:

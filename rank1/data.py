@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rank1.config import DatasetError
+
 __all__ = [
     "DATASETS",
     "DataBundle",
@@ -47,10 +49,6 @@ __all__ = [
     "to_shared",
     "with_subsets",
 ]
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be found or read: the message says where we looked and what to do."""
 
 
 @dataclass

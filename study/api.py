@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from rank1.config import ConfigError
-from rank1.measure import machine_info
 
 __all__ = ["export", "load", "pull", "records", "report", "results", "resume", "run", "status", "tracking"]
 
@@ -49,9 +48,12 @@ def run(study: str | Path, home: str | Path | None = None, address: str | None =
     """Run the study file ``study`` (``home``, ``overrides`` of its locations); returns its
     :class:`study.driver.StudyOutcome` (trials, best, champion, timings). ``report=False``: no
     study report at the end (:func:`report` builds it later)."""
-    from study.driver import run_study
+    from study.config import load_study
 
     over = {**(overrides or {}), **({"home": str(home)} if home else {})} or None
+    load_study(study, over)  # a bad file fails here, before the driver imports Ray and MLflow (seconds)
+    from study.driver import run_study
+
     return run_study(study, address=address, keep_ui=keep_ui, overrides=over, node_wait_s=node_wait_s,
                      report=report)
 
@@ -60,6 +62,9 @@ def run(study: str | Path, home: str | Path | None = None, address: str | None =
 def resume(home: str | Path, address: str | None = None, keep_ui: bool = False, node_wait_s: float = 600.0,
            report: bool = True):
     """Continue a stopped or killed study from its home (its stores as it started with them)."""
+    from study.home import load_home
+
+    load_home(home)  # not a home, or a bad file in it: fails before the driver imports Ray and MLflow
     from study.driver import resume_study
 
     return resume_study(home, address=address, keep_ui=keep_ui, node_wait_s=node_wait_s, report=report)
@@ -74,7 +79,7 @@ def load(home: str | Path):
 
 def status(home: str | Path) -> dict[str, Any]:
     """Trials by state and the best so far, from the Optuna storage."""
-    from study.driver import study_status
+    from study.status import study_status
 
     return study_status(home)
 
@@ -227,6 +232,8 @@ def export(home: str | Path, out: str | Path, tracking_uri: str | None = None) -
         except Exception:  # no champion registered
             summary["champion"] = None
     # Where it ran: the driver's record of its machine, else (a study from before it kept one) this one's.
+    from rank1.measure import machine_info
+
     summary["machine"] = summary.get("outcome", {}).get("machine") or {**machine_info("cpu"),
                                                                          "source": "the machine that exported it"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

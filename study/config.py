@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from rank1.config import ConfigError, check_choices, check_range, from_dict, load_yaml, to_dict, type_hints
 from rank1.config import doc_field as _f
-from rank1.train import ARM_CHOICES, ARM_SPECIFIC, TrainConfig
+from rank1.train_config import ARM_CHOICES, ARM_SPECIFIC, TrainConfig
 from study.samplers import SAMPLERS
 
 __all__ = [

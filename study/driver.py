@@ -27,20 +27,19 @@ from study.home import OUTCOME_FILE, STATE_FILE, STUDY_FILE, home_locations, loa
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
 from study.services import MlflowServer, driver_env, start_ray
+from study.status import count_states, pick_best
 from study.trial import end_report, load_checkpoint
 from study.tuning import (
     Prefetch,
     confirm_phase,
-    count_states,
     make_tuner,
-    pick_best,
     reconcile,
     release_orphans,
     repair_experiment_state,
     share_data,
 )
 
-__all__ = ["StudyOutcome", "load_home", "preflight", "resume_study", "run_study", "study_status"]
+__all__ = ["StudyOutcome", "load_home", "preflight", "resume_study", "run_study"]
 
 
 @dataclass
@@ -201,31 +200,3 @@ def finish_study(cfg: StudyConfig, client, uri: str, exp_id: str, parent_id: str
     outcome.model_uri, outcome.model_version, outcome.alias = reg["model_uri"], reg["version"], reg["alias"]
     client.set_tag(parent_id, TAG_CHAMPION, f"{cfg.model_name} v{reg['version']} ({reg['alias']}) from {tid}")
     return outcome
-
-
-def study_status(home: str | Path) -> dict[str, Any]:
-    """Trials by state and the best so far, read from the study's Optuna storage."""
-    import optuna
-
-    cfg = load_home(home)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
-    except KeyError:
-        return {"name": cfg.name, "n_trials": cfg.n_trials, "states": {}, "trials": [], "best": None}
-    states, trials = count_states(study)
-    best = pick_best(cfg, study)
-    ids = {t["number"]: t["trial_id"] for t in trials}
-    return {"name": cfg.name, "n_trials": cfg.n_trials, "states": states, "trials": trials,
-            "value_names": value_names(cfg),
-            "best": None if best is None else {"number": best.number, "trial_id": ids.get(best.number),
-                                               "params": best.params, "values": best.values}}
-
-
-def value_names(cfg: StudyConfig) -> list[str]:
-    """What each of a trial's Optuna values is, in order: ``rank1 val acc``, ``flat1d val acc``
-    (pair), ``latency ms`` (multi); ``val acc`` where each trial scores its own arm."""
-    arms = cfg.objective_arms
-    names = {"objective": f"{arms[0]} val acc" if arms else "val acc", "objective.flat1d": "flat1d val acc",
-             "latency_ms": "latency ms"}
-    return [names[key] for key, _ in cfg.objectives]

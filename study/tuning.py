@@ -25,7 +25,7 @@ from study.names import FINAL, TAG_ARM, TAG_REASON, TAG_ROLE, TAG_SEED, TAG_STAT
 from study.runs import trial_runs
 
 __all__ = [
-    "best_per_arm", "confirm_phase", "count_states", "make_tuner", "pick_best", "reconcile", "release_orphans",
+    "best_per_arm", "confirm_phase", "make_tuner", "reconcile", "release_orphans",
     "repair_experiment_state", "share_data", "Prefetch",
 ]
 
@@ -364,19 +364,6 @@ def reconcile(cfg: StudyConfig, client, exp_id: str, results) -> tuple[dict[str,
     return by_trial, _fail_orphans(study, {t for t in by_trial if t})
 
 
-def count_states(study) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """``({status: count}, [each trial])`` of an Optuna study: a trial's status is the one this
-    service recorded (finished, pruned, diverged, failed, orphaned), else its Optuna state."""
-    counts: dict[str, int] = {}
-    trials = []
-    for t in study.get_trials(deepcopy=False):
-        s = t.user_attrs.get("status") or t.state.name.lower()
-        counts[s] = counts.get(s, 0) + 1
-        trials.append({"number": t.number, "trial_id": t.user_attrs.get("ray_trial_id"), "status": s,
-                       "params": t.params, "values": t.values})
-    return counts, trials
-
-
 def _tune_trial_ids(path: str) -> set[str]:
     """The trials a Tune experiment knows (from its saved state)."""
     from ray.tune import ExperimentAnalysis
@@ -426,20 +413,3 @@ def _fail_orphans(study, known: set[str]) -> int:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             n += 1
     return n
-
-
-def pick_best(cfg: StudyConfig, study):
-    """Single objective: the highest value. Multi: on the Pareto front of (accuracy,
-    latency), the fastest trial whose accuracy is within ``pareto_tolerance`` of the
-    most accurate Pareto trial."""
-    import optuna
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-    if not done:
-        return None
-    if cfg.objective != "multi":  # the first objective's arm (pair: rank1) ships
-        return max(done, key=lambda t: (t.values[0], -t.number))
-    front = study.best_trials
-    top = max(t.values[0] for t in front)
-    near = [t for t in front if t.values[0] >= top - cfg.pareto_tolerance]
-    return min(near, key=lambda t: (t.values[1], -t.values[0], t.number))

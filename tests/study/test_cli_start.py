@@ -1,0 +1,67 @@
+"""What a user waits for at the prompt: ``rank1 --help`` and ``rank1 study status`` in a fresh
+process, as they run them, load none of the frameworks they do not need (torch alone took 3-5 s
+to import on 2 cores; MLflow and Ray 3 s more), and the status says what the storage holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from study.config import load_study
+from study.home import write_home
+from tests.study.conftest import REPO, write_study
+
+HEAVY = ("torch", "mlflow", "ray", "optuna", "pandas")
+
+
+def _rank1(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``rank1 ARGS`` in a fresh interpreter: the process, and which of HEAVY it imported."""
+    code = ("import json, sys\nfrom study.cli import main\n"
+            f"try:\n    code = main({list(args)!r})\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)\n"
+            "sys.exit(code)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return p, set(json.loads(p.stderr.strip().splitlines()[-1]))
+
+
+def test_the_help_imports_no_framework():
+    for args in (["--help"], ["study", "--help"], ["study", "status", "--help"]):
+        p, imported = _rank1(*args)
+        assert p.returncode == 0 and "usage: rank1" in p.stdout, p.stderr[-2000:]
+        assert imported == set(), (args, imported)
+    # The registries' names are read where they are shown (their modules import torch).
+    p, imported = _rank1("train", "--help")
+    assert p.returncode == 0 and "torch" in imported, p.stderr[-2000:]
+    assert "one of cifar10, cifar100, digits," in " ".join(p.stdout.split())
+    assert "init INIT" in p.stdout and "hosvd" in p.stdout
+
+
+def test_status_counts_the_storage_without_ray_or_mlflow(tmp_path):
+    """A home whose Optuna study holds trials with known states and values: the status counts
+    them by the state the service recorded and names the best, reading only the storage."""
+    import optuna
+
+    path = write_study(tmp_path, name="known")
+    cfg = load_study(path)
+    write_home(cfg, path.read_text())
+    study = optuna.create_study(study_name=cfg.name, storage=cfg.storage_url, direction="maximize")
+    for i, (status, value) in enumerate([("finished", 0.7), ("finished", 0.9), ("pruned", None), (None, None)]):
+        trial = study.ask()
+        trial.suggest_int("depth", 1, 2)
+        trial.set_user_attr("ray_trial_id", f"t{i}")
+        if status:
+            trial.set_user_attr("status", status)
+        if status == "finished":
+            study.tell(trial, value)
+        elif status == "pruned":
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    p, imported = _rank1("study", "status", str(cfg.home_path), "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not imported & {"ray", "mlflow", "pandas"}, imported
+    s = json.loads(p.stdout)
+    assert (s["name"], s["n_trials"]) == ("known", cfg.n_trials)
+    assert s["states"] == {"finished": 2, "pruned": 1, "running": 1}
+    assert [t["trial_id"] for t in s["trials"]] == ["t0", "t1", "t2", "t3"]
+    assert (s["best"]["number"], s["best"]["trial_id"], s["best"]["values"]) == (1, "t1", [0.9])
+    assert s["value_names"] == ["rank1 val acc"]
