@@ -79,7 +79,7 @@ def load(home: str | Path):
 
 def status(home: str | Path) -> dict[str, Any]:
     """Trials by state and the best so far, from the Optuna storage."""
-    from study.status import study_status
+    from study.states import study_status
 
     return study_status(home)
 

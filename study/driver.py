@@ -27,7 +27,7 @@ from study.home import OUTCOME_FILE, STATE_FILE, STUDY_FILE, home_locations, loa
 from study.names import TAG_CHAMPION
 from study.runs import parent_run, tracking
 from study.services import MlflowServer, driver_env, start_ray
-from study.status import count_states, pick_best
+from study.states import count_states, pick_best
 from study.trial import end_report, load_checkpoint
 from study.tuning import (
     Prefetch,

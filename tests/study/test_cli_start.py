@@ -65,3 +65,25 @@ def test_status_counts_the_storage_without_ray_or_mlflow(tmp_path):
     assert [t["trial_id"] for t in s["trials"]] == ["t0", "t1", "t2", "t3"]
     assert (s["best"]["number"], s["best"]["trial_id"], s["best"]["values"]) == (1, "t1", [0.9])
     assert s["value_names"] == ["rank1 val acc"]
+
+
+def test_every_name_of_the_packages_is_what_it_says_with_every_module_imported():
+    """``rank1``'s names load on first use, and ``study``'s are its API functions: each resolves,
+    and none is hidden by a submodule of the same name (importing ``study.status`` would replace
+    the function ``study.status`` with the module)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import rank1
+    import study
+
+    for package in (rank1, study):
+        for m in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{m.name}")
+        for name in package.__all__:
+            value = getattr(package, name)
+            assert not isinstance(value, types.ModuleType), f"{package.__name__}.{name} is a module"
+    assert all(callable(getattr(study, name)) for name in study.__all__)
+    assert rank1.Rank1Conv2d is importlib.import_module("rank1.layers").Rank1Conv2d
+    assert set(rank1.__all__) == {*rank1._EXPORTS, "__version__"} and set(dir(rank1)) >= set(rank1.__all__)

@@ -163,7 +163,7 @@ def test_yaml_is_never_executed(tmp_path):
 ])
 def test_each_optuna_value_has_a_name(tmp_path, objective, names):
     """`rank1 study status` heads its value columns with these, one per Optuna objective, in order."""
-    from study.status import value_names
+    from study.states import value_names
 
     cfg = load_study(write_study(tmp_path, objective=objective, train={"arm": "all"}))
     assert value_names(cfg) == names and len(names) == len(cfg.objectives)
