@@ -15,26 +15,32 @@ from tests.study.conftest import REPO, write_study
 HEAVY = ("torch", "mlflow", "ray", "optuna", "pandas")
 
 
-def _rank1(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """``rank1 ARGS`` in a fresh interpreter: the process, and which of HEAVY it imported."""
-    code = ("import json, sys\nfrom study.cli import main\n"
-            f"try:\n    code = main({list(args)!r})\nexcept SystemExit as e:\n    code = e.code\n"
-            f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)), file=sys.stderr)\n"
-            "sys.exit(code)\n")
+def _rank1(*commands: list[str]) -> list[tuple[int, str, set[str]]]:
+    """Each of ``commands`` (``rank1`` ARGS) in turn in one fresh interpreter: for each, its exit
+    status, its output and which of HEAVY had been imported by its end (what one imported, the
+    next starts with)."""
+    code = ("import contextlib, io, json, sys\nfrom study.cli import main\nout = []\n"
+            f"for args in {list(commands)!r}:\n"
+            "    buf = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            "        try:\n            code = main(args)\n        except SystemExit as e:\n            code = e.code\n"
+            f"    out.append([code, buf.getvalue(), sorted(m for m in {HEAVY!r} if m in sys.modules)])\n"
+            "print(json.dumps(out))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    return p, set(json.loads(p.stderr.strip().splitlines()[-1]))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [(code, text, set(imported)) for code, text, imported in json.loads(p.stdout.strip().splitlines()[-1])]
 
 
 def test_the_help_imports_no_framework():
-    for args in (["--help"], ["study", "--help"], ["study", "status", "--help"]):
-        p, imported = _rank1(*args)
-        assert p.returncode == 0 and "usage: rank1" in p.stdout, p.stderr[-2000:]
-        assert imported == set(), (args, imported)
-    # The registries' names are read where they are shown (their modules import torch).
-    p, imported = _rank1("train", "--help")
-    assert p.returncode == 0 and "torch" in imported, p.stderr[-2000:]
-    assert "one of cifar10, cifar100, digits," in " ".join(p.stdout.split())
-    assert "init INIT" in p.stdout and "hosvd" in p.stdout
+    helps = (["--help"], ["study", "--help"], ["study", "status", "--help"])
+    # `train --help` last: the registries' names are read where they are shown (their modules import torch)
+    *light, (code, text, imported) = _rank1(*helps, ["train", "--help"])
+    for args, (code_, text_, imported_) in zip(helps, light):
+        assert code_ == 0 and "usage: rank1" in text_, (args, text_[-2000:])
+        assert imported_ == set(), (args, imported_)
+    assert code == 0 and "torch" in imported
+    assert "one of cifar10, cifar100, digits," in " ".join(text.split())
+    assert "init INIT" in text and "hosvd" in text
 
 
 def test_status_counts_the_storage_without_ray_or_mlflow(tmp_path):
@@ -56,10 +62,10 @@ def test_status_counts_the_storage_without_ray_or_mlflow(tmp_path):
             study.tell(trial, value)
         elif status == "pruned":
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    p, imported = _rank1("study", "status", str(cfg.home_path), "--json")
-    assert p.returncode == 0, p.stderr[-2000:]
+    ((code, text, imported),) = _rank1(["study", "status", str(cfg.home_path), "--json"])
+    assert code == 0, text[-2000:]
     assert not imported & {"ray", "mlflow", "pandas"}, imported
-    s = json.loads(p.stdout)
+    s = json.loads(text)
     assert (s["name"], s["n_trials"]) == ("known", cfg.n_trials)
     assert s["states"] == {"finished": 2, "pruned": 1, "running": 1}
     assert [t["trial_id"] for t in s["trials"]] == ["t0", "t1", "t2", "t3"]
