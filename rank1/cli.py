@@ -67,10 +67,10 @@ class _Choices:
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, typed, with the field's help text."""
     from rank1.config import field_choices, type_hints
-    from rank1.train_config import TrainConfig, _defaults
+    from rank1.train_config import TrainConfig, default_config
 
     hints = type_hints(TrainConfig)
-    defaults = _defaults()
+    defaults = default_config()
     group = parser.add_argument_group("training options (override --config)")
     for f in dataclasses.fields(TrainConfig):
         tp = hints[f.name]

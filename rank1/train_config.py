@@ -18,7 +18,7 @@ from typing import Any, Literal
 from rank1.config import ConfigError, check_choices, check_range, to_dict
 from rank1.config import doc_field as _f
 
-__all__ = ["ARM_CHOICES", "ARM_SPECIFIC", "PER_ARM", "TrainConfig", "parse_projection"]
+__all__ = ["ARM_CHOICES", "ARM_SPECIFIC", "PER_ARM", "TrainConfig", "default_config", "parse_projection"]
 
 
 def _registry(module: str, name: str):
@@ -155,7 +155,7 @@ class TrainConfig:
                 check_range(prefix + "momentum", mom, 0, 1)
             if wd is not None:
                 check_range(prefix + "weight_decay", wd, 0)
-        defaults = _defaults()
+        defaults = default_config()
         for arm, names in ARM_SPECIFIC.items():
             if arm in self.arms:
                 continue
@@ -236,8 +236,9 @@ class TrainConfig:
 _DEFAULTS: list[TrainConfig] = []
 
 
-def _defaults() -> TrainConfig:
-    """The default config (built once: comparing fields against it needs no re-validation)."""
+def default_config() -> TrainConfig:
+    """The default config, built once and not checked (comparing fields against it and showing the
+    CLI's defaults need no check, which would read the registries); shared: read it, never change it."""
     if not _DEFAULTS:
         _DEFAULTS.append(object.__new__(TrainConfig))
         for f in dataclasses.fields(TrainConfig):
