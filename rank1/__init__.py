@@ -2,17 +2,17 @@
 
 Torch only: this package never imports ray, mlflow or optuna. Its names load on first use
 (PEP 562), so that what needs none of them (``rank1.config``, the training options, the
-CLI's help, a study's status) starts without importing torch.
+CLI's help) starts without importing torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
-# name -> the module that defines it
+# The public names, each with the module that defines it (imported on first use).
 _EXPORTS = {
     **dict.fromkeys(("ARMS", "convert_model", "decompose_model", "dense_model", "project_model_", "rank1_layers"),
                     "rank1.convert"),
@@ -21,29 +21,7 @@ _EXPORTS = {
     **dict.fromkeys(("Flat1dConv2d", "Rank1Conv2d"), "rank1.layers"),
 }
 
-__all__ = [
-    "ARMS",
-    "INIT_SCHEMES",
-    "Flat1dConv2d",
-    "Rank1Conv2d",
-    "__version__",
-    "compose",
-    "conv2d_chain",
-    "convert_model",
-    "decompose_model",
-    "dense_model",
-    "init_factors",
-    "project_model_",
-    "project_rank1",
-    "rank1_layers",
-    "register_init",
-]
-
-if TYPE_CHECKING:
-    from rank1.convert import ARMS, convert_model, decompose_model, dense_model, project_model_, rank1_layers
-    from rank1.functional import compose, conv2d_chain, project_rank1
-    from rank1.init import INIT_SCHEMES, init_factors, register_init
-    from rank1.layers import Flat1dConv2d, Rank1Conv2d
+__all__ = sorted([*_EXPORTS, "__version__"])
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ Torch-free, so that the CLI can build its options from it without importing torc
 --help`` answers in a moment): the choice fields whose values live in a registry (datasets,
 models, init schemes) import that registry's module, and torch with it, only when a value is
 checked, and :meth:`TrainConfig.check_environment` imports torch. :mod:`rank1.train` re-exports
-all of it.
+``TrainConfig``, ``parse_projection`` and the arms' tables.
 """
 
 from __future__ import annotations
