@@ -1,7 +1,8 @@
 """What a study's Optuna storage says: its trials by state and the best so far.
 
 Light on purpose: ``rank1 study status`` (and :func:`study.status`) read a home's Optuna storage
-without importing Ray or MLflow. The driver counts the same states and picks its champion through
+without importing torch, Ray or MLflow (the home's study file is read back without the registries
+of datasets, models and init schemes, whose modules import torch). The driver counts the same states and picks its champion through
 the same functions.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rank1.config import registries_unchecked
 from study.config import StudyConfig
 from study.home import load_home
 
@@ -20,7 +22,8 @@ def study_status(home: str | Path) -> dict[str, Any]:
     """Trials by state and the best so far, read from the study's Optuna storage."""
     import optuna
 
-    cfg = load_home(home)
+    with registries_unchecked():  # checked when the study ran; reading them would import torch
+        cfg = load_home(home)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
