@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 __all__ = [
-    "ConfigError", "DatasetError", "registries_unchecked", "check_choice", "check_choices", "check_finite", "check_range", "doc_field",
-    "field_choices", "field_docs", "from_dict", "load_yaml", "to_dict", "type_hints",
+    "ConfigError", "DatasetError", "check_choice", "check_choices", "check_finite", "check_range", "doc_field",
+    "field_choices", "field_docs", "from_dict", "load_yaml", "registries_unchecked", "to_dict", "type_hints",
 ]
 
 T = TypeVar("T")

@@ -2,8 +2,8 @@
 
 Light on purpose: ``rank1 study status`` (and :func:`study.status`) read a home's Optuna storage
 without importing torch, Ray or MLflow (the home's study file is read back without the registries
-of datasets, models and init schemes, whose modules import torch). The driver counts the same states and picks its champion through
-the same functions.
+of datasets, models and init schemes, whose modules import torch). The driver counts the same
+states and picks its champion through the same functions.
 """
 
 from __future__ import annotations

@@ -52,12 +52,15 @@ def test_auto_measures_every_candidate_on_the_whole_network_and_keeps_the_fastes
     assert first in plan.final_ratios or not plan.final_ratios
     assert all(plan.times_ms[k] <= FINAL_MARGIN * plan.times_ms[first] for k in plan.final_ratios)
     ratios = plan.final_ratios or {first: 1.0}
-    expected = min(ratios, key=ratios.get)
-    singles = {k: v for k, v in ratios.items() if not k.startswith("greedy")}
+    order = list(plan.times_ms)  # the candidates in the order tried: a tie goes to the earlier one
+    expected = min(ratios, key=lambda k: (ratios[k], order.index(k)))
+    singles = [k for k in ratios if not k.startswith("greedy")]
     # a mix must win by MIXED_MARGIN over the best single finalist, where one is among them (a noisy
     # first pass can leave only the greedy picks within FINAL_MARGIN of the fastest)
-    if expected.startswith("greedy") and singles and ratios[expected] > (1 - MIXED_MARGIN) * min(singles.values()):
-        expected = min(singles, key=singles.get)
+    if singles and expected.startswith("greedy"):
+        single = min(singles, key=lambda k: (ratios[k], order.index(k)))
+        if ratios[expected] > (1 - MIXED_MARGIN) * ratios[single]:
+            expected = single
     default = "{}, {}".format(*default_form(x.device))  # and anything must beat the default by DEFAULT_MARGIN
     if default in ratios and ratios[expected] > (1 - DEFAULT_MARGIN) * ratios[default]:
         expected = default

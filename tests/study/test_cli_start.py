@@ -8,7 +8,11 @@ import json
 import subprocess
 import sys
 
-from study.config import load_study
+import pytest
+
+from rank1.config import ConfigError, from_dict, registries_unchecked
+from rank1.train_config import TrainConfig
+from study.config import StudyConfig, load_study
 from study.home import write_home
 from tests.study.conftest import REPO, write_study
 
@@ -78,12 +82,6 @@ def test_a_config_read_back_without_its_registries_is_still_checked_for_everythi
     """Within ``registries_unchecked`` (how the status reads a home) a value no registry holds
     passes, e.g. a model a notebook registered; fixed choices, types and ranges are checked as
     always; outside, the registry is read again."""
-    import pytest
-
-    from rank1.config import ConfigError, from_dict, registries_unchecked
-    from rank1.train_config import TrainConfig
-    from study.config import StudyConfig
-
     with registries_unchecked():
         assert from_dict(TrainConfig, {"model": "notebook_net", "init": "mine"}).model == "notebook_net"
         assert from_dict(StudyConfig, {"name": "s", "sampler": "mine"}).sampler == "mine"
