@@ -180,7 +180,7 @@ def repair_experiment_state(experiment_path: str) -> bool:
 # checks Ray's and the search's have no module in common with these), and the driver joins the
 # thread before its search starts: two threads importing modules that import each other can each
 # hold the lock the other needs, and Python then fails one of the imports ("deadlock detected").
-_LATER = ("torch.export", "torch._dynamo", "sympy")
+_LATER = ("torch.export", "torch.export._trace", "torch._dynamo", "sympy")
 
 
 class Prefetch:
