@@ -1,4 +1,5 @@
-"""``benchmarks/study_overhead.py``'s steady-state figure: seconds per trial from one study's own clock."""
+"""``benchmarks/study_overhead.py``'s steady-state figure: seconds per trial from one study's own clock;
+``benchmarks/mlflow_server_cost.py``'s trials send what it says they send."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("study_overhead", ROOT / "benchmarks" / "study_overhead.py")
+def _bench(name: str = "study_overhead"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -53,3 +56,28 @@ def test_the_trials_own_clocks_pair_the_trials_of_each_worker_and_leave_out_thei
     assert math.isclose(got["in_run_s"], 0.2, abs_tol=1e-3)
     assert math.isclose(got["between_s"], 0.1, abs_tol=1e-3)
     assert own_clock(runs[:2])["pairs"] == 0 and math.isnan(own_clock(runs[:2])["per_trial_s"])
+
+
+@pytest.mark.slow(seconds=15)  # a new MLflow store's schema
+def test_the_server_cost_benchmark_sends_a_trials_numbers_with_and_without_the_per_layer_ones(tmp_path, monkeypatch):
+    """Against a real MLflow store (SQLite, no server): each form logs the counts the benchmark's
+    docstring and results file state, the summary form no per-layer key, and the split by request
+    has every request of a trial."""
+    from mlflow import MlflowClient
+
+    bench = _bench("mlflow_server_cost")
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("cost")
+    clock = iter(range(1000))
+    for form, numbers in (("full", 401), ("summary", 157)):
+        spent = bench._trials(client, experiment_id, 1, form, cpu=lambda: float(next(clock)))
+        assert list(spent) == list(bench.REQUESTS) and all(v > 0 for v in spent.values())
+        (run,) = client.search_runs([experiment_id])  # the other form's run is deleted
+        client.delete_run(run.info.run_id)
+        rows = [m for k in run.data.metrics for m in client.get_metric_history(run.info.run_id, k)]
+        assert len(rows) == numbers
+        assert sorted({m.step for m in rows}) == [1, 2, 3]
+        assert sum(m.key.startswith("final/") for m in rows) == sum(bench.END[:1 if form == "summary" else 2])
+        assert any(".L0" in m.key for m in rows) == (form == "full")
+        assert len(run.data.params) == bench.PARAMS and run.data.tags["rank1.status"] == "finished"
