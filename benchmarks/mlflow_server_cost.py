@@ -84,12 +84,15 @@ def _trials(client, experiment_id: str, n: int, form: str, cpu=None) -> dict[str
     CPU seconds), the server's CPU seconds per trial by request."""
     from mlflow.entities import Metric, Param, RunTag
 
-    def numbers(prefix: str, counts: tuple[int, int], step: int, now: int) -> list:
+    from study.names import epoch_metric, final_metric
+
+    def numbers(name, counts: tuple[int, int], step: int, now: int) -> list:
+        """Named as a study names them (``name``: :func:`epoch_metric` or :func:`final_metric`)."""
         summary, per_layer = counts
-        out = [Metric(f"{prefix}rank1.m{j}", 0.1 * j + step, now, step) for j in range(summary)]
+        keys = [f"rank1.m{j}" for j in range(summary)]
         if form == "full":
-            out += [Metric(f"{prefix}rank1.grad.out.L{j:02d}", 0.01 * j + step, now, step) for j in range(per_layer)]
-        return out
+            keys += [f"rank1.grad.out.L{j:02d}" for j in range(per_layer)]
+        return [Metric(name(k), 0.01 * j + step, now, step) for j, k in enumerate(keys)]
 
     spent: dict[str, float] = {}
 
@@ -106,8 +109,8 @@ def _trials(client, experiment_id: str, n: int, form: str, cpu=None) -> dict[str
         run_id = timed("create_run", client.create_run, experiment_id, run_name=f"d4 kaiming {i}", tags=tags).info.run_id
         timed("params", client.log_batch, run_id, params=[Param(f"train.p{j}", str(j)) for j in range(PARAMS)])
         for epoch, counts in enumerate(EPOCHS, 1):
-            timed("epochs", client.log_batch, run_id, metrics=numbers("", counts, epoch, now))
-        timed("end", client.log_batch, run_id, metrics=numbers("final/", END, len(EPOCHS), now),
+            timed("epochs", client.log_batch, run_id, metrics=numbers(epoch_metric, counts, epoch, now))
+        timed("end", client.log_batch, run_id, metrics=numbers(final_metric, END, len(EPOCHS), now),
               tags=[RunTag("rank1.status", "finished")])
         timed("end_time", client.set_terminated, run_id, "FINISHED", end_time=now)
     return spent

@@ -80,4 +80,6 @@ def test_the_server_cost_benchmark_sends_a_trials_numbers_with_and_without_the_p
         assert sorted({m.step for m in rows}) == [1, 2, 3]
         assert sum(m.key.startswith("final/") for m in rows) == sum(bench.END[:1 if form == "summary" else 2])
         assert any(".L0" in m.key for m in rows) == (form == "full")
+        per_layer_epochs = [m.key for m in rows if m.step < 3 and ".L" in m.key]
+        assert all(k.startswith("layers/") for k in per_layer_epochs)  # named as a study names them
         assert len(run.data.params) == bench.PARAMS and run.data.tags["rank1.status"] == "finished"
